@@ -1,0 +1,25 @@
+"""ipy_intervene: read and change the activations of language models from a notebook.
+
+>>> %load_ext ipy_intervene                                  # doctest: +SKIP
+>>> import ipy_intervene as ii
+>>> model = ii.load_model("demo")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ipy_intervene.errors import InterventionError
+from ipy_intervene.model import Envoy, Model, load_model, wrap
+from ipy_intervene.trace import TraceResult, trace
+
+__version__ = "0.1.0"
+__all__ = ["Envoy", "InterventionError", "Model", "TraceResult", "load_model", "trace", "wrap",
+           "__version__"]
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext ipy_intervene``: registers ``%%trace`` (and the other magics)."""
+    from ipy_intervene.magics import register
+
+    register(ipython)

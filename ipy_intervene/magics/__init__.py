@@ -1,0 +1,12 @@
+"""IPython magics: thin layers over the Python API (parsing and display only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def register(ipython: Any) -> None:
+    """Register ``%%trace`` (and ``%patch_sweep`` when available) with a shell."""
+    from ipy_intervene.magics.trace_magic import TraceMagics
+
+    ipython.register_magics(TraceMagics)

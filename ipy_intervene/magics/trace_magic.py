@@ -1,0 +1,118 @@
+"""The ``%%trace`` cell magic: argument parsing and display only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, magics_class, no_var_expand
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import display
+from torch import nn
+
+from ipy_intervene.compile import compile_cell
+from ipy_intervene.magics.command import TraceCommand
+from ipy_intervene.model import Model, wrap
+from ipy_intervene.trace import NO_INPUT, TraceResult, run_compiled
+
+
+def evaluate(shell: Any, expr: str, role: str, magic: str) -> Any:
+    """Evaluate a MODEL/INPUT expression in the notebook; a one-line UsageError if it fails."""
+    try:
+        return eval(expr, shell.user_global_ns, shell.user_ns)
+    except Exception as exc:
+        raise UsageError(f"{magic}: {role} `{expr}` failed: {type(exc).__name__}: {exc}") from None
+
+
+def as_model(value: Any, expr: str, magic: str) -> Model:
+    if isinstance(value, Model):
+        return value
+    if isinstance(value, nn.Module):
+        return wrap(value)
+    raise UsageError(f"{magic}: MODEL `{expr}` is a {type(value).__name__}; expected an "
+                     "ii.Model (ii.load_model(...)) or a torch.nn.Module")
+
+
+@magics_class
+class TraceMagics(Magics):
+    @magic_arguments()
+    @argument("model", help="an ii.Model (or torch.nn.Module) in the notebook, e.g. `model`")
+    @argument("input", nargs="?", help="a prompt, a list of prompts, token ids or a dict of "
+                                       "model kwargs; omit it to use `with tracer.invoke(X):`")
+    @argument("--generate", type=int, metavar="N", help="run generate with N new tokens")
+    @argument("--grad", action="store_true", help="autograd on: .retain_grad(), .backward()")
+    @argument("--graph", action="store_true", help="show the intervention graph after the run")
+    @argument("--dry-run", action="store_true", help="compile, validate and show the graph only")
+    @argument("--out", metavar="NAME", help="also store the TraceResult in NAME")
+    @argument("--quiet", action="store_true", help="display nothing")
+    @no_var_expand
+    @cell_magic
+    def trace(self, line: str, cell: str) -> None:
+        """Run the cell against one forward (or generate) of MODEL, with real values.
+
+        The cell is ordinary Python. Module sites read and change the running forward:
+        ``m.output``, ``m.input``, ``m.inputs`` (readable and assignable), ``m.output[...] = v``
+        (in-place edit), ``m.skip(value)``, and ``m(x)`` (run the module ad hoc). Every name
+        the cell binds appears in the notebook as a real tensor; a failing cell publishes
+        nothing and leaves the model as it was. The result is stored in ``_trace``.
+
+        Inside the cell, ``tracer`` offers ``tracer.invoke(X)`` (several inputs in one batched
+        forward), ``tracer.steps()``, ``tracer.stop()`` and ``tracer.output``.
+
+        Examples
+        --------
+        In [1]: %load_ext ipy_intervene
+        In [2]: import ipy_intervene as ii; model = ii.load_model("demo")
+        In [3]: %%trace model "When Mary and John went to the store , John gave a drink to"
+           ...: h = model.transformer.h[2].output
+           ...: model.transformer.h[3].mlp.output[:, -1] = 0
+           ...: logits = model.lm_head.output
+        In [4]: %%trace model
+           ...: with tracer.invoke("When Mary and John went to the store , John gave a drink to"):
+           ...:     clean = model.transformer.h[1].output
+           ...: with tracer.invoke("When Mary and John went to the store , Mary gave a drink to"):
+           ...:     model.transformer.h[1].output = clean
+           ...:     patched = model.lm_head.output
+        In [5]: %%trace model "When Mary and John" --generate 3
+           ...: for step in tracer.steps():
+           ...:     logits = model.lm_head.output
+           ...: tokens = tracer.output
+        """
+        command = TraceCommand.parse(line)
+        args = parse_argstring(self.trace, f"_ {command.options}")
+        shell = self.shell
+        model = as_model(evaluate(shell, command.model, "MODEL", "%%trace"), command.model,
+                         "%%trace")
+        input_ = NO_INPUT
+        if command.input is not None:
+            input_ = evaluate(shell, command.input, "INPUT", "%%trace")
+        if args.generate is not None and args.generate < 1:
+            raise UsageError("%%trace: --generate N needs N >= 1 new tokens")
+        result = self._run(model, command, cell, input_, args)
+        self._show(result, args)
+
+    def _run(self, model: Model, command: TraceCommand, cell: str, input_: Any,
+             args: Any) -> TraceResult:
+        __tracebackhide__ = True
+        shell = self.shell
+        source = shell.transform_cell(cell)
+        filename = shell.compile.cache(source, shell.execution_count, raw_code=cell)
+        compiled = compile_cell(source, model_expr=command.model,
+                                has_input=input_ is not NO_INPUT, filename=filename,
+                                transform_ast=shell.transform_ast if shell.ast_transformers
+                                else None)
+        result = run_compiled(model, compiled, shell.user_ns, input_, generate=args.generate,
+                              grad=args.grad, dry_run=args.dry_run)
+        shell.user_ns["_trace"] = result
+        if args.out:
+            shell.user_ns[args.out] = result
+        return result
+
+    def _show(self, result: TraceResult, args: Any) -> None:
+        if args.quiet:
+            return
+        if args.dry_run:
+            print(result.graph.summary())
+            display(result.show_graph())
+        elif args.graph:
+            display(result.show_graph())

@@ -1,0 +1,351 @@
+"""Models: ``load_model``, ``wrap``, the module tree (envoys) and input batching.
+
+>>> import ipy_intervene as ii
+>>> model = ii.load_model("demo")
+>>> model.transformer.h[-1]                                  # doctest: +ELLIPSIS
+GPT2Block(...)
+>>> model.transformer.h[-1].path
+'transformer.h[3]'
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ipy_intervene.errors import InputError, InterventionError, SiteError
+
+DEMO_DIR = Path(__file__).parent / "demo" / "weights"
+
+
+class Envoy:
+    """A module of the model as the cell sees it.
+
+    Attribute access gives child modules (as envoys) or the module's own attributes;
+    indexing works on ``ModuleList``/``Sequential``/``ModuleDict``. Inside a trace,
+    ``.output``, ``.input`` and ``.inputs`` are the real values of the running forward;
+    assigning them changes it; ``.skip(value)`` replaces the module; calling the envoy runs
+    the module ad hoc on a value.
+    """
+
+    __slots__ = ("_module", "_path", "_children")
+
+    def __init__(self, module: nn.Module, path: str) -> None:
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_children", {})
+
+    # -- tree -----------------------------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        """Path from the root, in the cell's syntax: ``"transformer.h[3].mlp"``."""
+        return self._path
+
+    @property
+    def module(self) -> nn.Module:
+        """The underlying ``torch.nn.Module``."""
+        return self._module
+
+    def _child(self, key: str | int, path: str) -> "Envoy":
+        envoy = self._children.get(key)
+        if envoy is None:
+            module = self._module[key] if isinstance(key, int) else getattr(self._module, key)
+            envoy = Envoy(module, path)
+            self._children[key] = envoy
+        return envoy
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        module = self._module
+        if name in module._modules:
+            return self._child(name, f"{self._path}.{name}" if self._path else name)
+        try:
+            return getattr(module, name)
+        except AttributeError:
+            raise SiteError(self._missing(name)) from None
+
+    def _missing(self, name: str) -> str:
+        children = list(self._module._modules)
+        close = difflib.get_close_matches(name, children, n=1)
+        hint = f" Did you mean `{close[0]}`?" if close else ""
+        where = f"model.{self._path}" if self._path else "model"
+        listing = ", ".join(children) if children else "none"
+        return (f"`{name}` is not a module or attribute of {where} "
+                f"({type(self._module).__name__}).{hint} Its child modules: {listing}")
+
+    def __getitem__(self, index: int | str) -> "Envoy":
+        module = self._module
+        if isinstance(module, nn.ModuleDict):
+            if index not in module:
+                raise SiteError(f"model.{self._path} has no key {index!r}; keys: "
+                                f"{', '.join(module.keys())}")
+            return self._child(index, f"{self._path}[{index!r}]")
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            raise SiteError(f"model.{self._path} ({type(module).__name__}) cannot be indexed; "
+                            f"only ModuleList, Sequential and ModuleDict can")
+        if not isinstance(index, int):
+            raise SiteError(f"model.{self._path}[{index!r}]: the index must be an int, "
+                            f"got {type(index).__name__}")
+        n = len(module)
+        if not -n <= index < n:
+            raise SiteError(f"layer index {index} is past the end: model.{self._path} has "
+                            f"{n} layers (0..{n - 1}, or -{n}..-1)")
+        index %= n
+        return self._child(index, f"{self._path}[{index}]")
+
+    def __len__(self) -> int:
+        return len(self._module)
+
+    def __iter__(self) -> Iterator["Envoy"]:
+        for i in range(len(self._module)):
+            yield self[i]
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(self._module._modules) | {"output", "input", "inputs", "skip", "path"})
+
+    def __repr__(self) -> str:
+        return repr(self._module)
+
+    # -- sites (resolved by the running trace) ---------------------------------------------
+
+    @property
+    def output(self) -> Any:
+        return _bridge("output").read(self, "output", None)
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        _bridge("output").write(self, "output", value, None)
+
+    @property
+    def input(self) -> Any:
+        return _bridge("input").read(self, "input", None)
+
+    @input.setter
+    def input(self, value: Any) -> None:
+        _bridge("input").write(self, "input", value, None)
+
+    @property
+    def inputs(self) -> Any:
+        return _bridge("inputs").read(self, "inputs", None)
+
+    @inputs.setter
+    def inputs(self, value: Any) -> None:
+        _bridge("inputs").write(self, "inputs", value, None)
+
+    def skip(self, value: Any) -> None:
+        """Do not run this module in the trace; ``value`` is its output."""
+        _bridge("skip").skip(self, value, None)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the module ad hoc on a value (no hooks fire); works inside and outside traces."""
+        from ipy_intervene import runtime
+
+        return runtime.call_module(self, args, kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("output", "input", "inputs"):
+            object.__setattr__(self, name, value)  # the property setters
+        else:
+            setattr(self._module, name, value)
+
+
+def _bridge(what: str):
+    from ipy_intervene import runtime
+
+    bridge = runtime.active_bridge()
+    if bridge is None:
+        raise InterventionError(f"`.{what}` is only available inside a %%trace cell "
+                                "(or ii.trace): outside one, no forward is running")
+    return bridge
+
+
+class Model(Envoy):
+    """The root of the module tree: a causal LM (or any ``nn.Module``) and its tokenizer."""
+
+    __slots__ = ("tokenizer", "_forward_params")
+
+    def __init__(self, module: nn.Module, tokenizer: Any = None) -> None:
+        super().__init__(module, "")
+        object.__setattr__(self, "tokenizer", tokenizer)
+        params = set(inspect.signature(module.forward).parameters)
+        object.__setattr__(self, "_forward_params", params)
+        if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the device of the input embeddings (or the first parameter)."""
+        get = getattr(self._module, "get_input_embeddings", None)
+        emb = get() if get is not None else None
+        param = emb.weight if emb is not None else next(self._module.parameters())
+        return param.device
+
+    @property
+    def config(self) -> Any:
+        return getattr(self._module, "config", None)
+
+    def __repr__(self) -> str:
+        return repr(self._module)
+
+    def prepare(self, inputs: list[Any], *, line: int | None = None) -> "Batch":
+        """Tokenize and left-pad the inputs of all invokes into one batch."""
+        encoded = [self._encode(x, line) for x in inputs]
+        return Batch.concat(encoded, pad_id=self._pad_id(), device=self.device,
+                            with_positions="position_ids" in self._forward_params)
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+        return int(pad) if pad is not None else 0
+
+    def _encode(self, x: Any, line: int | None) -> dict[str, torch.Tensor]:
+        if isinstance(x, str):
+            x = [x]
+        if isinstance(x, dict):
+            return _encode_dict(x, line)
+        if isinstance(x, torch.Tensor):
+            return _encode_ids(x, line)
+        if isinstance(x, (list, tuple)) and x and all(isinstance(s, str) for s in x):
+            return self._tokenize(list(x), line)
+        if isinstance(x, (list, tuple)) and x and all(isinstance(s, int) for s in x):
+            return _encode_ids(torch.tensor(x), line)
+        raise InputError(f"INPUT must be a prompt string, a list of prompts, a tensor of token "
+                         f"ids or a dict of model kwargs; got {_describe(x)}", line=line)
+
+    def _tokenize(self, texts: list[str], line: int | None) -> dict[str, torch.Tensor]:
+        for text in texts:
+            if not text.strip():
+                raise InputError("empty prompt: every prompt needs at least one word", line=line)
+        if self.tokenizer is None:
+            raise InputError("this model has no tokenizer: pass token ids (a tensor) or "
+                             "ii.wrap(module, tokenizer)", line=line)
+        enc = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def to_tokens(self, text: str | list[str]) -> torch.Tensor:
+        """Token ids of a prompt (or a left-padded batch of prompts)."""
+        return self._tokenize([text] if isinstance(text, str) else list(text), None)["input_ids"]
+
+    def to_str_tokens(self, text: str | torch.Tensor) -> list[str]:
+        """The tokens of one prompt as strings: labels for plots."""
+        ids = self.to_tokens(text)[0] if isinstance(text, str) else text.flatten()
+        return [self.tokenizer.decode([int(i)]) for i in ids]
+
+    def token_id(self, word: str) -> int:
+        """The id of a single-token word; a clear error if it is not one token."""
+        ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise InputError(f"{word!r} is {len(ids)} tokens for this tokenizer, not one")
+        return int(ids[0])
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, (list, tuple)):
+        return f"{type(x).__name__} of {len(x)} item(s)" if x else f"an empty {type(x).__name__}"
+    return type(x).__name__
+
+
+def _encode_ids(ids: torch.Tensor, line: int | None) -> dict[str, torch.Tensor]:
+    if ids.dtype not in (torch.int64, torch.int32) or ids.dim() not in (1, 2):
+        raise InputError(f"token ids must be an integer tensor [seq] or [batch, seq]; got "
+                         f"{ids.dtype} of shape {list(ids.shape)}", line=line)
+    ids = ids.long().reshape(-1, ids.shape[-1])
+    if ids.numel() == 0:
+        raise InputError("empty prompt: the token id tensor has no tokens", line=line)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _encode_dict(x: dict, line: int | None) -> dict[str, torch.Tensor]:
+    if "input_ids" not in x:
+        raise InputError(f"a dict INPUT needs `input_ids`; got keys {sorted(x)}", line=line)
+    out = dict(x)
+    out.update(_encode_ids(torch.as_tensor(x["input_ids"]), line))
+    if "attention_mask" in x:
+        out["attention_mask"] = torch.as_tensor(x["attention_mask"]).reshape(out["input_ids"].shape)
+    return out
+
+
+class Batch:
+    """The one batch a trace runs: rows per invoke, left padding, positions."""
+
+    def __init__(self, kwargs: dict[str, Any], rows: list[slice]) -> None:
+        self.kwargs = kwargs
+        self.rows = rows
+
+    @property
+    def size(self) -> int:
+        return int(self.kwargs["input_ids"].shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.kwargs["input_ids"].shape[1])
+
+    @classmethod
+    def concat(cls, parts: list[dict[str, Any]], *, pad_id: int, device: torch.device,
+               with_positions: bool) -> "Batch":
+        width = max(p["input_ids"].shape[1] for p in parts)
+        ids, masks, rows, start = [], [], [], 0
+        for p in parts:
+            n, t = p["input_ids"].shape
+            ids.append(torch.nn.functional.pad(p["input_ids"], (width - t, 0), value=pad_id))
+            masks.append(torch.nn.functional.pad(p["attention_mask"], (width - t, 0), value=0))
+            rows.append(slice(start, start + n))
+            start += n
+        kwargs: dict[str, Any] = {"input_ids": torch.cat(ids).to(device),
+                                  "attention_mask": torch.cat(masks).to(device)}
+        extra = {k for p in parts for k in p} - {"input_ids", "attention_mask"}
+        if extra and len(parts) > 1:
+            raise InputError(f"extra model kwargs ({', '.join(sorted(extra))}) are only "
+                             "supported with a single invoke")
+        for key in extra:
+            kwargs[key] = parts[0][key]
+        if with_positions and "position_ids" not in kwargs:
+            kwargs["position_ids"] = positions_from_mask(kwargs["attention_mask"])
+        return cls(kwargs, rows)
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding: a padded prompt sees the positions it has alone."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# -- loading --------------------------------------------------------------------------------
+
+def load_model(name_or_path: str | Path = "demo", *, device_map: Any = None,
+               dtype: torch.dtype | str | None = None, trust_remote_code: bool = False,
+               **kwargs: Any) -> Model:
+    """Load a causal LM and its tokenizer as an :class:`ii.Model`.
+
+    ``"demo"`` is the embedded model; otherwise a hub id or a local folder, loaded with
+    ``AutoModelForCausalLM`` (safetensors only) and ``AutoTokenizer``.
+
+    >>> model = load_model("demo")
+    >>> model.config.n_layer
+    4
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = DEMO_DIR if str(name_or_path) == "demo" else name_or_path
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    module = AutoModelForCausalLM.from_pretrained(
+        path, device_map=device_map, dtype=dtype, use_safetensors=True,
+        trust_remote_code=trust_remote_code, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return Model(module.eval(), tokenizer)
+
+
+def wrap(module: nn.Module, tokenizer: Any = None) -> Model:
+    """Wrap a model already in memory: ``ii.wrap(hf_model, tokenizer)``."""
+    if isinstance(module, Model):
+        return module
+    if not isinstance(module, nn.Module):
+        raise InterventionError(f"ii.wrap expects a torch.nn.Module, got {type(module).__name__}")
+    return Model(module, tokenizer)

@@ -1,0 +1,147 @@
+"""``ii.trace``: compile, validate, run and publish a trace cell; the ``%%trace`` magic's core.
+
+>>> import ipy_intervene as ii
+>>> model = ii.load_model("demo")
+>>> ns = {"model": model}
+>>> result = ii.trace(model, "h = model.transformer.h[1].output",
+...                   "When Mary and John went to the store", namespace=ns)
+>>> ns["h"].shape
+torch.Size([1, 9, 128])
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Callable
+
+from ipy_intervene.compile import INTERNAL_NAMES, CompiledCell, compile_cell
+from ipy_intervene.errors import InterventionError
+from ipy_intervene.graph import InterventionGraph
+from ipy_intervene.model import Model, wrap
+from ipy_intervene.runtime import _NO_INPUT, Outcome, run_cell
+from ipy_intervene.validate import validate
+
+NO_INPUT = _NO_INPUT
+
+
+@dataclass
+class TraceResult:
+    """What a trace ran and produced. ``%%trace`` stores it in ``_trace`` (and ``--out``).
+
+    ``names``: the names the cell published, ``output``: logits (or generated token ids),
+    ``graph``: the intervention graph annotated with what ran.
+    """
+
+    graph: InterventionGraph
+    names: dict[str, Any] = field(default_factory=dict)
+    output: Any = None
+    steps: int = 0
+    seconds: float = 0.0
+    dry_run: bool = False
+
+    def show_graph(self):
+        """The intervention graph as a view (SVG when pygraphviz is installed, else DOT)."""
+        from ipy_intervene.widgets.graph_view import GraphView
+
+        return GraphView(self.graph)
+
+    def summary(self) -> str:
+        if self.dry_run:
+            return "dry run (the model did not run)\n" + self.graph.summary()
+        lines = [f"TraceResult: {self.steps} step(s) in {self.seconds * 1000:.1f} ms"]
+        for name, value in self.names.items():
+            lines.append(f"  {name} = {_short(value)}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"<TraceResult names={list(self.names)} steps={self.steps} "
+                f"dry_run={self.dry_run}>")
+
+    def _repr_pretty_(self, p, cycle: bool) -> None:
+        p.text(self.summary())
+
+
+def _short(value: Any) -> str:
+    shape = getattr(value, "shape", None)
+    if shape is not None and hasattr(value, "dtype"):
+        return f"{type(value).__name__}{list(shape)} {str(value.dtype).removeprefix('torch.')}"
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__} of {len(value)}"
+    text = repr(value)
+    return text if len(text) < 60 else text[:57] + "..."
+
+
+def trace(model: Any, source: str, input: Any = NO_INPUT, *, namespace: dict | None = None,
+          model_name: str = "model", generate: int | None = None, grad: bool = False,
+          dry_run: bool = False, filename: str = "<trace>",
+          transform_ast: Callable[[ast.Module], ast.Module] | None = None) -> TraceResult:
+    """Run trace-cell ``source`` against ``model``; publish the names it binds.
+
+    ``namespace`` is where names are read from and published to (a new dict if None; the
+    model is bound there as ``model_name``). Nothing is published if the cell fails.
+    """
+    model = wrap(model)
+    ns = namespace if namespace is not None else {}
+    ns.setdefault(model_name, model)
+    cell = compile_cell(source, model_expr=model_name, has_input=input is not NO_INPUT,
+                        filename=filename, transform_ast=transform_ast)
+    return run_compiled(model, cell, ns, input, generate=generate, grad=grad, dry_run=dry_run)
+
+
+def run_compiled(model: Model, cell: CompiledCell, ns: dict, input: Any, *,
+                 generate: int | None, grad: bool, dry_run: bool) -> TraceResult:
+    """Run a compiled cell with a private copy of ``ns``; publish into ``ns`` on success."""
+    __tracebackhide__ = True
+    if dry_run:
+        graph = cell.fresh_graph()
+        validate(cell, model, graph)
+        return TraceResult(graph, dry_run=True)
+    work = dict(ns)
+    try:
+        outcome = run_cell(model, cell, work, line_input=input, generate=generate, grad=grad)
+    except BaseException as exc:
+        _attach_line(exc, cell)
+        raise
+    names = publish(ns, work)
+    return _result(outcome, names)
+
+
+def _result(outcome: Outcome, names: dict[str, Any]) -> TraceResult:
+    outcome.graph.published = [n for n in outcome.graph.published if n in names] + [
+        n for n in names if n not in outcome.graph.published]
+    return TraceResult(outcome.graph, names, outcome.output, outcome.steps, outcome.seconds)
+
+
+def publish(ns: dict, work: dict) -> dict[str, Any]:
+    """Copy into ``ns`` every name ``work`` bound or rebound; remove names it deleted."""
+    changed = {k: v for k, v in work.items()
+               if k not in INTERNAL_NAMES and (k not in ns or ns[k] is not v)}
+    removed = [k for k in ns if k not in work and k not in INTERNAL_NAMES]
+    ns.update(changed)
+    for key in removed:
+        del ns[key]
+    return changed
+
+
+def cell_line(exc: BaseException, filename: str) -> int | None:
+    """The last line of the cell (by filename) in ``exc``'s traceback."""
+    line = None
+    tb: TracebackType | None = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == filename:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def _attach_line(exc: BaseException, cell: CompiledCell) -> None:
+    line = cell_line(exc, cell.filename)
+    if isinstance(exc, InterventionError):
+        exc.at_line(line)
+        exc.graph = cell.fresh_graph()
+        exc.graph.failed_line = exc.line
+    elif isinstance(exc, Exception) and line is not None:
+        exc.add_note(f"ipy_intervene: the cell failed at line {line}; nothing was published, "
+                     "no hook is left and the model is unchanged")

@@ -1,0 +1,1 @@
+"""Views: graph view (and, later, the sweep and lens views)."""
