@@ -112,6 +112,7 @@ class Bridge:
         self.bound_names: set[str] = set()
         self.fired: dict[tuple[str, int], int] = {}
         self.retained: dict[tuple[str, int], Any] = {}  # this step's values of hooked modules
+        self.serving: tuple[str, int] | None = None     # the hook whose requests are served now
         self.hooked: set[tuple[str, int]] = set()
         self.handles: list[Any] = []
         self.restore_forward: list[tuple[nn.Module, bool, Any]] = []
@@ -213,7 +214,7 @@ class Bridge:
             return self._past_value(inv, request)
         self._ensure_hook(envoy.module, request.phase)
         if attr == "skip":
-            self._ensure_skippable(envoy.module)
+            self._ensure_hook(envoy.module, OUT)  # applies the skip if the module ran anyway
         return self._wait(inv, request)
 
     def _wait(self, inv: Invoke, request: Request) -> Any:
@@ -224,7 +225,8 @@ class Bridge:
         if req.step < self.step:
             raise SiteError(f"`{req.label}` at step {req.step} has already passed: generation is "
                             f"at step {self.step}", line=req.line)
-        return self.running and self.fired.get((req.phase, id(req.envoy.module))) == req.step
+        key = (req.phase, id(req.envoy.module))
+        return self.running and key != self.serving and self.fired.get(key) == req.step
 
     def _past_value(self, inv: Invoke, req: Request) -> Any:
         """A read of a site that already ran this step gets the value that flowed on."""
@@ -261,6 +263,8 @@ class Bridge:
             self._ensure_hook(module, PRE)
         for module in self.plan.out.values():
             self._ensure_hook(module, OUT)
+        for module in self.plan.skip.values():
+            self._ensure_skippable(module)
 
     def _pre_hook_for(self, module: nn.Module):
         key, is_root = id(module), module is self.root
@@ -292,10 +296,12 @@ class Bridge:
                 return None
             self.fired[(OUT, key)] = self.step
             holder = _Output(output, is_root)
+            if key in self.skips:  # skipped through an alias: the module ran, its output goes
+                holder.set(self._apply_skips(self.skips.pop(key), output))
             self.retained[(OUT, key)] = holder
             wanted = self._wanted(OUT, key) or (is_root and self._wants_logits())
             if not wanted:
-                return None
+                return holder.value if holder.changed else None
             self._serve(holder, OUT, key)
             self._after_serve()
             return holder.value if holder.changed else None
@@ -322,6 +328,14 @@ class Bridge:
 
     def _serve(self, holder: Any, phase: str | None, key: int | None) -> None:
         """Resume every invoke whose request this moment answers, until none can go on."""
+        __tracebackhide__ = True
+        self.serving = (phase, key) if phase is not None else None
+        try:
+            self._serve_all(holder, phase, key)
+        finally:
+            self.serving = None
+
+    def _serve_all(self, holder: Any, phase: str | None, key: int | None) -> None:
         __tracebackhide__ = True
         progressed = True
         while progressed:
@@ -380,12 +394,14 @@ class Bridge:
             rows = sorted((s[0].start, s[0].stop) for s in skips)
             if _covers_all(rows, batch):
                 return _join_skips(skips, batch)
-            out = original(*args, **kwargs)
-            for rws, value, req in skips:
-                out = values.put_rows(out, rws, batch, value, req.label)
-            return out
+            return self._apply_skips(skips, original(*args, **kwargs))
 
         module.forward = forward
+
+    def _apply_skips(self, skips: list[tuple[slice, Any, Request]], output: Any) -> Any:
+        for rows, value, req in skips:
+            output = values.put_rows(output, rows, self.batch.size, value, req.label)
+        return output
 
     # -- the run ---------------------------------------------------------------------------
 

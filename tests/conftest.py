@@ -1,0 +1,86 @@
+"""Shared fixtures: the demo model, tiny models of three architectures, a testing shell."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from IPython.core.interactiveshell import InteractiveShell
+from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM,
+                          LlamaConfig, LlamaForCausalLM)
+
+import ipy_intervene as ii
+
+PROMPT = "When Mary and John went to the store , John gave a drink to"
+CORRUPT = "When Mary and John went to the store , Mary gave a drink to"
+SHORT = "Then , Mary and John had"
+
+ARCHS = ("gpt2", "neox", "llama")
+LAYERS = {"gpt2": ("transformer", "h"), "neox": ("gpt_neox", "layers"), "llama": ("model", "layers")}
+UNEMBED = {"gpt2": "lm_head", "neox": "lm_head", "llama": "lm_head"}
+MLP = {"gpt2": "mlp", "neox": "mlp", "llama": "mlp"}
+
+
+def tiny_model(arch: str, vocab: int) -> torch.nn.Module:
+    """A 3-layer, 32-wide random model of the given architecture, seeded."""
+    torch.manual_seed(0)
+    special = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1}
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=3, n_head=4,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **special)
+        return GPT2LMHeadModel(cfg).eval()
+    if arch == "neox":
+        cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=3,
+                            num_attention_heads=4, intermediate_size=64,
+                            max_position_embeddings=64, **special)
+        return GPTNeoXForCausalLM(cfg).eval()
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                      max_position_embeddings=64, **special)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def demo() -> ii.Model:
+    return ii.load_model("demo")
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def arch_model(request, demo) -> tuple[str, ii.Model]:
+    """(arch, model) for each architecture, sharing the demo tokenizer."""
+    return request.param, ii.wrap(tiny_model(request.param, len(demo.tokenizer)), demo.tokenizer)
+
+
+def layers(model: ii.Model, arch: str):
+    top, name = LAYERS[arch]
+    return getattr(getattr(model.module, top), name)
+
+
+def checksum(module: torch.nn.Module) -> float:
+    return float(sum(p.detach().double().sum() for p in module.parameters()))
+
+
+def hook_count(module: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               + len(getattr(m, "_forward_hooks_with_kwargs", {}))
+               + ("forward" in m.__dict__)
+               for m in module.modules())
+
+
+class TestingShell(InteractiveShell):
+    """An InteractiveShell whose run_cell raises instead of printing the traceback."""
+
+    def run_cell(self, raw_cell, *args, **kwargs):
+        result = super().run_cell(raw_cell, *args, **kwargs)
+        result.raise_error()
+        return result
+
+
+@pytest.fixture
+def shell(demo):
+    sh = TestingShell.instance()
+    sh.run_line_magic("load_ext", "ipy_intervene")
+    sh.user_ns["model"] = demo
+    sh.user_ns["ii"] = ii
+    yield sh
+    for name in [k for k in sh.user_ns if not k.startswith("_") and k not in ("In", "Out", "exit", "quit", "get_ipython")]:
+        del sh.user_ns[name]
