@@ -103,6 +103,9 @@ class Envoy:
     def __len__(self) -> int:
         return len(self._module)
 
+    def __bool__(self) -> bool:
+        return True
+
     def __iter__(self) -> Iterator["Envoy"]:
         for i in range(len(self._module)):
             yield self[i]
@@ -178,6 +181,16 @@ class Model(Envoy):
         object.__setattr__(self, "_forward_params", params)
         if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is None:
             tokenizer.pad_token = tokenizer.eos_token
+
+    def envoy_for(self, module: nn.Module) -> Envoy | None:
+        """The envoy of one of this model's modules (for cells that use the raw module)."""
+        for name, candidate in self._module.named_modules():
+            if candidate is module:
+                envoy: Envoy = self
+                for part in name.split(".") if name else []:
+                    envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+                return envoy
+        return None
 
     @property
     def device(self) -> torch.device:

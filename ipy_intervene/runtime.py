@@ -145,6 +145,8 @@ class Bridge:
 
     def call(self, target: Any, sid: int | None, *args: Any, **kwargs: Any) -> Any:
         __tracebackhide__ = True
+        if isinstance(target, nn.Module):
+            target = self.model.envoy_for(target) or target
         if not isinstance(target, Envoy):
             return target(*args, **kwargs)
         result = call_module(target, args, kwargs)
@@ -203,6 +205,8 @@ class Bridge:
     def _ask(self, envoy: Any, attr: str, access: str, sid: int | None, payload: Any) -> Any:
         __tracebackhide__ = True
         inv = self._current_invoke()
+        if isinstance(envoy, nn.Module):
+            envoy = self.model.envoy_for(envoy) or envoy
         if not isinstance(envoy, Envoy):
             raise SiteError(f"`.{attr}` needs a module of the model; got {type(envoy).__name__}")
         site = self.graph.site(sid)
@@ -342,7 +346,12 @@ class Bridge:
             progressed = False
             for inv in self.invokes:
                 while inv.pending is not None:
-                    answer = self._answer(inv, inv.pending, holder, phase, key)
+                    try:
+                        answer = self._answer(inv, inv.pending, holder, phase, key)
+                    except InterventionError as exc:  # raise it where the cell asked
+                        inv.pending = self._resume(inv, None, exc.at_line(inv.pending.line))
+                        progressed = True
+                        continue
                     if answer is _NO_INPUT:
                         break
                     inv.last = inv.pending if inv.pending.kind == "site" else inv.last

@@ -57,9 +57,8 @@ def split_options(line: str) -> tuple[str, str]:
 
 
 def split_expressions(head: str, magic: str) -> tuple[str, str | None]:
-    """MODEL and an optional INPUT: the first split where both sides are expressions."""
-    if _is_expr(head):
-        return head, None
+    """MODEL and an optional INPUT: the first split at top-level whitespace where both sides
+    are expressions (so ``model [p1, p2]`` is a model and a batch, not a subscript)."""
     depth = 0
     for tok in _tokens(head):
         col = tok.start[1]
@@ -71,6 +70,8 @@ def split_expressions(head: str, magic: str) -> tuple[str, str | None]:
             depth += 1
         elif tok.string in _CLOSE:
             depth -= 1
+    if _is_expr(head):
+        return head, None
     raise UsageError(f"{magic}: cannot read {head!r} as MODEL [INPUT]: each must be a Python "
                      "expression, e.g. %%trace model \"a prompt\"")
 

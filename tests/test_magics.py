@@ -1,0 +1,122 @@
+"""%%trace through an InteractiveShell (the TestingShell pattern)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from IPython.core.error import UsageError
+
+from ipy_intervene.errors import SiteError
+from ipy_intervene.magics.command import TraceCommand
+from ipy_intervene.trace import TraceResult
+from conftest import PROMPT, hook_count
+
+
+def test_trace_cell_publishes_real_tensors(shell):
+    shell.run_cell(f'%%trace model "{PROMPT}"\n'
+                   "h = model.transformer.h[2].output\n"
+                   "model.transformer.h[3].mlp.output[:, -1] = 0\n"
+                   "logits = model.lm_head.output\n")
+    ns = shell.user_ns
+    assert isinstance(ns["h"], torch.Tensor) and ns["h"].shape == (1, 15, 128)
+    assert isinstance(ns["_trace"], TraceResult)
+    assert set(ns["_trace"].names) == {"h", "logits"}
+    assert "tracer" not in ns and "__ii__" not in ns
+
+
+def test_invokes_out_and_inner_line_magics(shell):
+    shell.user_ns.update(clean=PROMPT, corrupt=PROMPT.replace("John gave", "Mary gave"))
+    shell.run_cell("%%trace model --out res\n"
+                   "with tracer.invoke(clean):\n    c = model.transformer.h[1].output\n"
+                   "with tracer.invoke(corrupt):\n    model.transformer.h[1].output = c\n"
+                   "    patched = model.lm_head.output\n")
+    assert shell.user_ns["res"] is shell.user_ns["_trace"]
+    assert shell.user_ns["patched"].shape[0] == 1
+
+
+def test_generate_option_returns_token_ids(shell):
+    shell.run_cell(f'%%trace model "{PROMPT}" --generate 2\n'
+                   "for step in tracer.steps():\n    last = model.lm_head.output[:, -1]\n"
+                   "tokens = tracer.output\n")
+    assert shell.user_ns["tokens"].shape == (1, 17)
+    assert shell.user_ns["_trace"].steps == 2
+
+
+def test_dry_run_does_not_run_the_model(shell, capsys):
+    calls = []
+    handle = shell.user_ns["model"].module.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        shell.run_cell(f'%%trace model "{PROMPT}" --dry-run\nh = model.transformer.h[1].output\n')
+    finally:
+        handle.remove()
+    assert calls == [] and "h" not in shell.user_ns
+    assert "transformer.h[1].output" in capsys.readouterr().out
+    assert shell.user_ns["_trace"].dry_run
+
+
+def test_graph_option_displays_the_graph(shell, capsys):
+    shell.run_cell(f'%%trace model "{PROMPT}" --graph\nh = model.transformer.h[1].output\n')
+    out = capsys.readouterr().out
+    assert "transformer.h[1].output" in out
+
+
+def test_inner_line_magics_keep_working(shell):
+    shell.run_cell(f'%%trace model "{PROMPT}"\nh = model.transformer.h[0].output\n%alias_magic ii_t time\n')
+    assert "h" in shell.user_ns
+
+
+def test_error_traceback_points_at_the_cell_line(shell):
+    with pytest.raises(SiteError) as info:
+        shell.run_cell(f'%%trace model "{PROMPT}"\nx = 1\nh = model.transformer.h[7].output\n')
+    assert info.value.line == 2 and "has 4 layers" in str(info.value)
+    with pytest.raises(ZeroDivisionError) as info:
+        shell.run_cell(f'%%trace model "{PROMPT}"\nh = model.transformer.h[0].output\n1 / 0\n')
+    exc = info.value
+    text = "".join(shell.InteractiveTB.structured_traceback(type(exc), exc, exc.__traceback__))
+    assert re.search(r"Cell In\[\d+\], line 2", _plain(text)), _plain(text)
+    assert "1 / 0" in _plain(text)
+    assert "h" not in shell.user_ns and hook_count(shell.user_ns["model"].module) == 0
+
+
+@pytest.mark.parametrize("line, message", [
+    ("%%trace", "needs a MODEL"),
+    ("%%trace modl", "`modl` failed: NameError"),
+    ("%%trace model 'x' --bogus 3", "unrecognized arguments"),
+    ("%%trace model 'x' --generate zero", "invalid int value"),
+    ("%%trace model 'x' --generate 0", "N >= 1"),
+    ("%%trace 3", "expected an ii.Model"),
+])
+def test_bad_magic_lines_raise_one_line_usage_errors(shell, line, message):
+    with pytest.raises(UsageError, match=message):
+        shell.run_cell(f"{line}\nh = model.transformer.h[0].output\n")
+    assert "h" not in shell.user_ns
+
+
+def test_raw_torch_module_is_wrapped(shell):
+    shell.user_ns["raw"] = shell.user_ns["model"].module
+    shell.user_ns["torch"] = torch
+    shell.run_cell("%%trace raw torch.tensor([[0, 5, 6]])\nh = raw.transformer.h[0].output\n")
+    assert shell.user_ns["h"].shape == (1, 3, 128)
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("model", ("model", None, "")),
+    ('model "a b, c" --grad', ("model", '"a b, c"', "--grad")),
+    ("mt.model [p1, p2] --generate 3 --out r", ("mt.model", "[p1, p2]", "--generate 3 --out r")),
+    ("model {'input_ids': ids} --quiet", ("model", "{'input_ids': ids}", "--quiet")),
+    ("model x - -1", ("model", "x - -1", "")),
+])
+def test_magic_line_parsing(line, expected):
+    cmd = TraceCommand.parse(line)
+    assert (cmd.model, cmd.input, cmd.options) == expected
+
+
+def test_help_is_the_manual(shell):
+    doc = shell.find_cell_magic("trace").__doc__
+    assert "--generate" in doc and "tracer.invoke" in doc and "In [3]" in doc
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
