@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-0.1
+NB     := --ExecutePreprocessor.timeout=600 --ExecutePreprocessor.kernel_name=python3
+
+.PHONY: demo test bench install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,graph]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+demo: $(STAMP)
+	mkdir -p build
+	$(BIN)/jupyter nbconvert --to html --execute examples/quickstart.ipynb $(NB) \
+	    --output-dir build --output quickstart
+	@echo "wrote build/quickstart.html"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests examples --nbval-lax --nbval-current-env -p no:cacheprovider
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/trace_overhead.py
+
+clean:
+	rm -rf $(VENV) build

@@ -1,0 +1,80 @@
+"""Loading, wrapping, the module tree and input batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ipy_intervene as ii
+from ipy_intervene.errors import InputError, SiteError
+from conftest import PROMPT, SHORT, tiny_model
+
+
+def test_demo_loads_through_from_pretrained(demo):
+    assert type(demo.module).__name__ == "GPT2LMHeadModel"
+    assert demo.config.n_layer == 4 and len(demo.transformer.h) == 4
+    assert demo.transformer.h[-1].path == "transformer.h[3]"
+
+
+def test_hub_code_path_roundtrips_through_a_folder(tmp_path, demo):
+    module = tiny_model("llama", len(demo.tokenizer))
+    module.save_pretrained(tmp_path, safe_serialization=True)
+    demo.tokenizer.save_pretrained(tmp_path)
+    loaded = ii.load_model(tmp_path)
+    ids = demo.tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(loaded.module(ids).logits, module(ids).logits)
+    assert (tmp_path / "model.safetensors").exists()
+
+
+def test_load_model_refuses_pickled_weights(tmp_path, demo):
+    module = tiny_model("gpt2", len(demo.tokenizer))
+    module.save_pretrained(tmp_path)
+    demo.tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(module.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors|model.safetensors"):
+        ii.load_model(tmp_path)
+
+
+def test_envoy_tree_prints_like_torch_and_suggests(demo):
+    assert repr(demo.transformer.h[0]) == repr(demo.module.transformer.h[0])
+    with pytest.raises(SiteError, match="Did you mean `h`"):
+        demo.transformer.hh
+    with pytest.raises(SiteError, match="has 4 layers"):
+        demo.transformer.h[4]
+    assert demo.transformer.h[-4] is demo.transformer.h[0]
+
+
+def test_wrap_is_idempotent_and_checks_type(demo):
+    assert ii.wrap(demo) is demo
+    with pytest.raises(ii.InterventionError, match="torch.nn.Module"):
+        ii.wrap("gpt2")
+
+
+@torch.no_grad()
+def test_left_padding_gives_each_prompt_its_own_activations(demo):
+    batch = demo.prepare([[PROMPT, SHORT]])
+    logits = demo.module(**batch.kwargs).logits
+    for row, text in enumerate([PROMPT, SHORT]):
+        alone = demo.module(demo.to_tokens(text)).logits
+        n = alone.shape[1]
+        torch.testing.assert_close(logits[row, -n:], alone[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("", "empty prompt"),
+    ([], "empty list"),
+    (3.5, "got float"),
+    ({"attention_mask": [1]}, "needs `input_ids`"),
+    (torch.zeros(2, 3), "integer tensor"),
+])
+def test_bad_inputs_are_named(demo, bad, message):
+    with pytest.raises(InputError, match=message):
+        demo.prepare([bad])
+
+
+def test_token_helpers(demo):
+    assert demo.to_str_tokens("When Mary")[1:] == ["When", "Mary"]
+    with pytest.raises(InputError, match="2 tokens"):
+        demo.token_id("Mary John")
