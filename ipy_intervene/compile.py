@@ -176,16 +176,19 @@ def _reject_nested_invokes(tree: ast.Module, top_level: set[int]) -> None:
 
 # -- names ----------------------------------------------------------------------------------
 
-def _names(node: ast.AST, ctx: type) -> set[str]:
-    """Names with the given context under ``node``, leaving comprehension variables out."""
+def _names(node: ast.AST) -> tuple[set[str], set[str]]:
+    """(stored, loaded) names under ``node``, leaving comprehension variables out."""
     local: set[str] = set()
+    stored: set[str] = set()
+    loaded: set[str] = set()
     for sub in ast.walk(node):
-        if isinstance(sub, ast.comprehension):
+        if isinstance(sub, ast.Name):
+            (loaded if isinstance(sub.ctx, ast.Load) else stored).add(sub.id)
+        elif isinstance(sub, ast.comprehension):
             local |= {n.id for n in ast.walk(sub.target) if isinstance(n, ast.Name)}
         elif isinstance(sub, ast.Lambda):
             local |= {a.arg for a in sub.args.args}
-    found = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ctx)}
-    return found - local
+    return stored - local, loaded - local
 
 
 def _header(stmt: ast.stmt) -> list[ast.AST]:
@@ -203,22 +206,19 @@ def _header(stmt: ast.stmt) -> list[ast.AST]:
     return [stmt]
 
 
-def statement_defs(stmt: ast.stmt) -> set[str]:
+def statement_names(stmt: ast.stmt) -> tuple[set[str], set[str]]:
+    """(defs, uses) of a statement's own header (a compound statement's body is separate)."""
     defs: set[str] = set()
+    uses: set[str] = set()
     for part in _header(stmt):
-        defs |= _names(part, ast.Store)
+        stored, loaded = _names(part)
+        defs |= stored
+        uses |= loaded
     if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         defs.add(stmt.name)
     if isinstance(stmt, (ast.Import, ast.ImportFrom)):
         defs |= {(a.asname or a.name).split(".")[0] for a in stmt.names}
-    return defs
-
-
-def statement_uses(stmt: ast.stmt) -> set[str]:
-    uses: set[str] = set()
-    for part in _header(stmt):
-        uses |= _names(part, ast.Load)
-    return uses
+    return defs, uses
 
 
 def _all_defs(body: list[ast.stmt]) -> set[str]:
@@ -226,14 +226,14 @@ def _all_defs(body: list[ast.stmt]) -> set[str]:
     for stmt in body:
         for node in ast.walk(stmt):
             if isinstance(node, ast.stmt):
-                out |= statement_defs(node)
+                out |= statement_names(node)[0]
     return out
 
 
 def _all_uses(body: list[ast.stmt]) -> set[str]:
     out: set[str] = set()
     for stmt in body:
-        out |= _names(stmt, ast.Load)
+        out |= _names(stmt)[1]
     return out
 
 
@@ -258,20 +258,27 @@ class _GraphBuilder:
     def __init__(self, graph: InterventionGraph, source: str, model_node: ast.expr,
                  invoke_bodies: list[list[ast.stmt]]) -> None:
         self.graph = graph
-        self.source = source
+        self.lines = source.splitlines()
         self.model_node = model_node
         self.model_dump = ast.dump(model_node)
         self.parts: dict[int, tuple[Part, ...]] = {}
         self.invoke: int | None = None
         self.statement = -1
         self.region = 0
+        self.cross_uses: list[set[str]] = [set() for _ in invoke_bodies]
+        self.cross_defs: list[set[str]] = [set() for _ in invoke_bodies]
+        if len(invoke_bodies) > 1:
+            self._cross_invoke_names(invoke_bodies)
+        self.defined_here: set[str] = set()
+
+    def _cross_invoke_names(self, invoke_bodies: list[list[ast.stmt]]) -> None:
+        """Names one invoke uses and another binds: they get wait_for/bound barriers."""
         defs = [_all_defs(b) for b in invoke_bodies]
         uses = [_all_uses(b) for b in invoke_bodies]
         self.cross_uses = [uses[j] & set().union(*(defs[i] for i in range(len(defs)) if i != j))
                            for j in range(len(defs))]
         self.cross_defs = [defs[i] & set().union(*(uses[j] for j in range(len(uses)) if j != i))
                            for i in range(len(defs))]
-        self.defined_here: set[str] = set()
 
     # parts of the cell
 
@@ -318,7 +325,7 @@ class _GraphBuilder:
         return out or [ast.Pass()]
 
     def stmt(self, stmt: ast.stmt, region: int) -> list[ast.stmt]:
-        defs, uses = statement_defs(stmt), statement_uses(stmt)
+        defs, uses = statement_names(stmt)
         sid = len(self.graph.statements)
         self.graph.statements.append(Statement(sid, stmt.lineno, self._text(stmt), region,
                                                tuple(sorted(defs)), tuple(sorted(uses))))
@@ -329,9 +336,8 @@ class _GraphBuilder:
         return before + [rewritten] + self._bound(defs, stmt)
 
     def _text(self, stmt: ast.stmt) -> str:
-        text = (ast.get_source_segment(self.source, stmt) or "").splitlines()
-        first = text[0].strip() if text else type(stmt).__name__
-        return first if len(first) <= 60 else first[:57] + "..."
+        line = self.lines[stmt.lineno - 1].strip() if stmt.lineno <= len(self.lines) else ""
+        return line if len(line) <= 60 else line[:57] + "..."
 
     def _wait_for(self, uses: set[str], stmt: ast.stmt) -> list[ast.stmt]:
         if self.invoke is None:
