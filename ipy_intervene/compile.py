@@ -393,13 +393,17 @@ class _GraphBuilder:
     def _sub_region(self, kind: str, stmt: ast.stmt, label: str, region: int) -> int:
         return self.graph.add_region(kind, line=stmt.lineno, label=label, parent=region)
 
-    def _rewrite_if(self, stmt: ast.If, region: int) -> ast.stmt:
-        rid = self._sub_region("if", stmt, f"if {ast.unparse(stmt.test)}", region)
-        stmt.test = _bridge_call("branch", [ast.Constant(rid), self.expr(stmt.test)], stmt.test)
-        stmt.body = self.block(stmt.body, rid)
+    def _body_and_else(self, stmt, body_region: int, region: int) -> ast.stmt:
+        """Rewrite an if/for/while body in its own region; ``else`` stays in the outer one."""
+        stmt.body = self.block(stmt.body, body_region)
         if stmt.orelse:
             stmt.orelse = self.block(stmt.orelse, region)
         return stmt
+
+    def _rewrite_if(self, stmt: ast.If, region: int) -> ast.stmt:
+        rid = self._sub_region("if", stmt, f"if {ast.unparse(stmt.test)}", region)
+        stmt.test = _bridge_call("branch", [ast.Constant(rid), self.expr(stmt.test)], stmt.test)
+        return self._body_and_else(stmt, rid, region)
 
     def _rewrite_for(self, stmt: ast.For, region: int) -> ast.stmt:
         steps = (isinstance(stmt.iter, ast.Call) and isinstance(stmt.iter.func, ast.Attribute)
@@ -409,18 +413,12 @@ class _GraphBuilder:
         rid = self._sub_region("steps" if steps else "for", stmt, label, region)
         stmt.target = self.expr(stmt.target)
         stmt.iter = _bridge_call("loop", [ast.Constant(rid), self.expr(stmt.iter)], stmt.iter)
-        stmt.body = self.block(stmt.body, rid)
-        if stmt.orelse:
-            stmt.orelse = self.block(stmt.orelse, region)
-        return stmt
+        return self._body_and_else(stmt, rid, region)
 
     def _rewrite_while(self, stmt: ast.While, region: int) -> ast.stmt:
         rid = self._sub_region("while", stmt, f"while {ast.unparse(stmt.test)}", region)
         stmt.test = _bridge_call("branch", [ast.Constant(rid), self.expr(stmt.test)], stmt.test)
-        stmt.body = self.block(stmt.body, rid)
-        if stmt.orelse:
-            stmt.orelse = self.block(stmt.orelse, region)
-        return stmt
+        return self._body_and_else(stmt, rid, region)
 
     def _rewrite_def(self, stmt, region: int) -> ast.stmt:
         rid = self._sub_region("def", stmt, f"def {stmt.name}", region)

@@ -109,12 +109,17 @@ class InterventionGraph:
         self.sites.append(site)
         return site
 
+    def module_sites(self) -> list[Site]:
+        """Sites on modules (calls on things that are not modules are left out)."""
+        return [s for s in self.sites if s.access != "plain"]
+
     # -- text ------------------------------------------------------------------------------
 
     def summary(self) -> str:
         """One line per site, grouped by invoke: what a person reads in ``--dry-run``."""
-        lines = [f"InterventionGraph: {len(self.invokes)} invoke(s), {len(self.sites)} site(s)"]
-        for site in sorted(self.sites, key=lambda s: (s.invoke if s.invoke is not None else -1, s.line)):
+        sites = self.module_sites()
+        lines = [f"InterventionGraph: {len(self.invokes)} invoke(s), {len(sites)} site(s)"]
+        for site in sorted(sites, key=lambda s: (s.invoke if s.invoke is not None else -1, s.line)):
             where = f"invoke {site.invoke}" if site.invoke is not None else "outside invokes"
             seen = ""
             if site.visits:
@@ -162,7 +167,7 @@ class InterventionGraph:
         for stmt in self.statements:
             if stmt.region == region.id:
                 out.append(inner + self._dot_statement(stmt))
-        for site in self.sites:
+        for site in self.module_sites():
             if site.region == region.id and site.statement < 0:
                 out.append(inner + self._dot_site_node(site))
         for child in children.get(region.id, []):
@@ -179,7 +184,7 @@ class InterventionGraph:
         return caption
 
     def _dot_statement(self, stmt: Statement) -> str:
-        sites = [s for s in self.sites if s.statement == stmt.id]
+        sites = [s for s in self.module_sites() if s.statement == stmt.id]
         published = [d for d in stmt.defs if d in self.published]
         parts = [f"{stmt.line}: {stmt.text}"]
         for site in sites:

@@ -92,10 +92,17 @@ class Outcome:
     stopped_at: int | None = None
 
 
+class _IndexMaker:
+    """Turns subscript syntax into the index value it denotes."""
+
+    def __getitem__(self, key: Any) -> Any:
+        return key
+
+
 class Bridge:
     """What the rewritten cell calls (``__ii__``); also drives the forward and its hooks."""
 
-    index = type("_Index", (), {"__getitem__": lambda self, key: key})()
+    index = _IndexMaker()  # ``__ii__.index[:, -1]`` -> ``(slice(None), -1)``
 
     def __init__(self, model: Model, cell: CompiledCell, graph: InterventionGraph,
                  plan: HookPlan, ns: dict, generate: int | None) -> None:
@@ -532,7 +539,8 @@ class _Inputs:
                                                        req.label)
                 self.args, self.kwargs, self.changed = tuple(new_args), dict(new_kwargs), True
                 return None
-            return _edit(self, bridge, inv, req, current)
+            raise SiteError(f"`{req.label}` is an (args, kwargs) pair: edit `.input`, or "
+                            f"assign a new pair to `.inputs`", line=req.line)
         key, current = self.first()
         return _serve_value(bridge, inv, req, current, lambda v: self.set_first(key, v))
 
@@ -573,11 +581,6 @@ def _serve_value(bridge: Bridge, inv: Invoke, req: Request, current: Any, setter
     values.set_index(view, index, value, req.label)
     bridge.record(req, view)
     return None
-
-
-def _edit(holder: _Inputs, bridge: Bridge, inv: Invoke, req: Request, current: Any) -> Any:
-    raise SiteError(f"`{req.label}` is an (args, kwargs) pair: edit `.input`, or assign a new "
-                    f"pair to `.inputs`", line=req.line)
 
 
 def _check_inputs_pair(value: Any, label: str) -> tuple[tuple, dict]:

@@ -77,11 +77,11 @@ def resolve(model: Model, parts: tuple[Part, ...], *, is_call: bool = False) -> 
         for envoy in envoys:
             if kind == "attr":
                 if value not in envoy.module._modules:
-                    if is_call or hasattr(envoy.module, value):
-                        if not is_call:
-                            raise SiteError(f"model.{envoy.path + '.' if envoy.path else ''}"
-                                            f"{value} is not a module, so it has no sites")
+                    if is_call:
                         return []
+                    if hasattr(envoy.module, value):
+                        raise SiteError(f"model.{envoy.path + '.' if envoy.path else ''}"
+                                        f"{value} is not a module, so it has no sites")
                     raise SiteError(envoy._missing(value))
                 nxt.append(getattr(envoy, value))
             elif kind == "sym":
