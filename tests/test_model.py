@@ -78,3 +78,21 @@ def test_token_helpers(demo):
     assert demo.to_str_tokens("When Mary")[1:] == ["When", "Mary"]
     with pytest.raises(InputError, match="2 tokens"):
         demo.token_id("Mary John")
+
+
+@torch.no_grad()
+def test_device_map_and_dtype_load_paths(demo):
+    model = ii.load_model("demo", device_map="cpu", dtype="float64")
+    assert next(model.module.parameters()).dtype == torch.float64
+    ns = {"model": model, "torch": torch}
+    ii.trace(model, "model.transformer.h[1].output = torch.zeros(1, 4, 128)\n"
+                    "h = model.transformer.h[1].output\nlogits = model.lm_head.output",
+             "When Mary and", namespace=ns)
+    assert ns["h"].dtype == torch.float64 and not ns["h"].any()  # the float32 write was cast
+    handle = model.module.transformer.h[1].register_forward_hook(
+        lambda m, a, o: torch.zeros_like(o))
+    try:
+        expected = model.module(model.to_tokens("When Mary and")).logits
+    finally:
+        handle.remove()
+    assert torch.equal(ns["logits"], expected)
