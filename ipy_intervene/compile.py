@@ -239,17 +239,36 @@ def _all_uses(body: list[ast.stmt]) -> set[str]:
 
 # -- the rewriting walk ---------------------------------------------------------------------
 
+def _locate(node: ast.AST, like: ast.AST) -> ast.AST:
+    """Give ``node`` and its descendants that have no location the location of ``like``.
+
+    Cheaper than ``ast.fix_missing_locations`` over the whole cell: only new nodes are
+    visited, because the walk stops at nodes that already have a location.
+    """
+    where = {"lineno": like.lineno, "col_offset": like.col_offset,
+             "end_lineno": getattr(like, "end_lineno", like.lineno),
+             "end_col_offset": getattr(like, "end_col_offset", like.col_offset)}
+    todo = [node]
+    while todo:
+        current = todo.pop()
+        for attr, value in where.items():
+            if attr in current._attributes and getattr(current, attr, None) is None:
+                setattr(current, attr, value)
+        todo.extend(child for child in ast.iter_child_nodes(current)
+                    if "lineno" in child._attributes and not hasattr(child, "lineno"))
+    return node
+
+
 def _bridge_call(method: str, args: list[ast.expr], node: ast.AST) -> ast.Call:
     call = ast.Call(func=ast.Attribute(value=ast.Name(BRIDGE, ast.Load()), attr=method,
                                        ctx=ast.Load()), args=args, keywords=[])
-    return ast.copy_location(call, node)
+    return _locate(call, node)
 
 
 def _index_expr(slice_node: ast.expr) -> ast.expr:
     """``__ii__.index[<slice>]``: turns slice syntax into a value."""
     bridge_index = ast.Attribute(value=ast.Name(BRIDGE, ast.Load()), attr="index", ctx=ast.Load())
-    return ast.copy_location(ast.Subscript(value=bridge_index, slice=slice_node, ctx=ast.Load()),
-                             slice_node)
+    return _locate(ast.Subscript(value=bridge_index, slice=slice_node, ctx=ast.Load()), slice_node)
 
 
 class _GraphBuilder:
@@ -261,6 +280,7 @@ class _GraphBuilder:
         self.lines = source.splitlines()
         self.model_node = model_node
         self.model_dump = ast.dump(model_node)
+        self.model_name = model_node.id if isinstance(model_node, ast.Name) else None
         self.parts: dict[int, tuple[Part, ...]] = {}
         self.invoke: int | None = None
         self.statement = -1
@@ -291,7 +311,10 @@ class _GraphBuilder:
     def block_code(self, body, region, invoke, filename) -> CodeType:
         self.invoke, self.defined_here = invoke, set()
         module = ast.Module(body=self.block(body, region), type_ignores=[])
-        return compile(ast.fix_missing_locations(module), filename, "exec")
+        try:
+            return compile(module, filename, "exec")
+        except TypeError:  # a node without a location slipped through: fill them all
+            return compile(ast.fix_missing_locations(module), filename, "exec")
 
     def finish(self) -> None:
         last_def: dict[str, int] = {}
@@ -322,7 +345,7 @@ class _GraphBuilder:
         out: list[ast.stmt] = []
         for stmt in stmts:
             out.extend(self.stmt(stmt, region))
-        return out or [ast.Pass()]
+        return out or [ast.Pass(lineno=1, col_offset=0, end_lineno=1, end_col_offset=0)]
 
     def stmt(self, stmt: ast.stmt, region: int) -> list[ast.stmt]:
         defs, uses = statement_names(stmt)
@@ -346,7 +369,7 @@ class _GraphBuilder:
         if not waiting:
             return []
         names = ast.Tuple([ast.Constant(n) for n in waiting], ast.Load())
-        return [ast.copy_location(ast.Expr(_bridge_call(
+        return [_locate(ast.Expr(_bridge_call(
             "wait_for", [names, ast.Constant(stmt.lineno)], stmt)), stmt)]
 
     def _bound(self, defs: set[str], stmt: ast.stmt) -> list[ast.stmt]:
@@ -355,7 +378,7 @@ class _GraphBuilder:
         names = sorted(defs & self.cross_defs[self.invoke])
         if not names:
             return []
-        return [ast.copy_location(ast.Expr(_bridge_call(
+        return [_locate(ast.Expr(_bridge_call(
             "bound", [ast.Tuple([ast.Constant(n) for n in names], ast.Load())], stmt)), stmt)]
 
     def _rewrite_stmt(self, stmt: ast.stmt, region: int) -> ast.stmt:
@@ -442,13 +465,13 @@ class _GraphBuilder:
             sid = self._add_site(chain, attr, "write", target)
             call = _bridge_call("write", [self._chain_expr(chain), ast.Constant(attr), value,
                                           ast.Constant(sid)], stmt)
-            return ast.copy_location(ast.Expr(call), stmt)
+            return _locate(ast.Expr(call), stmt)
         chain, attr = self._site_of(target.value)
         sid = self._add_site(chain, attr, "edit", target)
         call = _bridge_call("setitem", [self._chain_expr(chain), ast.Constant(attr),
                                         _index_expr(self.expr(target.slice)), value,
                                         ast.Constant(sid)], stmt)
-        return ast.copy_location(ast.Expr(call), stmt)
+        return _locate(ast.Expr(call), stmt)
 
     def _rewrite_augassign(self, stmt: ast.AugAssign) -> ast.stmt:
         site = self._site_of(stmt.target)
@@ -470,7 +493,7 @@ class _GraphBuilder:
         call = _bridge_call("augment", [self._chain_expr(chain), ast.Constant(attr),
                                         ast.Constant(op), self.expr(stmt.value),
                                         ast.Constant(sid)], stmt)
-        return ast.copy_location(ast.Expr(call), stmt)
+        return _locate(ast.Expr(call), stmt)
 
     # expressions
 
@@ -479,6 +502,8 @@ class _GraphBuilder:
 
     def chain(self, node: ast.AST) -> list[Part] | None:
         """The module path of an expression rooted at the model, else None."""
+        if isinstance(node, ast.Name) and self.model_name is not None:
+            return [] if node.id == self.model_name else None
         if type(node) is type(self.model_node) and ast.dump(node) == self.model_dump:
             return []
         if isinstance(node, ast.Attribute) and node.attr not in SITE_ATTRS:
