@@ -172,25 +172,29 @@ def _bridge(what: str):
 class Model(Envoy):
     """The root of the module tree: a causal LM (or any ``nn.Module``) and its tokenizer."""
 
-    __slots__ = ("tokenizer", "_forward_params")
+    __slots__ = ("tokenizer", "_forward_params", "_names")
 
     def __init__(self, module: nn.Module, tokenizer: Any = None) -> None:
         super().__init__(module, "")
         object.__setattr__(self, "tokenizer", tokenizer)
         params = set(inspect.signature(module.forward).parameters)
         object.__setattr__(self, "_forward_params", params)
+        object.__setattr__(self, "_names", None)  # id(module) -> dotted name, built on demand
         if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is None:
             tokenizer.pad_token = tokenizer.eos_token
 
     def envoy_for(self, module: nn.Module) -> Envoy | None:
         """The envoy of one of this model's modules (for cells that use the raw module)."""
-        for name, candidate in self._module.named_modules():
-            if candidate is module:
-                envoy: Envoy = self
-                for part in name.split(".") if name else []:
-                    envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
-                return envoy
-        return None
+        if self._names is None:
+            names = {id(m): name for name, m in self._module.named_modules()}
+            object.__setattr__(self, "_names", names)
+        name = self._names.get(id(module))
+        if name is None:
+            return None
+        envoy: Envoy = self
+        for part in name.split(".") if name else []:
+            envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+        return envoy if envoy.module is module else None
 
     @property
     def device(self) -> torch.device:
