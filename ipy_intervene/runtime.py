@@ -29,7 +29,8 @@ from ipy_intervene.model import Batch, Envoy, Model
 from ipy_intervene.validate import HookPlan, validate
 
 _ACTIVE: "Bridge | None" = None
-_NO_INPUT = object()
+_NO_INPUT = object()   # no INPUT on the magic line
+_WAIT = object()       # a request this moment cannot answer
 _DONE = object()
 PRE, OUT = "pre", "out"
 
@@ -359,20 +360,20 @@ class Bridge:
                         inv.pending = self._resume(inv, None, exc.at_line(inv.pending.line))
                         progressed = True
                         continue
-                    if answer is _NO_INPUT:
+                    if answer is _WAIT:
                         break
                     inv.last = inv.pending if inv.pending.kind == "site" else inv.last
                     inv.pending = self._resume(inv, answer)
                     progressed = True
 
     def _answer(self, inv: Invoke, req: Request, holder: Any, phase, key) -> Any:
-        """The value that resumes ``req`` now, or ``_NO_INPUT`` when it must keep waiting."""
+        """The value that resumes ``req`` now, or ``_WAIT`` when it must keep waiting."""
         if req.kind == "names":
-            return None if set(req.names) <= self.bound_names else _NO_INPUT
+            return None if set(req.names) <= self.bound_names else _WAIT
         if req.kind == "model_output":
             return self._answer_model_output(inv, holder, phase)
         if holder is None or req.phase != phase or id(req.envoy.module) != key or req.step != self.step:
-            return _NO_INPUT
+            return _WAIT
         return holder.serve(self, inv, req)
 
     def _answer_model_output(self, inv: Invoke, holder: Any, phase) -> Any:
@@ -381,7 +382,7 @@ class Bridge:
             return getattr(out, "logits", out)
         if self.finished and self.generate is not None:
             return values.take_rows(self.final_output, inv.rows, self.batch.size)
-        return _NO_INPUT
+        return _WAIT
 
     def _resume(self, inv: Invoke, value: Any, error: BaseException | None = None) -> Request | None:
         __tracebackhide__ = True

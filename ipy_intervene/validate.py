@@ -29,7 +29,6 @@ class HookPlan:
     pre: dict[int, nn.Module] = field(default_factory=dict)
     out: dict[int, nn.Module] = field(default_factory=dict)
     skip: dict[int, nn.Module] = field(default_factory=dict)
-    paths: dict[int, str] = field(default_factory=dict)
 
     def add(self, envoy: Envoy, attr: str) -> None:
         table = self.pre if attr in INPUT_ATTRS else self.out
@@ -37,7 +36,6 @@ class HookPlan:
         if attr == "skip":
             self.skip[id(envoy.module)] = envoy.module
             self.out[id(envoy.module)] = envoy.module
-        self.paths[id(envoy.module)] = envoy.path
 
 
 def validate(cell: CompiledCell, model: Model, graph: InterventionGraph | None = None) -> HookPlan:
