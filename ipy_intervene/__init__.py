@@ -10,12 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 from ipy_intervene.errors import InterventionError
+from ipy_intervene.metrics import logit_diff, logprob, metric, prob
 from ipy_intervene.model import Envoy, Model, load_model, wrap
+from ipy_intervene.sites import Adapter, adapter_for
+from ipy_intervene.sweep import SweepResult, patch_sweep
 from ipy_intervene.trace import TraceResult, trace
 
 __version__ = "0.1.0"
-__all__ = ["Envoy", "InterventionError", "Model", "TraceResult", "load_model", "trace", "wrap",
-           "__version__"]
+__all__ = ["Adapter", "Envoy", "InterventionError", "Model", "SweepResult", "TraceResult",
+           "adapter_for", "load_model", "logit_diff", "logprob", "metric", "patch_sweep", "prob",
+           "trace", "wrap", "__version__"]
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -1,0 +1,238 @@
+"""``ii.patch_sweep``: the Python API the ``%patch_sweep`` magic is a thin layer over."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ipy_intervene.errors import InputError
+from ipy_intervene.metrics import Metric, Prob, as_metric
+from ipy_intervene.model import Model, wrap
+from ipy_intervene.sites import Adapter, SiteKind, adapter_for, get_path, site_kind
+from ipy_intervene.sweep import attribution, memory
+from ipy_intervene.sweep.inputs import (index_list, prepare_pair, subject_mask, subject_noise,
+                                        token_labels)
+from ipy_intervene.sweep.record import Recording, record
+from ipy_intervene.sweep.result import SweepResult
+from ipy_intervene.sweep.staircase import Cell, Engine
+
+METHODS = ("activation", "attribution", "noise")
+DIRECTIONS = ("denoising", "noising")
+
+
+@dataclass
+class Grid:
+    """The cells of a sweep and the shape they fill."""
+
+    kind: SiteKind
+    layers: list[int]
+    positions: list[int]
+    heads: list[int]
+    window: int
+    n_layers: int
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        if not self.kind.per_head:
+            return ("layer", "pos")
+        return ("layer", "pos", "head") if self.kind.per_position else ("layer", "head")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        sizes = {"layer": len(self.layers), "pos": len(self.positions), "head": len(self.heads)}
+        return tuple(sizes[d] for d in self.dims)
+
+    def cells(self) -> list[Cell]:
+        positions = self.positions if self.kind.per_position else [None]
+        heads = self.heads if self.kind.per_head else [None]
+        return [Cell(self.window_of(layer), pos, head)
+                for layer in self.layers for pos in positions for head in heads]
+
+    def window_of(self, layer: int) -> tuple[int, ...]:
+        """ROME's window: ``window`` layers centred on ``layer``, clipped to the model."""
+        low = max(0, layer - self.window // 2)
+        high = min(self.n_layers, layer - (-self.window // 2))
+        return tuple(range(low, high))
+
+    def patched_layers(self) -> list[int]:
+        return sorted({l for layer in self.layers for l in self.window_of(layer)})
+
+
+def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = None, *,
+                site: str = "resid_pre", method: str = "activation",
+                direction: str = "denoising", layers: Sequence[int] | None = None,
+                positions: Sequence[int] | None = None, heads: Sequence[int] | None = None,
+                batch_size: int | None = None, memory_fraction: float = 0.25,
+                subject: Any = None, samples: int = 10, noise: float = 3.0,
+                noise_std: float | None = None, seed: int = 0, window: int = 1,
+                adapter: Adapter | None = None) -> SweepResult:
+    """Patch every (layer, position[, head]) of ``site`` and measure ``metric``.
+
+    - ``method="activation"``: exact. Denoising (default) patches the clean activation into
+      the corrupted run; ``direction="noising"`` patches the corrupted one into the clean run.
+    - ``method="attribution"``: the first-order estimate ``(clean - corrupted) . grad`` of the
+      same effect, from one clean forward, one corrupted forward and one backward.
+    - ``method="noise"``: ROME causal tracing. ``corrupted`` is not used: the corrupted run is
+      ``clean`` with Gaussian noise (``noise`` x the std of the subject's token embeddings, or
+      ``noise_std``) on the ``subject`` tokens, ``samples`` copies drawn with ``seed``; each cell
+      restores the clean state (of ``window`` layers around it).
+
+    ``metric`` maps logits to one number per prompt: ``ii.logit_diff(correct, wrong)``,
+    ``ii.prob(token)``, ``ii.logprob(token)`` or any callable. ``batch_size`` caps the number
+    of grid cells run together (default: as many as fit in ``memory_fraction`` of free memory).
+
+    >>> r = patch_sweep(model, clean, corrupted, ii.logit_diff("Mary", "John"))  # doctest: +SKIP
+    >>> r.values[layer, pos]       # 1: the patch restores the clean answer; 0: no effect
+    """
+    start = time.perf_counter()
+    model = wrap(model)
+    _check_choice("method", method, METHODS)
+    _check_choice("direction", direction, DIRECTIONS)
+    adapter = adapter_for(model, adapter)
+    kind = site_kind(site)
+    adapter.module(model.module, site, 0)  # a clear error for sites the architecture lacks
+    with torch.no_grad():
+        run = _prepare(model, clean, corrupted, metric, method, direction, subject, samples,
+                       noise, noise_std, seed)
+    grid = Grid(kind, index_list(layers, adapter.n_layers, "layer"),
+                index_list(positions, run.length, "position"),
+                index_list(heads, adapter.n_heads, "head"), _check_window(window, method),
+                adapter.n_layers)
+    if method == "attribution":
+        raw_rows = attribution.sweep(model, adapter, grid, run)
+    else:
+        raw_rows = _exact(model, adapter, grid, run, batch_size, memory_fraction)
+    return _result(model, grid, run, raw_rows, site, method, direction,
+                   time.perf_counter() - start)
+
+
+@dataclass
+class Run:
+    """The prepared inputs of a sweep: the base run (patched into) and the source run."""
+
+    base_kwargs: dict[str, Any]
+    source_kwargs: dict[str, Any]
+    clean_kwargs: dict[str, Any]
+    metric: Metric
+    positions: list[int]
+    n_prompts: int
+    labels: list[str]
+    noise: torch.Tensor | None = None
+    corrupted_kwargs: dict[str, Any] | None = None
+    baselines: tuple[float, float] = (math.nan, math.nan)   # (clean, corrupted)
+
+    @property
+    def length(self) -> int:
+        return int(self.base_kwargs["input_ids"].shape[1])
+
+    def bound(self, model: Model) -> Any:
+        return self.metric.bind(model, self.n_prompts)
+
+
+def _prepare(model: Model, clean: Any, corrupted: Any, metric: Any, method: str,
+             direction: str, subject: Any, samples: int, noise: float,
+             noise_std: float | None, seed: int) -> Run:
+    if method == "noise":
+        return _prepare_noise(model, clean, metric, subject, samples, noise, noise_std, seed)
+    if corrupted is None:
+        raise InputError(f"method={method!r} needs corrupted prompts (the run to patch into)")
+    if metric is None:
+        raise InputError("a sweep needs a metric, e.g. ii.logit_diff('Mary', 'John')")
+    a, b = prepare_pair(model, clean, corrupted)
+    metric = as_metric(metric)
+    base, source = (b, a) if direction == "denoising" else (a, b)
+    return Run(base.kwargs, source.kwargs, a.kwargs, metric,
+               _metric_positions(metric, a.length), a.size, token_labels(model, a),
+               corrupted_kwargs=b.kwargs)
+
+
+def _prepare_noise(model: Model, clean: Any, metric: Any, subject: Any, samples: int,
+                   noise: float, noise_std: float | None, seed: int) -> Run:
+    batch = model.prepare([clean])
+    mask = subject_mask(model, batch, subject)
+    if samples < 1:
+        raise InputError(f"samples={samples}: causal tracing needs at least one noised copy")
+    embed = get_path(model.module, adapter_for(model).embed)
+    embeddings = embed(batch.kwargs["input_ids"])
+    std = noise_std if noise_std is not None else noise * float(
+        embeddings[mask.to(embeddings.device)].std())
+    if metric is None:  # ROME: the probability of the clean prediction
+        logits = model.module(**batch.kwargs).logits[:, -1]
+        metric = Prob(logits.argmax(-1).tolist())
+    metric = as_metric(metric)
+    base = {k: v.repeat(samples, *([1] * (v.dim() - 1))) for k, v in batch.kwargs.items()}
+    noise_rows = subject_noise(mask, embeddings.shape[-1], samples, std, seed)
+    return Run(base, batch.kwargs, batch.kwargs, metric,
+               _metric_positions(metric, batch.length), batch.size, token_labels(model, batch),
+               noise=noise_rows.to(embeddings.device, embeddings.dtype))
+
+
+def _metric_positions(metric: Metric, length: int) -> list[int]:
+    if metric.positions is None:
+        return list(range(length))
+    return sorted({p % length for p in metric.positions})
+
+
+def _exact(model: Model, adapter: Adapter, grid: Grid, run: Run, batch_size: int | None,
+           memory_fraction: float) -> torch.Tensor:
+    """Activation patching and causal tracing: ``[n_cells, base rows]`` of the metric."""
+    with torch.no_grad():
+        source = record(model, adapter, run.source_kwargs, kind=grid.kind,
+                        layers=grid.patched_layers(), positions=run.positions)
+        base = record(model, adapter, run.base_kwargs, kind=grid.kind, layers=[],
+                      positions=run.positions, stream=True, noise=run.noise)
+        engine = Engine(model, adapter, grid.kind, run.base_kwargs, base, source, run.bound(model),
+                        run.positions, memory.budget(model.device, memory_fraction),
+                        run.n_prompts, cells_per_chunk=batch_size)
+        run.baselines = _baselines(run, engine, source)
+        return engine.run(grid.cells(), desc=f"{grid.kind.name} sweep")
+
+
+def _baselines(run: Run, engine: Engine, source: Recording) -> tuple[float, float]:
+    """(clean, corrupted) metric means; the noised run is the corrupted one for tracing."""
+    base = float(engine.metric(engine.base.logits).mean())
+    other = float(engine.metric(source.logits).mean())
+    denoising = run.noise is not None or run.base_kwargs is run.corrupted_kwargs
+    return (other, base) if denoising else (base, other)
+
+
+def _result(model: Model, grid: Grid, run: Run, rows: torch.Tensor, site: str, method: str,
+            direction: str, seconds: float) -> SweepResult:
+    per_prompt = rows.view(rows.shape[0], -1, run.n_prompts).mean(1).float().cpu()
+    raw = per_prompt.mean(-1)
+    clean, corrupted = run.baselines
+    span = clean - corrupted
+    if math.isclose(span, 0.0, abs_tol=1e-12):
+        warnings.warn("the clean and corrupted runs give the same metric, so effects cannot "
+                      "be normalised; `values` is NaN, `raw` holds the metric", stacklevel=3)
+        values = torch.full_like(raw, float("nan"))
+    else:
+        values = (raw - corrupted) / span
+    shape = grid.shape
+    return SweepResult(
+        values=values.view(shape), raw=raw.view(shape),
+        per_prompt=per_prompt.view(*shape, run.n_prompts), clean=clean, corrupted=corrupted,
+        dims=grid.dims, layers=grid.layers, positions=grid.positions, heads=grid.heads,
+        tokens=run.labels, site=site, method=method,
+        direction="causal tracing" if method == "noise" else direction,
+        metric=repr(run.metric), seconds=seconds,
+        extra={"window": grid.window} if method == "noise" else {})
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InputError(f"{name}={value!r} is not one of: {', '.join(choices)}")
+
+
+def _check_window(window: int, method: str) -> int:
+    if not isinstance(window, int) or window < 1:
+        raise InputError(f"window={window!r}: the number of layers restored together, >= 1")
+    if window > 1 and method == "attribution":
+        raise InputError("window applies to activation patching and causal tracing, not to "
+                         "attribution patching")
+    return window

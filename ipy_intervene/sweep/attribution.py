@@ -1,0 +1,58 @@
+"""Attribution patching: the first-order estimate of every cell's effect at once.
+
+For a cell at activation ``a``: ``effect ~= (a_source - a_base) . d metric / d a_base``, from one
+source forward, one base forward with autograd and one backward (weights get no gradient).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ipy_intervene.sites import Adapter, get_path, split_heads
+from ipy_intervene.sweep.hooks import site_hooks
+from ipy_intervene.sweep.record import record
+
+
+def sweep(model: Any, adapter: Adapter, grid: Any, run: Any) -> torch.Tensor:
+    """``[n_cells, prompts]``: the metric each prompt is estimated to reach under each patch."""
+    layers = grid.patched_layers()
+    metric = run.bound(model)
+    with torch.no_grad():
+        source = record(model, adapter, run.source_kwargs, kind=grid.kind, layers=layers,
+                        positions=run.positions)
+    with torch.enable_grad(), site_hooks([_grad_root(model, adapter)]):
+        base = record(model, adapter, run.base_kwargs, kind=grid.kind, layers=layers,
+                      positions=run.positions)
+        scores = metric(base.logits)
+        grads = torch.autograd.grad(scores.sum(), [base.sites[l] for l in layers])
+    scores = scores.detach()
+    clean, corrupted = float(metric(source.logits).mean()), float(scores.mean())
+    run.baselines = (clean, corrupted) if run.base_kwargs is run.corrupted_kwargs else (
+        corrupted, clean)
+    effects = {l: _effect(source.sites[l], base.sites[l].detach(), g, grid, adapter.n_heads)
+               for l, g in zip(layers, grads)}
+    rows = [effects[layer] for layer in grid.layers]
+    return scores[None] + torch.cat(rows).float()
+
+
+def _effect(source: torch.Tensor, base: torch.Tensor, grad: torch.Tensor, grid: Any,
+            n_heads: int) -> torch.Tensor:
+    """One layer's cells, in the grid's order, as rows ``[cells, prompts]``."""
+    product = (source - base) * grad
+    if grid.kind.per_head:
+        product = split_heads(product, n_heads)[..., grid.heads, :]
+    effect = product.sum(-1)                      # [B, P] or [B, P, H]
+    if grid.kind.per_position:
+        effect = effect[:, grid.positions]
+    else:
+        effect = effect.sum(1)                    # head_out: all positions at once
+    return effect.reshape(effect.shape[0], -1).T  # cells (pos-major, then head) x prompts
+
+
+def _grad_root(model: Any, adapter: Adapter) -> tuple[Any, str, Any]:
+    """Make the token embeddings a graph root when the weights do not require grad."""
+    def root(x: torch.Tensor) -> torch.Tensor | None:
+        return None if x.requires_grad else x.detach().requires_grad_()
+    return get_path(model.module, adapter.embed), "module_out", root

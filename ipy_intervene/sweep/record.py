@@ -1,0 +1,79 @@
+"""One recorded forward: logits where the metric reads, site values, residual stream, K/V.
+
+Sweeps record the clean and the corrupted run once; every patched run then starts from
+these recordings instead of recomputing what a patch cannot change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from ipy_intervene.sites import Adapter, SiteKind, get_path
+from ipy_intervene.sweep.hooks import site_hooks
+
+
+@dataclass
+class Recording:
+    """What one forward left behind (tensors keep their graph when recorded with grad)."""
+
+    logits: torch.Tensor                    # [rows, len(positions), vocab]
+    sites: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [rows, P, d]
+    stream: list[torch.Tensor] = field(default_factory=list)       # L + 1 points [rows, P, d]
+    keys: list[torch.Tensor] = field(default_factory=list)         # layer -> [rows, h, P, dh]
+    values: list[torch.Tensor] = field(default_factory=list)
+
+
+def record(model: Any, adapter: Adapter, kwargs: dict[str, Any], *, kind: SiteKind,
+           layers: list[int], positions: list[int], stream: bool = False,
+           noise: torch.Tensor | None = None) -> Recording:
+    """Run the model once on ``kwargs`` and keep what the sweep needs.
+
+    ``positions`` are the (non-negative) logit positions to keep; ``stream`` also keeps the
+    residual stream and the attention keys/values of every layer; ``noise`` is added to the
+    token embeddings (causal tracing).
+    """
+    module = model.module
+    rec = Recording(logits=torch.empty(0))
+    hooks = [(adapter.module(module, kind.name, layer), kind.where, _keep(rec.sites, layer))
+             for layer in layers]
+    if stream:
+        rec.stream = [None] * (adapter.n_layers + 1)
+        hooks += [(adapter.block(module, layer), "block_in", _keep(rec.stream, layer))
+                  for layer in range(adapter.n_layers)]
+        hooks.append((adapter.block(module, adapter.n_layers - 1), "block_out",
+                      _keep(rec.stream, adapter.n_layers)))
+    if noise is not None:
+        hooks.append((get_path(module, adapter.embed), "module_out", lambda x: x + noise))
+    cache = DynamicCache() if stream else None
+    with site_hooks(hooks):
+        out = module(**kwargs, use_cache=stream, past_key_values=cache,
+                     **_logits_kwargs(model, positions, kwargs["input_ids"].shape[1]))
+    rec.logits = _select(out.logits, positions, kwargs["input_ids"].shape[1])
+    if stream:
+        rec.keys = [layer.keys for layer in cache.layers]
+        rec.values = [layer.values for layer in cache.layers]
+    return rec
+
+
+def _keep(store: Any, index: int):
+    def keep(x: torch.Tensor) -> None:
+        store[index] = x
+    return keep
+
+
+def _logits_kwargs(model: Any, positions: list[int], length: int) -> dict[str, Any]:
+    if "logits_to_keep" not in model._forward_params:
+        return {}
+    first = min(positions)
+    return {"logits_to_keep": length - first}
+
+
+def _select(logits: torch.Tensor, positions: list[int], length: int) -> torch.Tensor:
+    """Logits at ``positions`` from logits of the last ``logits.shape[1]`` positions."""
+    offset = length - logits.shape[1]
+    index = torch.tensor([p - offset for p in positions], device=logits.device)
+    return logits.index_select(1, index)

@@ -1,0 +1,95 @@
+"""SweepResult: the grid of effects, its baselines and labels, and a heatmap.
+
+>>> result.values.shape                       # doctest: +SKIP
+torch.Size([4, 15])                            # [layer, pos], clean = 1, corrupted = 0
+>>> result.top(3)                              # doctest: +SKIP
+[{'layer': 1, 'pos': 10, 'token': 'John (10)', 'value': 0.98}, ...]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class SweepResult:
+    """What a sweep measured. ``values`` is normalised (clean = 1, corrupted = 0); ``raw`` is
+    the metric itself (mean over prompts, and over noise samples for causal tracing)."""
+
+    values: torch.Tensor
+    raw: torch.Tensor
+    per_prompt: torch.Tensor          # raw, with a last dimension over prompts
+    clean: float
+    corrupted: float
+    dims: tuple[str, ...]             # ("layer", "pos"), ("layer", "head") or all three
+    layers: list[int]
+    positions: list[int]
+    heads: list[int]
+    tokens: list[str]                 # a label per position of the batch
+    site: str
+    method: str
+    direction: str
+    metric: str
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def top(self, k: int = 3) -> list[dict[str, Any]]:
+        """The ``k`` cells with the largest absolute effect, largest first."""
+        flat = self.values.flatten().nan_to_num(0.0)
+        order = flat.abs().argsort(descending=True)[:k]
+        return [self._cell(int(i)) for i in order]
+
+    def _cell(self, flat: int) -> dict[str, Any]:
+        index = list(torch.unravel_index(torch.tensor(flat), self.values.shape))
+        cell: dict[str, Any] = {}
+        for dim, i in zip(self.dims, index):
+            i = int(i)
+            if dim == "layer":
+                cell["layer"] = self.layers[i]
+            elif dim == "pos":
+                cell["pos"] = self.positions[i]
+                cell["token"] = self.tokens[self.positions[i]]
+            else:
+                cell["head"] = self.heads[i]
+        cell["value"] = float(self.values.flatten()[flat])
+        return cell
+
+    def __repr__(self) -> str:
+        names = {"layer": "layers", "pos": "positions", "head": "heads"}
+        shape = " x ".join(f"{len(self._axis(d))} {names[d]}" for d in self.dims)
+        best = ", ".join(_describe(c) for c in self.top(3))
+        return (f"SweepResult({self.method} patching, {self.direction}, site={self.site}, "
+                f"{shape}; metric {self.metric}: clean {self.clean:.4g}, corrupted "
+                f"{self.corrupted:.4g}; largest: {best}; {self.seconds:.2f} s)")
+
+    def _axis(self, dim: str) -> list[int]:
+        return {"layer": self.layers, "pos": self.positions, "head": self.heads}[dim]
+
+    # -- pictures ------------------------------------------------------------------------
+
+    def figure(self, pos: int | None = None) -> Any:
+        """A plotly heatmap (layers up, positions or heads across), diverging around 0.
+
+        For ``[layer, pos, head]`` results it shows the heads at position ``pos`` (default:
+        the position of the largest effect).
+        """
+        from ipy_intervene.widgets.heatmap import sweep_heatmap
+
+        return sweep_heatmap(self, pos)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        from ipy_intervene.widgets.heatmap import mimebundle
+
+        return mimebundle(self.figure(), repr(self))
+
+
+def _describe(cell: dict[str, Any]) -> str:
+    where = [f"L{cell['layer']}"]
+    if "token" in cell:
+        where.append(cell["token"])
+    if "head" in cell:
+        where.append(f"H{cell['head']}")
+    return f"{' '.join(where)}: {cell['value']:.3g}"

@@ -1,0 +1,195 @@
+"""The batched engine: every grid cell is a block of rows; cells join the run at the layer
+they patch ("a staircase"), so nothing a patch cannot change is ever recomputed.
+
+For one prefix length ``p`` (the first position any of the cells patches), the engine runs
+blocks on positions ``p..P-1`` only, with the prefix's keys and values from the recorded
+corrupted run; a cell patching layer ``l`` joins with the corrupted stream at ``l`` and is
+computed from there on. The unembedding runs only at the positions the metric reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from ipy_intervene.sites import Adapter, SiteKind, get_path, split_heads
+from ipy_intervene.sweep.blocks import BlockCaller
+from ipy_intervene.sweep.hooks import site_hooks
+from ipy_intervene.sweep.record import Recording
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell: the layers it patches (a window), a position (None: all) and a head."""
+
+    layers: tuple[int, ...]
+    pos: int | None
+    head: int | None = None
+
+
+@dataclass
+class Edit:
+    """Values written at (row, position[, head]) of an activation, in place."""
+
+    rows: torch.Tensor
+    pos: torch.Tensor
+    head: torch.Tensor | None
+    values: torch.Tensor
+    n_heads: int
+
+    def __call__(self, x: torch.Tensor) -> None:
+        if self.head is None:
+            x[self.rows, self.pos] = self.values.to(x.dtype)
+        else:
+            split_heads(x, self.n_heads)[self.rows, self.pos, self.head] = self.values.to(x.dtype)
+
+
+@dataclass
+class Engine:
+    """Everything a sweep's patched runs share: the model, the recordings, the metric."""
+
+    model: Any
+    adapter: Adapter
+    kind: SiteKind
+    base_kwargs: dict[str, Any]
+    base: Recording
+    source: Recording
+    metric: Callable[[torch.Tensor], torch.Tensor]
+    positions: list[int]                 # logit positions the metric reads (non-negative)
+    budget: int                          # bytes for one chunk's activations
+    n_prompts: int
+    cells_per_chunk: int | None = None   # overrides the budget
+    _callers: dict[int, BlockCaller] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return int(self.base_kwargs["input_ids"].shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.base_kwargs["input_ids"].shape[1])
+
+    # -- public --------------------------------------------------------------------------
+
+    def run(self, cells: list[Cell], desc: str = "sweep") -> torch.Tensor:
+        """The metric of every row under each cell's patch: ``[len(cells), rows]``."""
+        out = torch.empty(len(cells), self.rows, device=self.base.logits.device)
+        chunks = list(self._chunks(cells))
+        bar = tqdm(total=len(cells), desc=desc, delay=1.0, leave=False)
+        try:
+            for prefix, index in chunks:
+                out[index] = self._run_chunk(prefix, [cells[i] for i in index])
+                bar.update(len(index))
+        finally:
+            bar.close()
+        return out
+
+    # -- planning ------------------------------------------------------------------------
+
+    def prefix(self, cell: Cell) -> int:
+        return 0 if cell.pos is None else cell.pos
+
+    def joins_at(self, cell: Cell) -> int:
+        """The stream point where the cell's rows leave the corrupted run."""
+        return min(self._point(layer) for layer in cell.layers)
+
+    def _point(self, layer: int) -> int:
+        return layer + 1 if self.kind.where == "block_out" else layer
+
+    def _chunks(self, cells: list[Cell]) -> Iterator[tuple[int, list[int]]]:
+        by_prefix: dict[int, list[int]] = {}
+        for i, cell in enumerate(cells):
+            by_prefix.setdefault(self.prefix(cell), []).append(i)
+        for prefix, index in sorted(by_prefix.items()):
+            index.sort(key=lambda i: self.joins_at(cells[i]))
+            size = self.cells_per_chunk or max(
+                1, self.budget // (self.rows * self._bytes_per_row(prefix)))
+            for start in range(0, len(index), size):
+                yield prefix, index[start: start + size]
+
+    def _bytes_per_row(self, prefix: int) -> int:
+        config = self.model.config
+        d = self.base.stream[0].shape[-1]
+        width = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+                 or 4 * d)
+        q, n = self.length - prefix, self.length
+        elem = self.base.stream[0].element_size()
+        activations = q * (8 * d + 3 * width + self.adapter.n_heads * n) + 4 * n * d
+        return elem * activations + 4 * len(self.positions) * self.base.logits.shape[-1]
+
+    # -- running -------------------------------------------------------------------------
+
+    def _caller(self, prefix: int) -> BlockCaller:
+        caller = self._callers.get(prefix)
+        if caller is None:
+            caller = BlockCaller(self.model, self.adapter, self.base_kwargs, self.base, prefix)
+            self._callers[prefix] = caller
+        return caller
+
+    def _run_chunk(self, prefix: int, cells: list[Cell]) -> torch.Tensor:
+        if max(self.positions) < prefix:  # the metric reads only positions before the patch
+            return self.metric(self.base.logits).expand(len(cells), -1)
+        caller, n_layers = self._caller(prefix), self.adapter.n_layers
+        joins = [self.joins_at(cell) for cell in cells]
+        hidden: torch.Tensor | None = None
+        for point in range(n_layers + 1):
+            joining = joins.count(point)
+            if joining:
+                fresh = self.base.stream[point][:, prefix:].repeat(joining, 1, 1)
+                hidden = fresh if hidden is None else torch.cat([hidden, fresh])
+            edit = self._edit(cells, joins, prefix, point)
+            if hidden is None:
+                continue
+            if edit is not None and self.kind.where in ("block_in", "block_out"):
+                edit(hidden)
+            if point == n_layers:
+                break
+            hooks = [] if edit is None or self.kind.where in ("block_in", "block_out") else [
+                (self.adapter.module(self.model.module, self.kind.name, point),
+                 self.kind.where, edit)]
+            with site_hooks(hooks):
+                hidden = caller(point, hidden)
+        logits = self._logits(hidden, prefix, len(cells))
+        return self.metric(logits).view(len(cells), self.rows)
+
+    def _edit(self, cells: list[Cell], joins: list[int], prefix: int, point: int) -> Edit | None:
+        """The writes of all cells at one stream point (or inside one block)."""
+        order = sorted(range(len(cells)), key=lambda i: joins[i])
+        rows, pos, heads, values = [], [], [], []
+        prompts = torch.arange(self.rows) % self.n_prompts
+        for slot, i in enumerate(order):
+            cell = cells[i]
+            for layer in cell.layers:
+                if self._point(layer) != point:
+                    continue
+                positions = range(self.length) if cell.pos is None else [cell.pos]
+                for p in positions:
+                    rows.append(torch.arange(self.rows) + slot * self.rows)
+                    pos.append(torch.full((self.rows,), p - prefix))
+                    heads.append(cell.head)
+                    values.append(self._source(layer, prompts, p, cell.head))
+        if not rows:
+            return None
+        device = values[0].device
+        head = None if heads[0] is None else torch.tensor(
+            [h for h, r in zip(heads, rows) for _ in r], device=device)
+        return Edit(torch.cat(rows).to(device), torch.cat(pos).to(device), head,
+                    torch.cat(values), self.adapter.n_heads)
+
+    def _source(self, layer: int, prompts: torch.Tensor, pos: int,
+                head: int | None) -> torch.Tensor:
+        value = self.source.sites[layer][prompts.to(self.source.sites[layer].device), pos]
+        return value if head is None else split_heads(value, self.adapter.n_heads)[:, head]
+
+    def _logits(self, hidden: torch.Tensor, prefix: int, n_cells: int) -> torch.Tensor:
+        module = self.model.module
+        kept = [p - prefix for p in self.positions if p >= prefix]
+        normed = get_path(module, self.adapter.final_norm)(hidden[:, kept])
+        fresh = get_path(module, self.adapter.unembed)(normed)
+        if len(kept) == len(self.positions):
+            return fresh
+        early = self.base.logits[:, [i for i, p in enumerate(self.positions) if p < prefix]]
+        return torch.cat([early.repeat(n_cells, 1, 1), fresh], 1)
