@@ -125,3 +125,65 @@ def naive_activation(module, arch, site, base_kwargs, source_kwargs, metric, n_l
 
 def logit_diff(good, bad):
     return lambda logits: logits[:, -1, good] - logits[:, -1, bad]
+
+
+def rome_window(layer, window, n_layers):
+    return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
+
+
+@torch.no_grad()
+def naive_causal_trace(module, arch, site, kwargs, subject_positions, metric, n_layers,
+                       samples, seed, window, scale=3.0):
+    """ROME's procedure, written out: noise the subject embeddings of ``samples`` copies,
+    restore the clean state of each (layer window, position), average the metric."""
+    embed = get(module, PARTS[arch]["embed"])
+    rows, length = kwargs["input_ids"].shape
+    emb = embed(kwargs["input_ids"])
+    mask = torch.zeros(rows, length, dtype=torch.bool)
+    mask[:, subject_positions] = True
+    std = scale * float(emb[mask].std())
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(samples, rows, length, emb.shape[-1], generator=gen) * std
+    noise = (noise * mask[None, :, :, None]).reshape(samples * rows, length, -1)
+    noised = {k: v.repeat(samples, *([1] * (v.dim() - 1))) for k, v in kwargs.items()}
+    clean, _ = record_site(module, arch, site, range(n_layers), kwargs)
+    out = []
+    for layer in range(n_layers):
+        for pos in range(length):
+            patches = [(l, pos, None, clean[l].repeat(samples, 1, 1))
+                       for l in rome_window(layer, window, n_layers)]
+            logits = patched_logits(module, arch, site, patches, noised, 0, noise=noise)
+            out.append(metric(logits).view(samples, rows).mean(0))
+    return torch.stack(out)
+
+
+def hand_attribution(module, arch, site, base_kwargs, source_kwargs, metric, n_layers,
+                     n_heads):
+    """(a_source - a_base) . d metric / d a_base, per cell and prompt, with autograd by hand."""
+    with torch.no_grad():
+        source, _ = record_site(module, arch, site, range(n_layers), source_kwargs)
+    base, handles = {}, []
+    for layer in range(n_layers):
+        target = site_module(module, arch, site, layer)
+        if site in INPUT_SITES:
+            handles.append(target.register_forward_pre_hook(
+                lambda m, args, layer=layer: base.__setitem__(layer, args[0])))
+        else:
+            handles.append(target.register_forward_hook(
+                lambda m, args, out, layer=layer: base.__setitem__(layer, _tensor(out))))
+    try:
+        with torch.enable_grad():
+            scores = metric(module(**base_kwargs).logits)
+            grads = torch.autograd.grad(scores.sum(), [base[l] for l in range(n_layers)])
+    finally:
+        for h in handles:
+            h.remove()
+    length = base_kwargs["input_ids"].shape[1]
+    rows = []
+    for layer, pos, head in cells(site, n_layers, length, n_heads):
+        term = (source[layer] - base[layer].detach()) * grads[layer]
+        if head is not None:
+            term = term.view(*term.shape[:-1], n_heads, -1)[..., head, :]
+        term = term.sum(-1)
+        rows.append(scores.detach() + (term.sum(1) if pos is None else term[:, pos]))
+    return torch.stack(rows)
