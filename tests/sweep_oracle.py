@@ -22,6 +22,18 @@ PARTS = {
 INPUT_SITES = {"resid_pre", "resid_mid", "head_out", "head_out_pos"}
 
 
+def serial_neox(vocab):
+    """A GPT-NeoX without the parallel residual, so resid_mid exists."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=3,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                        use_parallel_residual=False, bos_token_id=0, eos_token_id=0,
+                        pad_token_id=1)
+    return GPTNeoXForCausalLM(cfg).eval()
+
+
 def get(root, path):
     for part in path.split("."):
         root = getattr(root, part)

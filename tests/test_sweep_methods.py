@@ -8,7 +8,7 @@ import torch
 
 import ipy_intervene as ii
 from conftest import CORRUPT, PROMPT, checksum
-from sweep_oracle import hand_attribution, logit_diff, naive_causal_trace
+from sweep_oracle import hand_attribution, logit_diff, naive_causal_trace, serial_neox
 
 
 @pytest.mark.parametrize("site,window", [("resid_post", 1), ("mlp_out", 3), ("attn_out", 2)])
@@ -50,7 +50,7 @@ def test_causal_tracing_defaults_to_the_clean_prediction(demo):
 def test_attribution_equals_closed_form(arch_model, site):
     arch, model = arch_model
     if arch == "neox" and site == "resid_mid":
-        pytest.skip("parallel residual: no resid_mid (tested in test_sweep_errors)")
+        model = ii.wrap(serial_neox(len(model.tokenizer)), model.tokenizer)
     good, bad = model.token_id("Mary"), model.token_id("John")
     before = checksum(model.module)
     result = ii.patch_sweep(model, PROMPT, CORRUPT, ii.logit_diff("Mary", "John"), site=site,

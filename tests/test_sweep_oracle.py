@@ -9,24 +9,12 @@ import torch
 
 import ipy_intervene as ii
 from conftest import CORRUPT, PROMPT
-from sweep_oracle import logit_diff, naive_activation
+from sweep_oracle import logit_diff, naive_activation, serial_neox
 
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head_out",
          "head_out_pos")
 PADDED_CLEAN = [PROMPT, "Then , Mary and John had a drink"]
 PADDED_CORRUPT = [CORRUPT, "Then , Mary and Tom had a drink"]
-
-
-def serial_neox(vocab):
-    """A GPT-NeoX without the parallel residual, so resid_mid exists."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=3,
-                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
-                        use_parallel_residual=False, bos_token_id=0, eos_token_id=0,
-                        pad_token_id=1)
-    return GPTNeoXForCausalLM(cfg).eval()
 
 
 def check(model, arch, site, clean, corrupt, direction="denoising", **kw):

@@ -6,7 +6,8 @@ from typing import Any
 
 
 def register(ipython: Any) -> None:
-    """Register ``%%trace`` (and ``%patch_sweep`` when available) with a shell."""
+    """Register ``%%trace`` and ``%patch_sweep`` with a shell."""
+    from ipy_intervene.magics.sweep_magic import SweepMagics
     from ipy_intervene.magics.trace_magic import TraceMagics
 
-    ipython.register_magics(TraceMagics)
+    ipython.register_magics(TraceMagics, SweepMagics)

@@ -82,3 +82,36 @@ def _is_expr(text: str) -> bool:
     except SyntaxError:
         return False
     return True
+
+
+@dataclass(frozen=True)
+class SweepCommand:
+    """``%patch_sweep MODEL --clean X --corrupted Y --metric M [--option VALUE ...]``.
+
+    Each option's value is the text up to the next top-level ``--name``, so values can be any
+    Python expression, spaces and all.
+
+    >>> SweepCommand.parse('model --clean c --metric logit_diff("Mary", "John") --site mlp_out')
+    SweepCommand(model='model', options={'clean': 'c', 'metric': 'logit_diff("Mary", "John")', 'site': 'mlp_out'})
+    """
+
+    model: str
+    options: dict[str, str]
+
+    @classmethod
+    def parse(cls, line: str, magic: str = "%patch_sweep") -> "SweepCommand":
+        head, rest = split_options(line)
+        if not head.strip():
+            raise UsageError(f"{magic} needs a MODEL: {magic} model --clean X --corrupted Y "
+                             "--metric M")
+        if not _is_expr(head):
+            raise UsageError(f"{magic}: MODEL {head!r} is not a Python expression")
+        options: dict[str, str] = {}
+        while rest:
+            name_end = len(rest.split(None, 1)[0])
+            name = rest[2:name_end].replace("-", "_")
+            value, rest = split_options(rest[name_end:])
+            if name in options:
+                raise UsageError(f"{magic}: --{name} is given twice")
+            options[name] = value.strip()
+        return cls(head.strip(), options)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -53,7 +54,7 @@ def mimebundle(fig: Any, text: str) -> dict[str, Any]:
     """A bundle every front end can show: plotly's own mime type (JupyterLab), a
     self-contained HTML page fragment (nbconvert, offline), and text."""
     return {
-        "application/vnd.plotly.v1+json": fig.to_plotly_json(),
+        "application/vnd.plotly.v1+json": json.loads(fig.to_json()),
         "text/html": fig.to_html(full_html=False, include_plotlyjs=True),
         "text/plain": text,
     }

@@ -1,0 +1,99 @@
+"""%patch_sweep through an InteractiveShell: the magic is a thin layer over ii.patch_sweep."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from IPython.core.error import UsageError
+
+import ipy_intervene as ii
+from ipy_intervene.errors import InputError, SiteError
+from ipy_intervene.magics.command import SweepCommand
+from conftest import CORRUPT, PROMPT, checksum, hook_count
+
+LINE = '%patch_sweep model --clean clean --corrupted corrupt --metric logit_diff("Mary", "John")'
+
+
+@pytest.fixture
+def sweep_shell(shell):
+    shell.user_ns.update(clean=PROMPT, corrupt=CORRUPT)
+    shell.user_ns.pop("_sweep", None)
+    yield shell
+    shell.user_ns.pop("_sweep", None)
+
+
+def test_magic_equals_the_python_api(sweep_shell, demo):
+    sweep_shell.run_cell(LINE + " --site mlp_out --positions [-1, 10] --out mlp")
+    ns = sweep_shell.user_ns
+    assert ns["mlp"] is ns["_sweep"] and isinstance(ns["_sweep"], ii.SweepResult)
+    expected = ii.patch_sweep(demo, PROMPT, CORRUPT, ii.logit_diff("Mary", "John"),
+                              site="mlp_out", positions=[-1, 10])
+    torch.testing.assert_close(ns["mlp"].values, expected.values)
+    assert ns["mlp"].site == "mlp_out" and ns["mlp"].positions == [14, 10]
+
+
+def test_magic_shows_a_heatmap(sweep_shell, capsys):
+    shell = sweep_shell
+    shown = []
+    shell.display_pub.publish = lambda data, **kw: shown.append(data)
+    try:
+        shell.run_cell(LINE + " --site head_out")
+    finally:
+        del shell.display_pub.publish
+    (bundle,) = shown
+    assert "text/html" in bundle and "plotly" in bundle["text/html"].lower()
+    assert bundle["application/vnd.plotly.v1+json"]["data"][0]["type"] == "heatmap"
+    assert "SweepResult(activation patching" in bundle["text/plain"]
+
+
+def test_quiet_shows_nothing_and_methods_pass_through(sweep_shell):
+    shown = []
+    sweep_shell.display_pub.publish = lambda data, **kw: shown.append(data)
+    try:
+        sweep_shell.run_cell(LINE + " --method attribution --direction noising --quiet")
+        sweep_shell.run_cell('%patch_sweep model --clean clean --method noise '
+                             '--subject "Mary and John" --samples 2 --site "mlp_out" '
+                             '--window 3 --quiet --out traced')
+    finally:
+        del sweep_shell.display_pub.publish
+    assert shown == []
+    assert sweep_shell.user_ns["traced"].method == "noise"
+    assert sweep_shell.user_ns["traced"].extra == {"window": 3}
+
+
+@pytest.mark.parametrize("line,message", [
+    ("%patch_sweep", "needs a MODEL"),
+    ("%patch_sweep model --corrupted corrupt --metric logit_diff('Mary', 'John')", "--clean"),
+    (LINE + " --sight mlp_out", "unknown option --sight"),
+    (LINE + " --site", "--site needs a value"),
+    (LINE + " --quiet yes", "--quiet takes no value"),
+    (LINE + " --out 3x", "not a valid Python name"),
+    (LINE + " --layers range(nope)", "--layers `range(nope)` failed: NameError"),
+    ("%patch_sweep mdl --clean clean", "MODEL `mdl` failed"),
+])
+def test_bad_magic_lines_are_usage_errors(sweep_shell, line, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        sweep_shell.run_cell(line)
+    assert "_sweep" not in sweep_shell.user_ns
+
+
+@pytest.mark.parametrize("extra,error,message", [
+    (" --site resid_middle", SiteError, "unknown site 'resid_middle'"),
+    (" --method exact", InputError, "method='exact' is not one of"),
+    (" --layers [4]", SiteError, "layer 4 is out of range: there are 4 layers"),
+])
+def test_bad_values_name_what_was_expected(sweep_shell, demo, extra, error, message):
+    before = checksum(demo.module)
+    with pytest.raises(error, match=message):
+        sweep_shell.run_cell(LINE + extra)
+    assert "_sweep" not in sweep_shell.user_ns
+    assert hook_count(demo.module) == 0 and checksum(demo.module) == before
+
+
+def test_sweep_command_keeps_expressions_whole():
+    cmd = SweepCommand.parse('m --clean ["a b", "c d"] --metric f(x, -1) --batch-size 4 --quiet')
+    assert cmd.model == "m"
+    assert cmd.options == {"clean": '["a b", "c d"]', "metric": "f(x, -1)", "batch_size": "4",
+                           "quiet": ""}
+    with pytest.raises(UsageError, match="given twice"):
+        SweepCommand.parse("m --site a --site b")
