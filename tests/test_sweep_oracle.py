@@ -98,3 +98,20 @@ def test_layer_position_and_head_subsets(arch_model):
     assert part.layers == [2, 0] and part.positions == [14, 10] and part.heads == [3]
     expected = full.raw[[2, 0]][:, [14, 10]][:, :, [3]]
     torch.testing.assert_close(part.raw, expected, atol=1e-5, rtol=0)
+
+
+def test_a_small_memory_budget_splits_the_grid_into_chunks(arch_model, monkeypatch):
+    from ipy_intervene.sweep import memory, staircase
+
+    arch, model = arch_model
+    sizes = []
+    run_chunk = staircase.Engine._run_chunk
+
+    def spy(self, prefix, cells):
+        sizes.append(len(cells))
+        return run_chunk(self, prefix, cells)
+
+    monkeypatch.setattr(staircase.Engine, "_run_chunk", spy)
+    monkeypatch.setattr(memory, "budget", lambda device, fraction: 40_000)
+    check(model, arch, "resid_pre", PADDED_CLEAN, PADDED_CORRUPT)
+    assert max(sizes) < 3 and len(sizes) > 15  # 15 prefixes, several chunks for some

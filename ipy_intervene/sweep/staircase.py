@@ -41,10 +41,12 @@ class Edit:
     n_heads: int
 
     def __call__(self, x: torch.Tensor) -> None:
+        values = self.values.to(x.device, x.dtype)
+        rows, pos = self.rows.to(x.device), self.pos.to(x.device)
         if self.head is None:
-            x[self.rows, self.pos] = self.values.to(x.dtype)
+            x[rows, pos] = values
         else:
-            split_heads(x, self.n_heads)[self.rows, self.pos, self.head] = self.values.to(x.dtype)
+            split_heads(x, self.n_heads)[rows, pos, self.head.to(x.device)] = values
 
 
 @dataclass
@@ -139,7 +141,7 @@ class Engine:
             joining = joins.count(point)
             if joining:
                 fresh = self.base.stream[point][:, prefix:].repeat(joining, 1, 1)
-                hidden = fresh if hidden is None else torch.cat([hidden, fresh])
+                hidden = fresh if hidden is None else torch.cat([hidden, fresh.to(hidden.device)])
             edit = self._edit(cells, joins, prefix, point)
             if hidden is None:
                 continue
