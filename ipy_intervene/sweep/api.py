@@ -103,12 +103,54 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
                 index_list(positions, run.length, "position"),
                 index_list(heads, adapter.n_heads, "head"), _check_window(window, method),
                 adapter.n_layers)
+    patcher = Patcher(model, adapter, grid, run, memory_fraction)
     if method == "attribution":
         raw_rows = attribution.sweep(model, adapter, grid, run)
     else:
-        raw_rows = _exact(model, adapter, grid, run, batch_size, memory_fraction)
-    return _result(model, grid, run, raw_rows, site, method, direction,
-                   time.perf_counter() - start)
+        raw_rows = patcher.engine(batch_size).run(grid.cells(), desc=f"{site} sweep")
+    result = _result(model, grid, run, raw_rows, site, method, direction,
+                     time.perf_counter() - start)
+    result.patcher = patcher
+    return result
+
+
+class Patcher:
+    """The exact patched run of one grid cell, on demand (the sweep view's detail panel).
+
+    >>> result.patcher.top_tokens((1, 10), k=3)        # doctest: +SKIP
+    [('Mary', 0.93), ('John', 0.05), ('them', 0.01)]
+    """
+
+    def __init__(self, model: Model, adapter: Adapter, grid: Grid, run: Run,
+                 memory_fraction: float) -> None:
+        self.model, self.adapter, self.grid, self.run = model, adapter, grid, run
+        self.memory_fraction = memory_fraction
+        self._engine: Engine | None = None
+        self._cells = grid.cells()
+
+    def engine(self, batch_size: int | None = None) -> Engine:
+        if self._engine is None:
+            self._engine = _engine(self.model, self.adapter, self.grid, self.run,
+                                   batch_size, self.memory_fraction)
+        return self._engine
+
+    def probs(self, index: Sequence[int]) -> torch.Tensor:
+        """Next-token probabilities ``[prompts, vocab]`` at the last metric position under
+        the patch of the cell at grid ``index`` (averaged over noise samples)."""
+        flat = 0
+        for i, size in zip(index, self.grid.shape):
+            flat = flat * size + int(i)
+        with torch.no_grad():
+            logits = self.engine().cell_logits(self._cells[flat])[:, -1].float()
+        probs = logits.softmax(-1)
+        return probs.view(-1, self.run.n_prompts, probs.shape[-1]).mean(0)
+
+    def top_tokens(self, index: Sequence[int], k: int = 5,
+                   prompt: int = 0) -> list[tuple[str, float]]:
+        """The ``k`` likeliest next tokens of one prompt under one cell's patch."""
+        top = self.probs(index)[prompt].topk(k)
+        decode = self.model.tokenizer.decode if self.model.tokenizer is not None else str
+        return [(decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
 
 
 @dataclass
@@ -178,9 +220,9 @@ def _metric_positions(metric: Metric, length: int) -> list[int]:
     return sorted({p % length for p in metric.positions})
 
 
-def _exact(model: Model, adapter: Adapter, grid: Grid, run: Run, batch_size: int | None,
-           memory_fraction: float) -> torch.Tensor:
-    """Activation patching and causal tracing: ``[n_cells, base rows]`` of the metric."""
+def _engine(model: Model, adapter: Adapter, grid: Grid, run: Run, batch_size: int | None,
+            memory_fraction: float) -> Engine:
+    """The recorded source and base runs, ready to patch (sets the run's baselines)."""
     with torch.no_grad():
         source = record(model, adapter, run.source_kwargs, kind=grid.kind,
                         layers=grid.patched_layers(), positions=run.positions)
@@ -189,8 +231,9 @@ def _exact(model: Model, adapter: Adapter, grid: Grid, run: Run, batch_size: int
         engine = Engine(model, adapter, grid.kind, run.base_kwargs, base, source, run.bound(model),
                         run.positions, memory.budget(model.device, memory_fraction),
                         run.n_prompts, cells_per_chunk=batch_size)
-        run.baselines = _baselines(run, engine, source)
-        return engine.run(grid.cells(), desc=f"{grid.kind.name} sweep")
+        if math.isnan(run.baselines[0]):
+            run.baselines = _baselines(run, engine, source)
+        return engine
 
 
 def _baselines(run: Run, engine: Engine, source: Recording) -> tuple[float, float]:

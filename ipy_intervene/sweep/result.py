@@ -35,6 +35,7 @@ class SweepResult:
     metric: str
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    patcher: Any = field(default=None, repr=False)   # exact patched runs on demand (views)
 
     def top(self, k: int = 3) -> list[dict[str, Any]]:
         """The ``k`` cells with the largest absolute effect, largest first."""

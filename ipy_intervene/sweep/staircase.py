@@ -76,6 +76,7 @@ class Engine:
 
     # -- public --------------------------------------------------------------------------
 
+    @torch.no_grad()
     def run(self, cells: list[Cell], desc: str = "sweep") -> torch.Tensor:
         """The metric of every row under each cell's patch: ``[len(cells), rows]``."""
         out = torch.empty(len(cells), self.rows, device=self.base.logits.device)
@@ -131,9 +132,19 @@ class Engine:
             self._callers[prefix] = caller
         return caller
 
+    @torch.no_grad()
+    def cell_logits(self, cell: Cell) -> torch.Tensor:
+        """Logits ``[rows, positions, vocab]`` at the metric's positions under one cell's patch."""
+        return self._patched_logits(self.prefix(cell), [cell])
+
     def _run_chunk(self, prefix: int, cells: list[Cell]) -> torch.Tensor:
         if max(self.positions) < prefix:  # the metric reads only positions before the patch
             return self.metric(self.base.logits).expand(len(cells), -1)
+        return self.metric(self._patched_logits(prefix, cells)).view(len(cells), self.rows)
+
+    def _patched_logits(self, prefix: int, cells: list[Cell]) -> torch.Tensor:
+        if max(self.positions) < prefix:
+            return self.base.logits.repeat(len(cells), 1, 1)
         caller, n_layers = self._caller(prefix), self.adapter.n_layers
         joins = [self.joins_at(cell) for cell in cells]
         hidden: torch.Tensor | None = None
@@ -154,8 +165,7 @@ class Engine:
                  self.kind.where, edit)]
             with site_hooks(hooks):
                 hidden = caller(point, hidden)
-        logits = self._logits(hidden, prefix, len(cells))
-        return self.metric(logits).view(len(cells), self.rows)
+        return self._logits(hidden, prefix, len(cells))
 
     def _edit(self, cells: list[Cell], joins: list[int], prefix: int, point: int) -> Edit | None:
         """The writes of all cells at one stream point (or inside one block)."""
