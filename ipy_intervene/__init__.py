@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ipy_intervene.errors import InterventionError
+from ipy_intervene.lens import LensResult, lens
 from ipy_intervene.metrics import logit_diff, logprob, metric, prob
 from ipy_intervene.model import Envoy, Model, load_model, wrap
 from ipy_intervene.sites import Adapter, adapter_for
@@ -17,8 +18,8 @@ from ipy_intervene.sweep import SweepResult, patch_sweep
 from ipy_intervene.trace import TraceResult, trace
 
 __version__ = "0.1.0"
-__all__ = ["Adapter", "Envoy", "InterventionError", "Model", "SweepResult", "TraceResult",
-           "adapter_for", "load_model", "logit_diff", "logprob", "metric", "patch_sweep", "prob",
+__all__ = ["Adapter", "Envoy", "InterventionError", "LensResult", "Model", "SweepResult",
+           "TraceResult", "adapter_for", "lens", "load_model", "logit_diff", "logprob", "metric", "patch_sweep", "prob",
            "trace", "wrap", "__version__"]
 
 

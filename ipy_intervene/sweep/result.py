@@ -44,10 +44,13 @@ class SweepResult:
         return [self._cell(int(i)) for i in order]
 
     def _cell(self, flat: int) -> dict[str, Any]:
-        index = list(torch.unravel_index(torch.tensor(flat), self.values.shape))
+        return self._cell_at(tuple(int(i) for i in
+                                   torch.unravel_index(torch.tensor(flat), self.values.shape)))
+
+    def _cell_at(self, index: tuple[int, ...]) -> dict[str, Any]:
+        """Layer, position (and token), head and value of the cell at a grid index."""
         cell: dict[str, Any] = {}
         for dim, i in zip(self.dims, index):
-            i = int(i)
             if dim == "layer":
                 cell["layer"] = self.layers[i]
             elif dim == "pos":
@@ -55,7 +58,7 @@ class SweepResult:
                 cell["token"] = self.tokens[self.positions[i]]
             else:
                 cell["head"] = self.heads[i]
-        cell["value"] = float(self.values.flatten()[flat])
+        cell["value"] = float(self.values[index])
         return cell
 
     def __repr__(self) -> str:
@@ -81,10 +84,14 @@ class SweepResult:
 
         return sweep_heatmap(self, pos)
 
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        from ipy_intervene.widgets.heatmap import mimebundle
+    def show(self) -> Any:
+        """The interactive view: heatmap, layer/position (head) sliders, details."""
+        from ipy_intervene.widgets.sweep_view import SweepView
 
-        return mimebundle(self.figure(), repr(self))
+        return SweepView(self)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        return self.show()._repr_mimebundle_(include=include, exclude=exclude)
 
 
 def _describe(cell: dict[str, Any]) -> str:

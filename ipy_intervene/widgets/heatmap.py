@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
@@ -50,11 +49,18 @@ def _plane(result: Any, pos: int | None) -> tuple[torch.Tensor, torch.Tensor, li
             f"{title}; at position {where}")
 
 
-def mimebundle(fig: Any, text: str) -> dict[str, Any]:
-    """A bundle every front end can show: plotly's own mime type (JupyterLab), a
-    self-contained HTML page fragment (nbconvert, offline), and text."""
-    return {
-        "application/vnd.plotly.v1+json": json.loads(fig.to_json()),
-        "text/html": fig.to_html(full_html=False, include_plotlyjs=True),
-        "text/plain": text,
-    }
+_shipped = False  # plotly.js goes into the first static view of a process only
+
+
+def static_html(fig: Any, *, include_plotlyjs: bool | None = None) -> str:
+    """Self-contained HTML of a figure (works offline and in ``nbconvert --to html``).
+
+    plotly.js (about 4.6 MB) is inlined in the first view a kernel shows and shared by the
+    ones after it, which is what a notebook run top to bottom and exported needs; pass
+    ``include_plotlyjs=True`` for a fragment that stands alone.
+    """
+    global _shipped
+    if include_plotlyjs is None:
+        include_plotlyjs, _shipped = not _shipped, True
+    return fig.to_html(full_html=False, include_plotlyjs=include_plotlyjs,
+                       config={"displaylogo": False})
