@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-0.1
+STAMP  := $(VENV)/.installed-0.2
+CHROMIUM := /usr/bin/chromium
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 NB     := --ExecutePreprocessor.timeout=600 --ExecutePreprocessor.kernel_name=python3
 
 .PHONY: demo test bench install clean
@@ -23,7 +25,12 @@ demo: $(STAMP)
 	    --output-dir build --output quickstart
 	@echo "wrote build/quickstart.html"
 
-test: $(STAMP)
+# Debian's chromium for the real-browser tests (Playwright drives it; no `playwright install`)
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null
+
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest tests examples --nbval-lax --nbval-current-env -p no:cacheprovider
 
 bench: $(STAMP)
