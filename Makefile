@@ -20,10 +20,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	mkdir -p build
-	$(BIN)/jupyter nbconvert --to html --execute examples/quickstart.ipynb $(NB) \
-	    --output-dir build --output quickstart
-	@echo "wrote build/quickstart.html"
+	$(BIN)/python -m ipy_intervene.report examples/quickstart.ipynb \
+	    examples/ioi_activation_patching.ipynb --out build/demo.html
 
 # Debian's chromium for the real-browser tests (Playwright drives it; no `playwright install`)
 $(CHROMIUM):

@@ -29,3 +29,64 @@ def export_html(notebook: str | Path, target: str | Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(body, encoding="utf-8")
     return target.resolve()
+
+
+def execute(notebook: str | Path, timeout: int = 600) -> "object":
+    """Run a notebook top to bottom in a fresh kernel (widget state left out) and return it."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=False,
+                   resources={"metadata": {"path": str(Path(notebook).parent)}}).execute()
+    return nb
+
+
+def demo_report(notebooks: list[str | Path], target: str | Path) -> Path:
+    """Execute ``notebooks`` in one kernel each and write them as one offline HTML page."""
+    import nbformat
+
+    merged = nbformat.v4.new_notebook()
+    for path in notebooks:
+        nb = execute(path)
+        merged.cells.extend(nb.cells)
+        merged.metadata.setdefault("kernelspec", nb.metadata.get("kernelspec"))
+        merged.metadata.setdefault("language_info", nb.metadata.get("language_info"))
+    source = Path(target).with_suffix(".ipynb")
+    source.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(merged, str(source))
+    return export_html(source, target)
+
+
+def ioi_summary() -> str:
+    """The demo's headline numbers: clean/corrupted logit difference and the top sites."""
+    import ipy_intervene as ii
+
+    model = ii.load_model("demo")
+    clean = "When Mary and John went to the store , John gave a drink to"
+    corrupt = "When Mary and John went to the store , Mary gave a drink to"
+    result = ii.patch_sweep(model, clean, corrupt, ii.logit_diff("Mary", "John"))
+    lines = [f"IOI logit difference (Mary - John): clean {result.clean:+.2f}, "
+             f"corrupted {result.corrupted:+.2f}",
+             "largest effects of patching resid_pre (clean = 1, corrupted = 0):"]
+    lines += [f"  layer {c['layer']}, position {c['token']}: {c['value']:.3f}"
+              for c in result.top(3)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """``python -m ipy_intervene.report``: what ``make demo`` runs."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Execute the example notebooks into one "
+                                                 "offline HTML report.")
+    parser.add_argument("notebooks", nargs="+")
+    parser.add_argument("--out", default="build/demo.html")
+    args = parser.parse_args()
+    page = demo_report(args.notebooks, args.out)
+    print(ioi_summary())
+    print(f"wrote {page}")
+
+
+if __name__ == "__main__":
+    main()
