@@ -88,8 +88,7 @@ def run_until_the_view_shows(page):
 
 def marker_y(page) -> list:
     return page.evaluate("""() => {
-        const plots = document.querySelectorAll('.jupyter-widgets .js-plotly-plot');
-        const gd = plots[plots.length - 1];
+        const gd = document.querySelector('.jupyter-widgets .js-plotly-plot');
         return gd && gd.data ? gd.data[1].y : null;
     }""")
 
@@ -107,6 +106,8 @@ def test_sweep_view_in_jupyterlab(lab, browser):
     page.wait_for_selector(".jupyter-widgets .js-plotly-plot .main-svg", timeout=60_000)
     page.wait_for_function("() => document.querySelectorAll("
                            "'.jupyter-widgets .js-plotly-plot .heatmaplayer').length > 0")
+    page.wait_for_function("() => document.querySelectorAll("  # every view of the notebook
+                           "'.jupyter-widgets .ii-sweep-detail').length >= 4", timeout=120_000)
     before_text, before_y = detail.inner_text(), marker_y(page)
     assert "layer 1, pos 10" in before_text and before_y == ["L1"]
 
@@ -116,22 +117,21 @@ def test_sweep_view_in_jupyterlab(lab, browser):
     page.wait_for_function("(before) => document.querySelector("
                            "'.jupyter-widgets .ii-sweep-detail').innerText !== before",
                            arg=before_text, timeout=30_000)
-    after_text = page.locator(".jupyter-widgets .ii-sweep-detail").inner_text()
+    after_text = page.locator(".jupyter-widgets .ii-sweep-detail").first.inner_text()
     assert "layer 2, pos 10" in after_text
-    page.wait_for_function("() => { const p = document.querySelectorAll("
-                           "'.jupyter-widgets .js-plotly-plot'); const gd = p[p.length - 1];"
-                           " return gd.data[1].y[0] === 'L2'; }", timeout=30_000)
+    page.wait_for_function("() => document.querySelector('.jupyter-widgets .js-plotly-plot')"
+                           ".data[1].y[0] === 'L2'", timeout=30_000)
     (ROOT / "build").mkdir(exist_ok=True)
-    view = page.locator(".jp-OutputArea-output:has(.ii-sweep-detail)").last
+    view = page.locator(".jp-OutputArea-output:has(.ii-sweep-detail)").first
     view.screenshot(path=str(ROOT / "build" / "sweep_view.png"))
     assert not errors, errors
     page.close()
 
 
 def test_exported_html_renders_the_heatmap_offline(browser, tmp_path):
-    from ipy_intervene.report import export_html
+    from ipy_intervene.report import demo_report
 
-    html = export_html(ROOT / "examples" / NOTEBOOK, tmp_path / "ioi.html")
+    html = demo_report([ROOT / "examples" / NOTEBOOK], tmp_path / "ioi.html")
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))

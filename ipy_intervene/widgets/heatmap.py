@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -57,10 +58,13 @@ def static_html(fig: Any, *, include_plotlyjs: bool | None = None) -> str:
 
     plotly.js (about 4.6 MB) is inlined in the first view a kernel shows and shared by the
     ones after it, which is what a notebook run top to bottom and exported needs; pass
-    ``include_plotlyjs=True`` for a fragment that stands alone.
+    ``include_plotlyjs=True`` for a fragment that stands alone. The environment variable
+    ``IPY_INTERVENE_PLOTLYJS=none`` leaves it out everywhere (small committed notebooks).
     """
     global _shipped
     if include_plotlyjs is None:
         include_plotlyjs, _shipped = not _shipped, True
+        if os.environ.get("IPY_INTERVENE_PLOTLYJS") == "none":
+            include_plotlyjs = False
     return fig.to_html(full_html=False, include_plotlyjs=include_plotlyjs,
                        config={"displaylogo": False})

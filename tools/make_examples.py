@@ -1,0 +1,194 @@
+"""Writes the example notebooks (unexecuted); `python tools/make_examples.py --execute`
+also runs them in place, without widget state and without plotly.js in the static outputs,
+as they are committed (about 50 kB each; `make demo` re-executes them with plotly.js inlined).
+
+Each notebook reproduces an experiment of the seeds on the embedded demo model.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import nbformat as nbf
+
+md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CHECK = {"tags": ["nbval-check-output"]}
+
+SETUP = ('%load_ext ipy_intervene\nimport torch\nimport ipy_intervene as ii\n\n'
+         'model = ii.load_model("demo")\n')
+IOI = ('clean = "When Mary and John went to the store , John gave a drink to"\n'
+       'corrupt = "When Mary and John went to the store , Mary gave a drink to"\n'
+       'mary, john = model.token_id("Mary"), model.token_id("John")')
+FACT = 'fact = "The Thuzor Quenosk Fountain is in the city of"\nsubject = "Thuzor Quenosk Fountain"'
+
+
+def ioi() -> list:
+    return [
+        md("# IOI: activation patching in one line\n\n"
+           "The indirect-object-identification experiment of the seeds (Wang et al.; the IOI "
+           "notebook of TransformerLens) on the embedded demo model: which activations carry "
+           "the answer from the clean prompt into the corrupted one?"),
+        code(SETUP + IOI),
+        md("## Clean and corrupted runs\n\nThe logit difference `logit(Mary) - logit(John)` "
+           "at the last position: positive when the model answers Mary."),
+        code('%%trace model\nwith tracer.invoke(clean):\n'
+             '    clean_logits = model.lm_head.output[0, -1]\n'
+             'with tracer.invoke(corrupt):\n    corrupt_logits = model.lm_head.output[0, -1]'),
+        code('clean_diff = float(clean_logits[mary] - clean_logits[john])\n'
+             'corrupt_diff = float(corrupt_logits[mary] - corrupt_logits[john])\n'
+             'print(f"clean {clean_diff:+.2f}, corrupted {corrupt_diff:+.2f}")', metadata=CHECK),
+        md("## Patch the residual stream at every (layer, position)\n\n"
+           "Each cell of the heatmap is the corrupted run with one clean activation patched "
+           "in, normalised so the clean run is 1 and the corrupted run 0. Move the sliders or "
+           "click a cell: the panel shows the next tokens under that patch."),
+        code('%patch_sweep model --clean clean --corrupted corrupt '
+             '--metric logit_diff("Mary", "John")'),
+        code('print([(c["layer"], c["token"], round(c["value"], 2)) for c in _sweep.top(3)])',
+             metadata=CHECK),
+        md("The name's identity sits at S2 (`John`, position 10) up to layer 1 and at the last "
+           "position from layer 2: attention in layer 1 moves it. The attention and MLP "
+           "outputs, and single heads, say which components do the moving:"),
+        code('%patch_sweep model --clean clean --corrupted corrupt '
+             '--metric logit_diff("Mary", "John") --site attn_out --out attn'),
+        code('%patch_sweep model --clean clean --corrupted corrupt '
+             '--metric logit_diff("Mary", "John") --site mlp_out --out mlp'),
+        code('%patch_sweep model --clean clean --corrupted corrupt '
+             '--metric logit_diff("Mary", "John") --site head_out --out heads'),
+        code('print("attention:", attn.top(1)[0], "\\nheads:", heads.top(2))'),
+        md("## The same sweep, written by hand\n\n"
+           "A `%%trace` cell records the clean residual stream; a second one runs 60 copies of "
+           "the corrupted prompt in one forward, each with one (layer, position) patched. The "
+           "two agree:"),
+        code('%%trace model clean\nclean_in = [model.transformer.h[l].input for l in range(4)]'),
+        code('%%trace model [corrupt] * 60\n'
+             'for layer in range(4):\n'
+             '    rows = torch.arange(15) + 15 * layer   # one row per position of this layer\n'
+             '    model.transformer.h[layer].input[rows, torch.arange(15)] = clean_in[layer][0]\n'
+             'logits = model.lm_head.output[:, -1]'),
+        code('by_hand = (logits[:, mary] - logits[:, john]).view(4, 15)\n'
+             'sweep = ii.patch_sweep(model, clean, corrupt, ii.logit_diff("Mary", "John"))\n'
+             'print("max difference:", float((by_hand - sweep.raw).abs().max()) < 1e-4)',
+             metadata=CHECK),
+    ]
+
+
+def attribution() -> list:
+    return [
+        md("# Attribution patching: the whole grid from two forwards and one backward\n\n"
+           "The notes of the seeds (Neel Nanda's attribution patching): the effect of patching "
+           "an activation is estimated by `(clean - corrupted) . gradient`. It is fast; it is "
+           "an approximation. Screen with it, then verify the top sites exactly."),
+        code(SETUP + IOI),
+        code('%patch_sweep model --clean clean --corrupted corrupt '
+             '--metric logit_diff("Mary", "John") --method attribution --out approx'),
+        code('%patch_sweep model --clean clean --corrupted corrupt '
+             '--metric logit_diff("Mary", "John") --quiet --out exact\n'
+             'print(f"attribution {approx.seconds * 1e3:.0f} ms, exact {exact.seconds * 1e3:.0f} ms")'),
+        md("## How good is the approximation?\n\nEach point is one (layer, position)."),
+        code('import plotly.graph_objects as go\nfrom ipy_intervene.widgets import offline\n\n'
+             'labels = [f"L{l} {t}" for l in exact.layers for t in exact.tokens]\n'
+             'fig = go.Figure(go.Scatter(x=exact.values.flatten().tolist(), '
+             'y=approx.values.flatten().tolist(),\n'
+             '                           mode="markers", text=labels))\n'
+             'fig.add_shape(type="line", x0=-0.2, y0=-0.2, x1=1.1, y1=1.1, line_dash="dot")\n'
+             'fig.update_layout(xaxis_title="activation patching (exact)", '
+             'yaxis_title="attribution patching",\n'
+             '                  width=520, height=420)\noffline(fig)'),
+        code('r = torch.corrcoef(torch.stack([exact.values.flatten(), approx.values.flatten()]))'
+             '[0, 1]\nprint(f"correlation {r:.2f}")'),
+        md("## Screen, then verify\n\nTake the five sites attribution ranks highest and patch "
+           "exactly those:"),
+        code('top = approx.top(5)\n'
+             'for cell in top:\n'
+             '    check = ii.patch_sweep(model, clean, corrupt, ii.logit_diff("Mary", "John"),\n'
+             '                           layers=[cell["layer"]], positions=[cell["pos"]])\n'
+             '    print(f"L{cell[\'layer\']} {cell[\'token\']:>10}: attribution '
+             '{cell[\'value\']:+.2f}, exact {float(check.values):+.2f}")'),
+    ]
+
+
+def causal_tracing() -> list:
+    return [
+        md("# Causal tracing of a made-up fact\n\n"
+           "ROME's procedure (Meng et al.; the causal-tracing notes of the seeds): noise the "
+           "subject's token embeddings (3x their std, 10 noised copies, fixed seed), then "
+           "restore the clean state of one (layer, position) at a time and see how much of "
+           "the answer comes back. The demo model learned 60 made-up facts."),
+        code(SETUP + FACT),
+        code('%%trace model fact\nanswer = model.tokenizer.decode(model.lm_head.output[0, -1].argmax())'),
+        code('print(answer)', metadata=CHECK),
+        md("## The residual stream"),
+        code('%patch_sweep model --clean fact --method noise --subject subject --site resid_post '
+             '--out resid'),
+        code('print(f"clean p = {resid.clean:.3f}, noised p = {resid.corrupted:.3f}")'),
+        md("## MLP and attention outputs, restored over a window of 2 layers"),
+        code('%patch_sweep model --clean fact --method noise --subject subject --site mlp_out '
+             '--window 2 --out mlp'),
+        code('%patch_sweep model --clean fact --method noise --subject subject --site attn_out '
+             '--window 2 --out attn'),
+        md("In this small model the recall reads all the subject's tokens from the last "
+           "position, so restoring a single subject token brings back little, while the last "
+           "position restores the answer from the first layer on."),
+    ]
+
+
+def generation_steering() -> list:
+    return [
+        md("# Steering generation at chosen steps\n\n"
+           "`--generate N` runs `generate`; inside the cell, `tracer.steps()` walks the steps, "
+           "and a site in the loop body is that step's. Here a steering vector (corrupted minus "
+           "clean residual at the last position, layer 2) is added at the first step only."),
+        code(SETUP + IOI),
+        code('%%trace model\nwith tracer.invoke(clean):\n'
+             '    h_clean = model.transformer.h[2].output[0, -1]\n'
+             'with tracer.invoke(corrupt):\n    h_corrupt = model.transformer.h[2].output[0, -1]'),
+        code('steer = h_corrupt - h_clean'),
+        code('%%trace model clean --generate 4\nfor step in tracer.steps():\n    pass\n'
+             'plain = tracer.output'),
+        code('%%trace model clean --generate 4\nfor step in tracer.steps():\n'
+             '    if step == 0:\n        model.transformer.h[2].output[:, -1] += steer\n'
+             'steered = tracer.output'),
+        code('print("plain:  ", model.tokenizer.decode(plain[0, -4:]))\n'
+             'print("steered:", model.tokenizer.decode(steered[0, -4:]))', metadata=CHECK),
+    ]
+
+
+def logit_lens() -> list:
+    return [
+        md("# Logit lens\n\nThe residual stream after each layer, decoded through the final "
+           "norm and the unembedding: when does the model know the answer? Move the sliders, "
+           "or click a cell, to see the top tokens there."),
+        code(SETUP + IOI),
+        code('lens = ii.lens(model, clean)\nlens'),
+        code('print([lens.top(layer, -1, 1)[0][0] for layer in range(4)])', metadata=CHECK),
+        md("## From a `%%trace` cell\n\nAny residual streams a cell published work too:"),
+        code('%%trace model corrupt\nacts = [model.transformer.h[l].output for l in range(4)]'),
+        code('ii.lens(model, acts, tokens=model.to_str_tokens(corrupt))'),
+    ]
+
+
+NOTEBOOKS = {"ioi_activation_patching": ioi, "attribution_patching": attribution,
+             "causal_tracing": causal_tracing, "generation_steering": generation_steering,
+             "logit_lens": logit_lens}
+
+
+def main() -> None:
+    os.environ["IPY_INTERVENE_PLOTLYJS"] = "none"  # inherited by the kernels
+    for name, cells in NOTEBOOKS.items():
+        nb = nbf.v4.new_notebook(cells=cells())
+        nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python",
+                                     "name": "python3"}
+        path = EXAMPLES / f"{name}.ipynb"
+        nbf.write(nb, path)
+        if "--execute" in sys.argv:
+            from ipy_intervene.report import execute
+
+            nbf.write(execute(path), path)
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
