@@ -214,8 +214,24 @@ class Model(Envoy):
     def prepare(self, inputs: list[Any], *, line: int | None = None) -> "Batch":
         """Tokenize and left-pad the inputs of all invokes into one batch."""
         encoded = [self._encode(x, line) for x in inputs]
-        return Batch.concat(encoded, pad_id=self._pad_id(), device=self.device,
-                            with_positions="position_ids" in self._forward_params)
+        batch = Batch.concat(encoded, pad_id=self._pad_id(), device=self.device,
+                             with_positions="position_ids" in self._forward_params)
+        limit = self.max_length
+        if limit is not None and batch.length > limit:
+            raise InputError(f"the prompt is {batch.length} tokens long; this model has "
+                             f"{limit} positions. Shorten the prompt (or its batch's longest "
+                             "prompt)", line=line)
+        return batch
+
+    @property
+    def max_length(self) -> int | None:
+        """The number of positions the model has, when its config says (else None)."""
+        config = self.config
+        for name in ("n_positions", "max_position_embeddings"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
     def _pad_id(self) -> int:
         tok = self.tokenizer

@@ -79,6 +79,10 @@ def as_tensor_like(new: Any, old: torch.Tensor, expected: torch.Size, where: str
     if not broadcasts_to(new.shape, expected):
         raise ValueMismatchError(f"`{where}` has shape {list(expected)}; the value assigned has "
                                  f"shape {list(new.shape)}, which does not broadcast to it")
+    if new.is_complex() and not old.is_complex():
+        raise ValueMismatchError(f"`{where}` is {str(old.dtype).removeprefix('torch.')}; the "
+                                 f"value assigned is {str(new.dtype).removeprefix('torch.')} "
+                                 "(complex), and casting would drop its imaginary part")
     return new.to(device=old.device, dtype=old.dtype)
 
 
