@@ -40,6 +40,11 @@ class SiteError(InterventionError):
     """A module site does not exist, cannot be reached, or was used out of order."""
 
 
+class MissingAttributeError(SiteError, AttributeError):
+    """A module has no such child or attribute (an AttributeError too, so ``hasattr`` and
+    ``getattr(x, name, default)`` keep working)."""
+
+
 class ValueMismatchError(InterventionError):
     """A value written into a site has the wrong shape or structure."""
 

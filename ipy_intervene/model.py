@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ipy_intervene.errors import InputError, InterventionError, SiteError
+from ipy_intervene.errors import InputError, InterventionError, MissingAttributeError, SiteError
 
 DEMO_DIR = Path(__file__).parent / "demo" / "weights"
 
@@ -69,7 +69,7 @@ class Envoy:
         try:
             return getattr(module, name)
         except AttributeError:
-            raise SiteError(self._missing(name)) from None
+            raise MissingAttributeError(self._missing(name)) from None
 
     def _missing(self, name: str) -> str:
         children = list(self._module._modules)

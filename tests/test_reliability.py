@@ -126,3 +126,10 @@ def test_many_cells_and_sweeps_do_not_leak(intact, shell):
             shell.run_cell(sweep)
     assert live_tensors() - start <= 10
     assert hook_count(intact.module) == 0
+
+
+def test_hasattr_and_getattr_defaults_work_on_envoys(demo):
+    assert not hasattr(demo.transformer, "nonexistent")
+    assert getattr(demo.transformer.h[0], "nope", 3) == 3
+    with pytest.raises(ii.InterventionError, match="Did you mean `h`"):
+        demo.transformer.hh
