@@ -34,6 +34,7 @@ test: $(STAMP) $(CHROMIUM)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/trace_overhead.py
 	$(BIN)/python benchmarks/sweep.py
+	$(BIN)/python benchmarks/soak.py
 
 clean:
 	rm -rf $(VENV) build
