@@ -368,9 +368,17 @@ def load_model(name_or_path: str | Path = "demo", *, device_map: Any = None,
     path = DEMO_DIR if str(name_or_path) == "demo" else name_or_path
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    module = AutoModelForCausalLM.from_pretrained(
-        path, device_map=device_map, dtype=dtype, use_safetensors=True,
-        trust_remote_code=trust_remote_code, **kwargs)
+    try:
+        module = AutoModelForCausalLM.from_pretrained(
+            path, device_map=device_map, dtype=dtype, use_safetensors=True,
+            trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as exc:
+        if "safetensors" not in str(exc):
+            raise
+        raise InputError(f"{name_or_path}: no safetensors weights. ipy_intervene loads "
+                         "safetensors only (pickled .bin/.pt files can run code when loaded); "
+                         "convert them once where you trust them: "
+                         "model.save_pretrained(folder) writes model.safetensors") from exc
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return Model(module.eval(), tokenizer)
 
