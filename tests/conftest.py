@@ -61,6 +61,7 @@ def checksum(module: torch.nn.Module) -> float:
 
 def hook_count(module: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               + len(m._backward_pre_hooks)
                + len(getattr(m, "_forward_hooks_with_kwargs", {}))
                + ("forward" in m.__dict__)
                for m in module.modules())

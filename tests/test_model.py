@@ -27,16 +27,6 @@ def test_hub_code_path_roundtrips_through_a_folder(tmp_path, demo):
     assert (tmp_path / "model.safetensors").exists()
 
 
-def test_load_model_refuses_pickled_weights(tmp_path, demo):
-    module = tiny_model("gpt2", len(demo.tokenizer))
-    module.save_pretrained(tmp_path)
-    demo.tokenizer.save_pretrained(tmp_path)
-    (tmp_path / "model.safetensors").unlink()
-    torch.save(module.state_dict(), tmp_path / "pytorch_model.bin")
-    with pytest.raises(OSError, match="safetensors|model.safetensors"):
-        ii.load_model(tmp_path)
-
-
 def test_envoy_tree_prints_like_torch_and_suggests(demo):
     assert repr(demo.transformer.h[0]) == repr(demo.module.transformer.h[0])
     with pytest.raises(SiteError, match="Did you mean `h`"):
