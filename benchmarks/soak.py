@@ -43,7 +43,7 @@ def rss_mib() -> float:
 
 def live_tensors() -> int:
     gc.collect()
-    return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
+    return sum(1 for obj in gc.get_objects() if issubclass(type(obj), torch.Tensor))
 
 
 def main() -> None:
