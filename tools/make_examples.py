@@ -65,8 +65,8 @@ def ioi() -> list:
         code('%%trace model clean\nclean_in = [model.transformer.h[l].input for l in range(4)]'),
         code('%%trace model [corrupt] * 60\n'
              'for layer in range(4):\n'
-             '    rows = torch.arange(15) + 15 * layer   # one row per position of this layer\n'
-             '    model.transformer.h[layer].input[rows, torch.arange(15)] = clean_in[layer][0]\n'
+             '    for pos in range(15):                  # row 15 * layer + pos patches (layer, pos)\n'
+             '        model.transformer.h[layer].input[15 * layer + pos, pos] = clean_in[layer][0, pos]\n'
              'logits = model.lm_head.output[:, -1]'),
         code('by_hand = (logits[:, mary] - logits[:, john]).view(4, 15)\n'
              'sweep = ii.patch_sweep(model, clean, corrupt, ii.logit_diff("Mary", "John"))\n'
