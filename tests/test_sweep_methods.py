@@ -70,3 +70,16 @@ def test_attribution_approximates_activation_patching_on_the_demo(demo):
     exact = ii.patch_sweep(*args, site="resid_pre").values.flatten()
     approx = ii.patch_sweep(*args, site="resid_pre", method="attribution").values.flatten()
     assert torch.corrcoef(torch.stack([exact, approx]))[0, 1] > 0.5
+
+
+def test_attribution_noising_equals_closed_form(arch_model):
+    arch, model = arch_model
+    good, bad = model.token_id("Mary"), model.token_id("John")
+    result = ii.patch_sweep(model, PROMPT, CORRUPT, ii.logit_diff("Mary", "John"),
+                            site="mlp_out", method="attribution", direction="noising")
+    a, b = model.prepare([PROMPT]).kwargs, model.prepare([CORRUPT]).kwargs
+    expected = hand_attribution(model.module, arch, "mlp_out", a, b, logit_diff(good, bad), 3, 4)
+    torch.testing.assert_close(result.per_prompt.reshape(expected.shape), expected,
+                               atol=1e-5, rtol=1e-5)
+    clean = float(logit_diff(good, bad)(model.module(**a).logits.detach()).mean())
+    assert result.clean == pytest.approx(clean, abs=1e-5)

@@ -115,3 +115,25 @@ def test_a_small_memory_budget_splits_the_grid_into_chunks(arch_model, monkeypat
     monkeypatch.setattr(memory, "budget", lambda device, fraction: 40_000)
     check(model, arch, "resid_pre", PADDED_CLEAN, PADDED_CORRUPT)
     assert max(sizes) < 3 and len(sizes) > 15  # 15 prefixes, several chunks for some
+
+
+def llama_family(kind: str, vocab: int):
+    """Tiny Mistral (sliding window 4, shorter than the prompt) and Qwen2 models."""
+    import transformers
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                 bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    if kind == "mistral":
+        config = transformers.MistralConfig(sliding_window=4, **shape)
+        return transformers.MistralForCausalLM(config).eval()
+    config = transformers.Qwen2Config(**shape)
+    return transformers.Qwen2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+@pytest.mark.parametrize("site", ["resid_pre", "attn_out", "head_out_pos"])
+def test_llama_family_members_equal_naive_loop(demo, kind, site):
+    model = ii.wrap(llama_family(kind, len(demo.tokenizer)), demo.tokenizer)
+    check(model, "llama", site, PADDED_CLEAN, PADDED_CORRUPT)
