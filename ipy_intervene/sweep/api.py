@@ -17,7 +17,7 @@ from ipy_intervene.sites import Adapter, SiteKind, adapter_for, get_path, site_k
 from ipy_intervene.sweep import attribution, memory
 from ipy_intervene.sweep.inputs import (index_list, prepare_pair, subject_mask, subject_noise,
                                         token_labels)
-from ipy_intervene.sweep.record import Recording, record
+from ipy_intervene.sweep.record import record
 from ipy_intervene.sweep.result import SweepResult
 from ipy_intervene.sweep.staircase import Cell, Engine
 
@@ -159,13 +159,12 @@ class Run:
 
     base_kwargs: dict[str, Any]
     source_kwargs: dict[str, Any]
-    clean_kwargs: dict[str, Any]
     metric: Metric
     positions: list[int]
     n_prompts: int
     labels: list[str]
+    base_is_clean: bool = False              # noising: corrupted values into the clean run
     noise: torch.Tensor | None = None
-    corrupted_kwargs: dict[str, Any] | None = None
     baselines: tuple[float, float] = (math.nan, math.nan)   # (clean, corrupted)
 
     @property
@@ -174,6 +173,10 @@ class Run:
 
     def bound(self, model: Model) -> Any:
         return self.metric.bind(model, self.n_prompts)
+
+    def set_baselines(self, base: float, source: float) -> None:
+        """Record the metric of the base and source runs as (clean, corrupted)."""
+        self.baselines = (base, source) if self.base_is_clean else (source, base)
 
 
 def _prepare(model: Model, clean: Any, corrupted: Any, metric: Any, method: str,
@@ -188,9 +191,8 @@ def _prepare(model: Model, clean: Any, corrupted: Any, metric: Any, method: str,
     a, b = prepare_pair(model, clean, corrupted)
     metric = as_metric(metric)
     base, source = (b, a) if direction == "denoising" else (a, b)
-    return Run(base.kwargs, source.kwargs, a.kwargs, metric,
-               _metric_positions(metric, a.length), a.size, token_labels(model, a),
-               corrupted_kwargs=b.kwargs)
+    return Run(base.kwargs, source.kwargs, metric, _metric_positions(metric, a.length), a.size,
+               token_labels(model, a), base_is_clean=direction == "noising")
 
 
 def _prepare_noise(model: Model, clean: Any, metric: Any, subject: Any, samples: int,
@@ -209,9 +211,8 @@ def _prepare_noise(model: Model, clean: Any, metric: Any, subject: Any, samples:
     metric = as_metric(metric)
     base = {k: v.repeat(samples, *([1] * (v.dim() - 1))) for k, v in batch.kwargs.items()}
     noise_rows = subject_noise(mask, embeddings.shape[-1], samples, std, seed)
-    return Run(base, batch.kwargs, batch.kwargs, metric,
-               _metric_positions(metric, batch.length), batch.size, token_labels(model, batch),
-               noise=noise_rows.to(embeddings.device, embeddings.dtype))
+    return Run(base, batch.kwargs, metric, _metric_positions(metric, batch.length), batch.size,
+               token_labels(model, batch), noise=noise_rows.to(embeddings.device, embeddings.dtype))
 
 
 def _metric_positions(metric: Metric, length: int) -> list[int]:
@@ -232,16 +233,9 @@ def _engine(model: Model, adapter: Adapter, grid: Grid, run: Run, batch_size: in
                         run.positions, memory.budget(model.device, memory_fraction),
                         run.n_prompts, cells_per_chunk=batch_size)
         if math.isnan(run.baselines[0]):
-            run.baselines = _baselines(run, engine, source)
+            run.set_baselines(float(engine.metric(base.logits).mean()),
+                              float(engine.metric(source.logits).mean()))
         return engine
-
-
-def _baselines(run: Run, engine: Engine, source: Recording) -> tuple[float, float]:
-    """(clean, corrupted) metric means; the noised run is the corrupted one for tracing."""
-    base = float(engine.metric(engine.base.logits).mean())
-    other = float(engine.metric(source.logits).mean())
-    denoising = run.noise is not None or run.base_kwargs is run.corrupted_kwargs
-    return (other, base) if denoising else (base, other)
 
 
 def _result(model: Model, grid: Grid, run: Run, rows: torch.Tensor, site: str, method: str,

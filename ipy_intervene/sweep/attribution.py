@@ -28,9 +28,7 @@ def sweep(model: Any, adapter: Adapter, grid: Any, run: Any) -> torch.Tensor:
         scores = metric(base.logits)
         grads = torch.autograd.grad(scores.sum(), [base.sites[l] for l in layers])
     scores = scores.detach()
-    clean, corrupted = float(metric(source.logits).mean()), float(scores.mean())
-    run.baselines = (clean, corrupted) if run.base_kwargs is run.corrupted_kwargs else (
-        corrupted, clean)
+    run.set_baselines(float(scores.mean()), float(metric(source.logits).mean()))
     effects = {l: _effect(source.sites[l], base.sites[l].detach(), g, grid, adapter.n_heads)
                for l, g in zip(layers, grads)}
     rows = [effects[layer] for layer in grid.layers]
