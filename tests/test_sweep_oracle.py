@@ -137,3 +137,20 @@ def llama_family(kind: str, vocab: int):
 def test_llama_family_members_equal_naive_loop(demo, kind, site):
     model = ii.wrap(llama_family(kind, len(demo.tokenizer)), demo.tokenizer)
     check(model, "llama", site, PADDED_CLEAN, PADDED_CORRUPT)
+
+
+def test_per_prompt_answers(arch_model):
+    arch, model = arch_model
+    metric = ii.logit_diff(["Mary", "John"], ["John", "Mary"])
+    result = ii.patch_sweep(model, PADDED_CLEAN, PADDED_CORRUPT, metric, site="mlp_out")
+    good = torch.tensor([model.token_id("Mary"), model.token_id("John")])
+    bad = torch.tensor([model.token_id("John"), model.token_id("Mary")])
+
+    def per_prompt(logits):
+        last = logits[:, -1]
+        return last.gather(-1, good[:, None])[:, 0] - last.gather(-1, bad[:, None])[:, 0]
+
+    a, b = model.prepare([PADDED_CLEAN]).kwargs, model.prepare([PADDED_CORRUPT]).kwargs
+    expected = naive_activation(model.module, arch, "mlp_out", b, a, per_prompt, 3, 4)
+    torch.testing.assert_close(result.per_prompt.reshape(expected.shape), expected,
+                               atol=1e-5, rtol=0)
