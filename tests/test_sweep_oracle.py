@@ -154,3 +154,15 @@ def test_per_prompt_answers(arch_model):
     expected = naive_activation(model.module, arch, "mlp_out", b, a, per_prompt, 3, 4)
     torch.testing.assert_close(result.per_prompt.reshape(expected.shape), expected,
                                atol=1e-5, rtol=0)
+
+
+def test_cells_in_any_order_come_back_in_that_order(demo):
+    """The engine runs a chunk sorted by join layer, and returns it in the order asked."""
+    result = ii.patch_sweep(demo, PROMPT, CORRUPT, ii.logit_diff("Mary", "John"))
+    engine = result.patcher.engine()
+    from ipy_intervene.sweep.staircase import Cell
+
+    cells = [Cell((3,), 10), Cell((0,), 10), Cell((2,), 10), Cell((1,), 10)]
+    got = engine._run_chunk(10, cells)[:, 0]
+    expected = result.raw[[3, 0, 2, 1], 10]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

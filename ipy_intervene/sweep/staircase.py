@@ -143,8 +143,18 @@ class Engine:
         return self.metric(self._patched_logits(prefix, cells)).view(len(cells), self.rows)
 
     def _patched_logits(self, prefix: int, cells: list[Cell]) -> torch.Tensor:
+        """Logits of each cell's block of rows, in the order of ``cells``."""
         if max(self.positions) < prefix:
             return self.base.logits.repeat(len(cells), 1, 1)
+        order = sorted(range(len(cells)), key=lambda i: self.joins_at(cells[i]))
+        logits = self._staircase(prefix, [cells[i] for i in order])
+        if order == sorted(order):
+            return logits
+        blocks = logits.view(len(cells), self.rows, *logits.shape[1:])
+        return blocks[torch.tensor(order).argsort()].flatten(0, 1)
+
+    def _staircase(self, prefix: int, cells: list[Cell]) -> torch.Tensor:
+        """Run cells sorted by the point where they join: each block of rows joins there."""
         caller, n_layers = self._caller(prefix), self.adapter.n_layers
         joins = [self.joins_at(cell) for cell in cells]
         hidden: torch.Tensor | None = None
@@ -153,7 +163,7 @@ class Engine:
             if joining:
                 fresh = self.base.stream[point][:, prefix:].repeat(joining, 1, 1)
                 hidden = fresh if hidden is None else torch.cat([hidden, fresh.to(hidden.device)])
-            edit = self._edit(cells, joins, prefix, point)
+            edit = self._edit(cells, prefix, point)
             if hidden is None:
                 continue
             if edit is not None and self.kind.where in ("block_in", "block_out"):
@@ -167,13 +177,11 @@ class Engine:
                 hidden = caller(point, hidden)
         return self._logits(hidden, prefix, len(cells))
 
-    def _edit(self, cells: list[Cell], joins: list[int], prefix: int, point: int) -> Edit | None:
+    def _edit(self, cells: list[Cell], prefix: int, point: int) -> Edit | None:
         """The writes of all cells at one stream point (or inside one block)."""
-        order = sorted(range(len(cells)), key=lambda i: joins[i])
         rows, pos, heads, values = [], [], [], []
         prompts = torch.arange(self.rows) % self.n_prompts
-        for slot, i in enumerate(order):
-            cell = cells[i]
+        for slot, cell in enumerate(cells):  # sorted by join point: slot = block of rows
             for layer in cell.layers:
                 if self._point(layer) != point:
                     continue
