@@ -102,9 +102,10 @@ def main() -> None:
     naive_metric = metric.bind(model, args.prompts)
     L, P = args.layers, args.tokens
 
-    with torch.no_grad():
-        plain_full, _ = timed(lambda: model.module(clean), device, 5)
-        plain_last, _ = timed(lambda: model.module(clean, logits_to_keep=1), device, 5)
+    with torch.no_grad():  # warm up, then medians of 10
+        model.module(clean)
+        plain_full, _ = timed(lambda: model.module(clean), device, 10)
+        plain_last, _ = timed(lambda: model.module(clean, logits_to_keep=1), device, 10)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
