@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -365,13 +366,15 @@ def load_model(name_or_path: str | Path = "demo", *, device_map: Any = None,
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = DEMO_DIR if str(name_or_path) == "demo" else name_or_path
+    demo = str(name_or_path) == "demo"
+    path = DEMO_DIR if demo else name_or_path
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     try:
-        module = AutoModelForCausalLM.from_pretrained(
-            path, device_map=device_map, dtype=dtype, use_safetensors=True,
-            trust_remote_code=trust_remote_code, **kwargs)
+        with _quiet_progress(demo):  # the 3 MB demo loads in an instant: no bar
+            module = AutoModelForCausalLM.from_pretrained(
+                path, device_map=device_map, dtype=dtype, use_safetensors=True,
+                trust_remote_code=trust_remote_code, **kwargs)
     except OSError as exc:
         if "safetensors" not in str(exc):
             raise
@@ -381,6 +384,20 @@ def load_model(name_or_path: str | Path = "demo", *, device_map: Any = None,
                          "model.save_pretrained(folder) writes model.safetensors") from exc
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return Model(module.eval(), tokenizer)
+
+
+@contextmanager
+def _quiet_progress(quiet: bool) -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if quiet and was_on:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was_on:
+            hf_logging.enable_progress_bar()
 
 
 def wrap(module: nn.Module, tokenizer: Any = None) -> Model:

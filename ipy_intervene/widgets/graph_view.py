@@ -8,7 +8,12 @@
 from __future__ import annotations
 
 import html
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
 from functools import lru_cache
+from typing import Iterator
 
 from ipy_intervene.graph import InterventionGraph
 
@@ -21,11 +26,32 @@ def render_svg(dot: str) -> str | None:
     except ImportError:
         return None
     try:
-        svg = pygraphviz.AGraph(string=dot).draw(format="svg", prog="dot")
+        with _fontconfig_quiet():
+            svg = pygraphviz.AGraph(string=dot).draw(format="svg", prog="dot")
     except Exception:  # Graphviz missing or failing: the DOT fallback still shows the graph
         return None
     text = svg.decode("utf-8") if isinstance(svg, bytes) else svg
     return text[text.index("<svg"):] if "<svg" in text else text
+
+
+@contextmanager
+def _fontconfig_quiet() -> Iterator[None]:
+    """Graphviz's bundled fontconfig complains about newer system configs straight on fd 2
+    (the notebook shows it as stderr); drop those lines, pass anything else on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode("utf-8", "replace")
+    rest = [line for line in text.splitlines() if not line.startswith("Fontconfig warning")]
+    if rest:
+        print("\n".join(rest), file=sys.stderr)
 
 
 class GraphView:
