@@ -14,7 +14,7 @@ from __future__ import annotations
 import operator
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import greenlet
@@ -710,7 +710,7 @@ def run_cell(model: Model, cell: CompiledCell, ns: dict, *, line_input: Any = _N
     grads = _param_grads(model.module) if grad else None
     with _active(bridge), torch.set_grad_enabled(grad):
         try:
-            output = _run(bridge, cell, ns, line_input)
+            _run(bridge, cell, ns, line_input)
         finally:
             bridge.cleanup()
             if grads is not None:
@@ -719,7 +719,7 @@ def run_cell(model: Model, cell: CompiledCell, ns: dict, *, line_input: Any = _N
                    time.perf_counter() - start, bridge.stop_line)
 
 
-def _run(bridge: Bridge, cell: CompiledCell, ns: dict, line_input: Any) -> Any:
+def _run(bridge: Bridge, cell: CompiledCell, ns: dict, line_input: Any) -> None:
     __tracebackhide__ = True
     if cell.before is not None:
         exec(cell.before, ns)
@@ -738,7 +738,6 @@ def _run(bridge: Bridge, cell: CompiledCell, ns: dict, line_input: Any) -> Any:
     bridge.finish(output)
     if cell.after is not None:
         exec(cell.after, ns)
-    return output
 
 
 def _param_grads(module: nn.Module) -> list[tuple[torch.Tensor, bool]]:

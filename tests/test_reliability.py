@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ipy_intervene as ii
-from ipy_intervene.errors import InputError, InterventionError, ValueMismatchError
+from ipy_intervene.errors import InputError, InterventionError
 from conftest import CORRUPT, PROMPT, checksum, hook_count
 
 GOOD = "logits = model.lm_head.output"
