@@ -140,8 +140,15 @@ def _attach_line(exc: BaseException, cell: CompiledCell) -> None:
     line = cell_line(exc, cell.filename)
     if isinstance(exc, InterventionError):
         exc.at_line(line)
-        exc.graph = cell.fresh_graph()
-        exc.graph.failed_line = exc.line
-    elif isinstance(exc, Exception) and line is not None:
+        line = exc.line
+    if isinstance(exc, Exception):  # the graph with the failing line marked (`--graph`)
+        graph = cell.fresh_graph()
+        graph.failed_line = line
+        try:
+            exc.graph = graph
+        except AttributeError:  # exceptions with __slots__
+            pass
+    if not isinstance(exc, InterventionError) and isinstance(exc, Exception) \
+            and line is not None:
         exc.add_note(f"ipy_intervene: the cell failed at line {line}; nothing was published, "
                      "no hook is left and the model is unchanged")

@@ -120,3 +120,19 @@ def test_help_is_the_manual(shell):
 
 def _plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def test_graph_of_a_failing_cell_marks_the_failing_line(shell):
+    shown = []
+    shell.display_pub.publish = lambda data, **kw: shown.append(data)
+    try:
+        with pytest.raises(SiteError):
+            shell.run_cell(f'%%trace model "{PROMPT}" --graph\n'
+                           "a = model.transformer.h[1].output\n"
+                           "b = model.transformer.h[9].output\n")
+    finally:
+        del shell.display_pub.publish
+    (bundle,) = shown
+    dot = bundle.get("image/svg+xml") or bundle["text/html"]
+    assert "#d93025" in dot  # the red pen of the failing statement
+    assert "a" not in shell.user_ns and "b" not in shell.user_ns

@@ -88,7 +88,15 @@ class TraceMagics(Magics):
             input_ = evaluate(shell, command.input, "INPUT", "%%trace")
         if args.generate is not None and args.generate < 1:
             raise UsageError("%%trace: --generate N needs N >= 1 new tokens")
-        result = self._run(model, command, cell, input_, args)
+        try:
+            result = self._run(model, command, cell, input_, args)
+        except Exception as exc:
+            graph = getattr(exc, "graph", None)
+            if args.graph and not args.quiet and graph is not None:
+                from ipy_intervene.widgets.graph_view import GraphView
+
+                display(GraphView(graph))  # the failing line's node is marked in red
+            raise
         self._show(result, args)
 
     def _run(self, model: Model, command: TraceCommand, cell: str, input_: Any,
