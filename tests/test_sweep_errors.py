@@ -125,3 +125,19 @@ def test_equal_baselines_warn_and_keep_raw(unchanged):
     with pytest.warns(UserWarning, match="cannot be normalised"):
         result = ii.patch_sweep(unchanged, PROMPT, PROMPT, METRIC, layers=[0])
     assert result.values.isnan().all() and not result.raw.isnan().any()
+
+
+def test_causal_tracing_uses_an_adapter_given_by_hand(demo):
+    module = tiny_model("gpt2", len(demo.tokenizer))
+    model = ii.wrap(module, demo.tokenizer)
+    args = dict(method="noise", subject="Mary", samples=2, site="mlp_out")
+    expected = ii.patch_sweep(model, PROMPT, **args)
+    by_hand = ii.Adapter("mine", blocks="transformer.h", final_norm="transformer.ln_f",
+                         unembed="lm_head", embed="transformer.wte", attn="attn", mlp="mlp",
+                         mid_norm="ln_2", head_proj="attn.c_proj", n_heads=4)
+    module.config.model_type = "mystery"
+    try:
+        result = ii.patch_sweep(model, PROMPT, adapter=by_hand, **args)
+    finally:
+        module.config.model_type = "gpt2"
+    torch.testing.assert_close(result.raw, expected.raw)

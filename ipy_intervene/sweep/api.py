@@ -97,8 +97,8 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
     kind = site_kind(site)
     adapter.module(model.module, site, 0)  # a clear error for sites the architecture lacks
     with torch.no_grad():
-        run = _prepare(model, clean, corrupted, metric, method, direction, subject, samples,
-                       noise, noise_std, seed)
+        run = _prepare(model, adapter, clean, corrupted, metric, method, direction, subject,
+                       samples, noise, noise_std, seed)
     grid = Grid(kind, index_list(layers, adapter.n_layers, "layer"),
                 index_list(positions, run.length, "position"),
                 index_list(heads, adapter.n_heads, "head"), _check_window(window, method),
@@ -179,11 +179,12 @@ class Run:
         self.baselines = (base, source) if self.base_is_clean else (source, base)
 
 
-def _prepare(model: Model, clean: Any, corrupted: Any, metric: Any, method: str,
-             direction: str, subject: Any, samples: int, noise: float,
+def _prepare(model: Model, adapter: Adapter, clean: Any, corrupted: Any, metric: Any,
+             method: str, direction: str, subject: Any, samples: int, noise: float,
              noise_std: float | None, seed: int) -> Run:
     if method == "noise":
-        return _prepare_noise(model, clean, metric, subject, samples, noise, noise_std, seed)
+        return _prepare_noise(model, adapter, clean, metric, subject, samples, noise, noise_std,
+                              seed)
     if corrupted is None:
         raise InputError(f"method={method!r} needs corrupted prompts (the run to patch into)")
     if metric is None:
@@ -195,13 +196,13 @@ def _prepare(model: Model, clean: Any, corrupted: Any, metric: Any, method: str,
                token_labels(model, a), base_is_clean=direction == "noising")
 
 
-def _prepare_noise(model: Model, clean: Any, metric: Any, subject: Any, samples: int,
-                   noise: float, noise_std: float | None, seed: int) -> Run:
+def _prepare_noise(model: Model, adapter: Adapter, clean: Any, metric: Any, subject: Any,
+                   samples: int, noise: float, noise_std: float | None, seed: int) -> Run:
     batch = model.prepare([clean])
     mask = subject_mask(model, batch, subject)
     if samples < 1:
         raise InputError(f"samples={samples}: causal tracing needs at least one noised copy")
-    embed = get_path(model.module, adapter_for(model).embed)
+    embed = get_path(model.module, adapter.embed)
     embeddings = embed(batch.kwargs["input_ids"])
     std = noise_std if noise_std is not None else noise * float(
         embeddings[mask.to(embeddings.device)].std())
