@@ -16,9 +16,10 @@ from typing import Any, Sequence
 import torch
 
 from ipy_intervene.errors import InputError
-from ipy_intervene.model import Model, wrap
+from ipy_intervene.model import Batch, Model, wrap
 from ipy_intervene.sites import adapter_for, get_path
 from ipy_intervene.sweep.hooks import site_hooks
+from ipy_intervene.sweep.inputs import first_prompt_tokens, numbered
 
 
 @dataclass
@@ -65,26 +66,23 @@ def lens(model: Any, source: Any, *, tokens: Sequence[str] | None = None,
             labels = list(tokens) if tokens is not None else [str(i) for i in
                                                                range(streams[0].shape[-2])]
         else:
-            streams, labels = _streams(model, adapter, source)
+            streams, batch = _streams(model, adapter, source)
+            labels = first_prompt_tokens(model, batch)
         probs = torch.stack([_decode(model, adapter, h, prompt) for h in streams])
     if len(labels) != probs.shape[1]:
         raise InputError(f"{len(labels)} token labels for {probs.shape[1]} positions")
     decode = model.tokenizer.decode if model.tokenizer is not None else str
-    labels = [f"{t.strip() or repr(t)} ({i})" for i, t in enumerate(labels)]
-    return LensResult(probs, labels, list(range(len(streams))), decode)
+    return LensResult(probs, numbered(labels), list(range(len(streams))), decode)
 
 
-def _streams(model: Model, adapter: Any, prompt: Any) -> tuple[list[torch.Tensor], list[str]]:
+def _streams(model: Model, adapter: Any, prompt: Any) -> tuple[list[torch.Tensor], Batch]:
     batch = model.prepare([prompt])
     streams: list[Any] = [None] * adapter.n_layers
     hooks = [(adapter.block(model.module, l), "block_out",
               lambda x, l=l: streams.__setitem__(l, x)) for l in range(adapter.n_layers)]
     with site_hooks(hooks):
         model.module(**batch.kwargs)
-    ids = batch.kwargs["input_ids"][0]
-    labels = (model.to_str_tokens(ids) if model.tokenizer is not None
-              else [str(int(i)) for i in ids])
-    return streams, labels
+    return streams, batch
 
 
 def _decode(model: Model, adapter: Any, hidden: torch.Tensor, prompt: int) -> torch.Tensor:

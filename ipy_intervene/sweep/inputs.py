@@ -46,8 +46,17 @@ def _tokens(model: Model, batch: Batch, row: int) -> list[str]:
 
 def token_labels(model: Model, batch: Batch) -> list[str]:
     """Labels of the positions: the first prompt's tokens, numbered so repeats stay distinct."""
+    return numbered(first_prompt_tokens(model, batch))
+
+
+def first_prompt_tokens(model: Model, batch: Batch) -> list[str]:
+    """The first prompt's tokens as strings (their ids without a tokenizer), padding included."""
     ids = batch.kwargs["input_ids"][0]
-    words = model.to_str_tokens(ids) if model.tokenizer is not None else [str(int(i)) for i in ids]
+    return model.to_str_tokens(ids) if model.tokenizer is not None else [str(int(i)) for i in ids]
+
+
+def numbered(words: Sequence[str]) -> list[str]:
+    """``["When", " Mary"]`` -> ``["When (0)", "Mary (1)"]``: plot labels that stay distinct."""
     return [f"{w.strip() or repr(w)} ({i})" for i, w in enumerate(words)]
 
 
