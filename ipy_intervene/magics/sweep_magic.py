@@ -11,7 +11,7 @@ from IPython.display import display
 
 from ipy_intervene import metrics
 from ipy_intervene.magics.command import SweepCommand
-from ipy_intervene.magics.trace_magic import as_model
+from ipy_intervene.magics.trace_magic import as_model, evaluate
 from ipy_intervene.sweep import SweepResult, patch_sweep
 
 MAGIC = "%patch_sweep"
@@ -83,12 +83,7 @@ class SweepMagics(Magics):
         return None
 
     def _eval(self, expr: str, role: str) -> Any:
-        namespace = {**METRIC_HELPERS, **self.shell.user_ns}
-        try:
-            return eval(expr, namespace)
-        except Exception as exc:
-            raise UsageError(f"{MAGIC}: {role} `{expr}` failed: {type(exc).__name__}: "
-                             f"{exc}") from None
+        return evaluate(self.shell, expr, role, MAGIC, METRIC_HELPERS)
 
     def _value(self, name: str, text: str) -> Any:
         if not text:
