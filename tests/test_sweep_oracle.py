@@ -166,3 +166,19 @@ def test_cells_in_any_order_come_back_in_that_order(demo):
     got = engine._run_chunk(10, cells)[:, 0]
     expected = result.raw[[3, 0, 2, 1], 10]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_a_metric_reading_an_early_position_ignores_later_patches(arch_model):
+    """Cells patched after the metric's position reuse the corrupted logits there."""
+    arch, model = arch_model
+
+    @ii.metric(positions=[5])
+    def top_at_5(logits):
+        return logits[:, 0].max(-1).values
+
+    result = ii.patch_sweep(model, PROMPT, CORRUPT, top_at_5, site="resid_pre")
+    a, b = model.prepare([PROMPT]).kwargs, model.prepare([CORRUPT]).kwargs
+    expected = naive_activation(model.module, arch, "resid_pre", b, a,
+                                lambda logits: logits[:, 5].max(-1).values, 3, 4)
+    torch.testing.assert_close(result.per_prompt.reshape(expected.shape), expected,
+                               atol=1e-5, rtol=0)

@@ -138,13 +138,11 @@ class Engine:
         return self._patched_logits(self.prefix(cell), [cell])
 
     def _run_chunk(self, prefix: int, cells: list[Cell]) -> torch.Tensor:
-        if max(self.positions) < prefix:  # the metric reads only positions before the patch
-            return self.metric(self.base.logits).expand(len(cells), -1)
         return self.metric(self._patched_logits(prefix, cells)).view(len(cells), self.rows)
 
     def _patched_logits(self, prefix: int, cells: list[Cell]) -> torch.Tensor:
         """Logits of each cell's block of rows, in the order of ``cells``."""
-        if max(self.positions) < prefix:
+        if max(self.positions) < prefix:  # the metric reads only positions before the patch
             return self.base.logits.repeat(len(cells), 1, 1)
         order = sorted(range(len(cells)), key=lambda i: self.joins_at(cells[i]))
         logits = self._staircase(prefix, [cells[i] for i in order])
