@@ -172,13 +172,13 @@ def test_a_metric_reading_an_early_position_ignores_later_patches(arch_model):
     """Cells patched after the metric's position reuse the corrupted logits there."""
     arch, model = arch_model
 
-    @ii.metric(positions=[5])
-    def top_at_5(logits):
+    @ii.metric(positions=[12])
+    def top_at_12(logits):
         return logits[:, 0].max(-1).values
 
-    result = ii.patch_sweep(model, PROMPT, CORRUPT, top_at_5, site="resid_pre")
+    result = ii.patch_sweep(model, PROMPT, CORRUPT, top_at_12, site="resid_pre")
     a, b = model.prepare([PROMPT]).kwargs, model.prepare([CORRUPT]).kwargs
     expected = naive_activation(model.module, arch, "resid_pre", b, a,
-                                lambda logits: logits[:, 5].max(-1).values, 3, 4)
+                                lambda logits: logits[:, 12].max(-1).values, 3, 4)
     torch.testing.assert_close(result.per_prompt.reshape(expected.shape), expected,
                                atol=1e-5, rtol=0)
