@@ -7,9 +7,12 @@ TraceCommand(model='model', input='"After John and Mary went"', options='--gener
 from __future__ import annotations
 
 import ast
+import difflib
 import io
+import textwrap
 import tokenize
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from IPython.core.error import UsageError
 
@@ -84,12 +87,117 @@ def _is_expr(text: str) -> bool:
     return True
 
 
+# -- options: one table parses the line and writes the manual -------------------------------
+
+WORD, EXPRESSION, NAME, FLAG = "word", "expression", "name", "flag"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One ``--option`` of a line magic: how its value is read, and its line in the manual.
+
+    Kinds: WORD (taken as written, quotes optional), EXPRESSION (Python, evaluated in the
+    notebook), NAME (a Python name, as written) and FLAG (no value).
+
+    >>> opt = Option("batch_size", EXPRESSION, "N", "grid cells per forward", "all")
+    >>> opt.flag, opt.usage
+    ('--batch-size', '--batch-size N')
+    >>> opt.help_line(width=60)
+    '  --batch-size N   grid cells per forward (default: all)'
+    """
+
+    name: str                # the Python name: batch_size for --batch-size
+    kind: str
+    metavar: str = ""
+    help: str = ""
+    default: str = ""        # described, for the manual
+    required: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def usage(self) -> str:
+        return self.flag if self.kind == FLAG else f"{self.flag} {self.metavar}"
+
+    def help_line(self, width: int = 90) -> str:
+        """The option's entry in the manual, wrapped under its help column."""
+        text = self.help + (f" (default: {self.default})" if self.default else "")
+        return textwrap.fill(text, width, initial_indent=f"  {self.usage:<16} ",
+                             subsequent_indent=" " * 19)
+
+    def check(self, text: str, magic: str) -> None:
+        """A UsageError if ``text`` cannot be this option's value (before anything runs)."""
+        if self.kind == FLAG:
+            if text:
+                raise UsageError(f"{magic}: {self.flag} takes no value")
+        elif not text:
+            raise UsageError(f"{magic}: {self.flag} needs a value: {self.usage}")
+        elif self.kind == NAME and not _word(text).isidentifier():
+            raise UsageError(f"{magic}: {self.flag} {text!r} is not a valid Python name")
+
+    def read(self, text: str, evaluate: Callable[[str, str], Any]) -> Any:
+        """The value: True for a flag, the text of a word or name, ``evaluate(text, flag)``
+        for an expression."""
+        if self.kind == FLAG:
+            return True
+        if self.kind == EXPRESSION:
+            return evaluate(text, self.flag)
+        return _word(text)
+
+
+def _word(text: str) -> str:
+    """``mlp_out`` or ``"mlp_out"``: the same word."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    return value if isinstance(value, str) else text
+
+
+_NOISE = "--method noise: "
+SWEEP_OPTIONS: dict[str, Option] = {o.name: o for o in (
+    Option("clean", EXPRESSION, "X", "the clean prompt(s): a string, a list of strings or token "
+           "ids", required=True),
+    Option("corrupted", EXPRESSION, "Y", "the corrupted prompt(s), token for token as long as the "
+           "clean ones (not used with --method noise)"),
+    Option("metric", EXPRESSION, "M", "logit_diff(correct, wrong), prob(token), logprob(token) "
+           "(one answer, or one per prompt), or a callable from logits [batch, pos, vocab] to "
+           "one number per prompt", "with --method noise, the probability of the clean prediction"),
+    Option("site", WORD, "S", "resid_pre, resid_mid, resid_post, attn_out, mlp_out ([layer, "
+           "pos]); head_out ([layer, head]); head_out_pos ([layer, pos, head])", "resid_pre"),
+    Option("method", WORD, "M", "activation (exact), attribution ((clean - corrupted) . grad, "
+           "from two forwards and one backward) or noise (ROME causal tracing)", "activation"),
+    Option("direction", WORD, "D", "denoising (clean into corrupted) or noising (corrupted "
+           "into clean)", "denoising"),
+    Option("layers", EXPRESSION, "L", "the layers to sweep, e.g. range(2, 4)", "all"),
+    Option("positions", EXPRESSION, "P", "the positions to sweep, e.g. [-1, 10]", "all"),
+    Option("heads", EXPRESSION, "H", "the heads to sweep, for head sites", "all"),
+    Option("subject", EXPRESSION, "S", _NOISE + "the subject's text (or its token positions) "
+           "to noise"),
+    Option("samples", EXPRESSION, "N", _NOISE + "noised copies of the clean run", "10"),
+    Option("noise", EXPRESSION, "K", _NOISE + "the noise's std, as a multiple of the std of "
+           "the subject's token embeddings", "3"),
+    Option("noise_std", EXPRESSION, "SD", _NOISE + "the noise's std itself, instead of "
+           "--noise K"),
+    Option("seed", EXPRESSION, "N", _NOISE + "the noise's seed", "0"),
+    Option("window", EXPRESSION, "W", "layers restored together around each layer "
+           "(activation patching and causal tracing)", "1"),
+    Option("batch_size", EXPRESSION, "N", "grid cells per batched forward",
+           "what fits in a quarter of free memory"),
+    Option("out", NAME, "NAME", "also store the SweepResult in NAME (it is always in _sweep)"),
+    Option("quiet", FLAG, help="show nothing (the result is still returned and stored)"),
+)}
+
+
 @dataclass(frozen=True)
 class SweepCommand:
     """``%patch_sweep MODEL --clean X --corrupted Y --metric M [--option VALUE ...]``.
 
     Each option's value is the text up to the next top-level ``--name``, so values can be any
-    Python expression, spaces and all.
+    Python expression, spaces and all. Options are checked against ``SWEEP_OPTIONS`` here,
+    before anything is evaluated.
 
     >>> SweepCommand.parse('model --clean c --metric logit_diff("Mary", "John") --site mlp_out')
     SweepCommand(model='model', options={'clean': 'c', 'metric': 'logit_diff("Mary", "John")', 'site': 'mlp_out'})
@@ -111,7 +219,62 @@ class SweepCommand:
             name_end = len(rest.split(None, 1)[0])
             name = rest[2:name_end].replace("-", "_")
             value, rest = split_options(rest[name_end:])
+            option = _option(name, magic)
             if name in options:
-                raise UsageError(f"{magic}: --{name} is given twice")
+                raise UsageError(f"{magic}: {option.flag} is given twice")
+            option.check(value.strip(), magic)
             options[name] = value.strip()
+        for option in SWEEP_OPTIONS.values():
+            if option.required and option.name not in options:
+                raise UsageError(f"{magic} needs {option.usage}: {option.help}")
         return cls(head.strip(), options)
+
+    def values(self, evaluate: Callable[[str, str], Any]) -> dict[str, Any]:
+        """Each given option's value, in the order given (see ``Option.read``).
+
+        >>> command = SweepCommand.parse("m --clean c --site 'mlp_out' --quiet")
+        >>> command.values(lambda text, flag: text.upper())
+        {'clean': 'C', 'site': 'mlp_out', 'quiet': True}
+        """
+        return {name: SWEEP_OPTIONS[name].read(text, evaluate)
+                for name, text in self.options.items()}
+
+
+def _option(name: str, magic: str) -> Option:
+    if name in SWEEP_OPTIONS:
+        return SWEEP_OPTIONS[name]
+    flag = "--" + name.replace("_", "-")
+    close = difflib.get_close_matches(name, SWEEP_OPTIONS, n=1)
+    hint = f" (did you mean {SWEEP_OPTIONS[close[0]].flag}?)" if close else ""
+    listing = ", ".join(o.flag for o in SWEEP_OPTIONS.values())
+    raise UsageError(f"{magic}: unknown option {flag}{hint}; options: {listing}")
+
+
+def manual(magic: str, summary: str, options: dict[str, Option], examples: list[str]) -> str:
+    """The ``magic?`` text: the usage line, ``summary``, then Options and Examples sections
+    written from the option table.
+
+    >>> print(manual("%m", "Does m.", {"q": Option("q", FLAG, help="quiet")}, ["%m x --q"]))
+    %m MODEL [--q]
+    <BLANKLINE>
+    Does m.
+    <BLANKLINE>
+    Options
+    -------
+      --q              quiet
+    <BLANKLINE>
+    Examples
+    --------
+    In [1]: %m x --q
+    """
+    units = ["MODEL", *(o.usage if o.required else f"[{o.usage}]" for o in options.values())]
+    usage = textwrap.fill(" ".join(u.replace(" ", "\N{NO-BREAK SPACE}") for u in units), 90,
+                          initial_indent=magic + " ", subsequent_indent=" " * (len(magic) + 1),
+                          break_on_hyphens=False)
+    return "\n".join([
+        usage.replace("\N{NO-BREAK SPACE}", " "),
+        "", summary.strip(), "", "Options", "-------",
+        *(o.help_line() for o in options.values()),
+        "", "Examples", "--------",
+        *(f"In [{i}]: {example}" for i, example in enumerate(examples, 1)),
+    ])

@@ -12,19 +12,9 @@ from torch import nn
 
 from ipy_intervene.compile import compile_cell
 from ipy_intervene.magics.command import TraceCommand
+from ipy_intervene.magics.evaluate import evaluate
 from ipy_intervene.model import Model, wrap
 from ipy_intervene.trace import NO_INPUT, TraceResult, run_compiled
-
-
-def evaluate(shell: Any, expr: str, role: str, magic: str,
-             helpers: dict[str, Any] | None = None) -> Any:
-    """Evaluate a magic-line expression in the notebook (``helpers`` fill in names the
-    notebook does not define); a one-line UsageError if it fails."""
-    scope = {**helpers, **shell.user_global_ns} if helpers else shell.user_global_ns
-    try:
-        return eval(expr, scope, shell.user_ns)
-    except Exception as exc:
-        raise UsageError(f"{magic}: {role} `{expr}` failed: {type(exc).__name__}: {exc}") from None
 
 
 def as_model(value: Any, expr: str, magic: str) -> Model:

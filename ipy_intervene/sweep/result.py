@@ -8,6 +8,7 @@ torch.Size([4, 15])                            # [layer, pos], clean = 1, corrup
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,7 @@ class SweepResult:
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
     patcher: Any = field(default=None, repr=False)   # exact patched runs on demand (views)
+    _shown_in: Any = field(default=None, init=False, repr=False, compare=False)  # mark_shown
 
     def top(self, k: int = 3) -> list[dict[str, Any]]:
         """The ``k`` cells with the largest absolute effect, largest first."""
@@ -92,6 +94,36 @@ class SweepResult:
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         return self.show()._repr_mimebundle_(include=include, exclude=exclude)
+
+    def _ipython_display_(self) -> None:
+        """Show the view (``display(result)``, or ``result`` as a cell's last line), unless
+        ``mark_shown`` marked it in the running cell: that mark is used up by this one
+        skipped display."""
+        if self._shown_in is not None and self._shown_in() is _running_cell():
+            self._shown_in = None
+            return
+        from IPython.display import display
+
+        display(self._repr_mimebundle_(), raw=True)
+
+
+def mark_shown(result: SweepResult) -> None:
+    """Say that ``result`` was shown (or deliberately not) in the running cell, so the next
+    display of it in that cell is skipped: ``%patch_sweep ...`` as a cell's last line returns
+    its result to IPython's ``Out[]`` after showing it itself, and is shown once.
+
+    >>> mark_shown(result)                         # doctest: +SKIP
+    >>> display(result)         # same cell: shows nothing   # doctest: +SKIP
+    """
+    cell = _running_cell()
+    result._shown_in = None if cell is None else weakref.ref(cell)
+
+
+def _running_cell() -> Any:
+    """The ExecutionResult of the cell IPython is running; None outside a cell."""
+    from IPython import get_ipython
+
+    return getattr(getattr(get_ipython(), "displayhook", None), "exec_result", None)
 
 
 def _describe(cell: dict[str, Any]) -> str:
