@@ -16,9 +16,10 @@ from typing import Any, Sequence
 import torch
 
 from ipy_intervene.errors import InputError
-from ipy_intervene.model import Batch, Model, wrap
+from ipy_intervene.batch import Batch
+from ipy_intervene.model import Model, wrap
 from ipy_intervene.sites import adapter_for, get_path
-from ipy_intervene.sweep.hooks import site_hooks
+from ipy_intervene.hooks import site_hooks
 from ipy_intervene.sweep.inputs import first_prompt_tokens, numbered
 
 

@@ -19,6 +19,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ipy_intervene import active
+from ipy_intervene.batch import Batch, describe, encode_dict, encode_ids
 from ipy_intervene.errors import InputError, InterventionError, MissingAttributeError, SiteError
 
 DEMO_DIR = Path(__file__).parent / "demo" / "weights"
@@ -148,10 +150,13 @@ class Envoy:
         _bridge("skip").skip(self, value, None)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the module ad hoc on a value (no hooks fire); works inside and outside traces."""
-        from ipy_intervene import runtime
-
-        return runtime.call_module(self, args, kwargs)
+        """Run the module ad hoc on a value (no hooks of ours fire); inside or outside traces."""
+        module = self._module
+        device = next((p.device for p in module.parameters()), None)
+        if device is not None:
+            args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+        with active.hook_scope(()):
+            return module(*args, **kwargs)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("output", "input", "inputs"):
@@ -161,25 +166,24 @@ class Envoy:
 
 
 def _bridge(what: str):
-    from ipy_intervene import runtime
-
-    bridge = runtime.active_bridge()
-    if bridge is None:
-        raise InterventionError(f"`.{what}` is only available inside a %%trace cell "
-                                "(or ii.trace): outside one, no forward is running")
-    return bridge
+    return active.require_trace(f".{what}")
 
 
 class Model(Envoy):
     """The root of the module tree: a causal LM (or any ``nn.Module``) and its tokenizer."""
 
-    __slots__ = ("tokenizer", "_forward_params", "_names")
+    __slots__ = ("tokenizer", "_forward_params", "_names", "_first_param", "_var_keyword")
 
     def __init__(self, module: nn.Module, tokenizer: Any = None) -> None:
         super().__init__(module, "")
         object.__setattr__(self, "tokenizer", tokenizer)
-        params = set(inspect.signature(module.forward).parameters)
-        object.__setattr__(self, "_forward_params", params)
+        signature = inspect.signature(module.forward).parameters
+        object.__setattr__(self, "_forward_params", set(signature))
+        first = next(iter(signature.values()), None)
+        object.__setattr__(self, "_first_param", first.name if first is not None and first.kind
+                           in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD) else None)
+        object.__setattr__(self, "_var_keyword",
+                           any(p.kind is p.VAR_KEYWORD for p in signature.values()))
         object.__setattr__(self, "_names", None)  # id(module) -> dotted name, built on demand
         if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -202,8 +206,10 @@ class Model(Envoy):
         """Where inputs go: the device of the input embeddings (or the first parameter)."""
         get = getattr(self._module, "get_input_embeddings", None)
         emb = get() if get is not None else None
-        param = emb.weight if emb is not None else next(self._module.parameters())
-        return param.device
+        param = emb.weight if emb is not None else next(self._module.parameters(), None)
+        if param is None:  # a module without parameters: its buffers, else the CPU
+            param = next(self._module.buffers(), None)
+        return param.device if param is not None else torch.device("cpu")
 
     @property
     def config(self) -> Any:
@@ -213,7 +219,24 @@ class Model(Envoy):
         return repr(self._module)
 
     def prepare(self, inputs: list[Any], *, line: int | None = None) -> "Batch":
-        """Tokenize and left-pad the inputs of all invokes into one batch."""
+        """The inputs of all invokes as one batch.
+
+        Token inputs (prompts, token ids, a dict with ``input_ids``) are tokenized and
+        left-padded; tensor inputs of any other module (a tensor, a tuple of tensors, a dict
+        of keyword tensors) are passed as they are and concatenated along dim 0.
+        """
+        positional = [self._is_positional(x) for x in inputs]
+        if any(positional):
+            if not all(positional):
+                if not self.is_token_model:  # names what this module takes instead
+                    self._encode(inputs[positional.index(False)], line)
+                kinds = ", ".join(f"invoke {i} {'tensors' if p else 'token inputs'}"
+                                  for i, p in enumerate(positional))
+                raise InputError(f"the invokes mix token inputs (prompts, token ids) and "
+                                 f"tensor inputs ({kinds}); give every invoke the same kind",
+                                 line=line)
+            parts = [self._encode_tensors(x, line) for x in inputs]
+            return Batch.join(parts, device=self.device, line=line)
         encoded = [self._encode(x, line) for x in inputs]
         batch = Batch.concat(encoded, pad_id=self._pad_id(), device=self.device,
                              with_positions="position_ids" in self._forward_params)
@@ -223,6 +246,33 @@ class Model(Envoy):
                              f"{limit} positions. Shorten the prompt (or its batch's longest "
                              "prompt)", line=line)
         return batch
+
+    @property
+    def is_token_model(self) -> bool:
+        """Whether INPUT means tokens: the forward takes ``input_ids`` (or ``**kwargs`` and
+        the model has a tokenizer)."""
+        return "input_ids" in self._forward_params or (
+            self._var_keyword and self.tokenizer is not None)
+
+    def _is_positional(self, x: Any) -> bool:
+        """Whether ``x`` goes to the forward as it is (tensors), not as tokens."""
+        if isinstance(x, (tuple, list)) and x and all(isinstance(v, torch.Tensor) for v in x):
+            return True
+        if not self.is_token_model:
+            return isinstance(x, (torch.Tensor, tuple, dict))
+        # a float tensor cannot be token ids; it is the first argument, unless that is them
+        return (isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
+                and self._first_param != "input_ids")
+
+    def _encode_tensors(self, x: Any, line: int | None) -> tuple[tuple, dict[str, Any]]:
+        if isinstance(x, torch.Tensor):
+            return (x,), {}
+        if isinstance(x, (tuple, list)):
+            return tuple(x), {}
+        if not all(isinstance(k, str) for k in x):
+            raise InputError(f"a dict INPUT maps keyword names to values; got keys "
+                             f"{list(x)!r}", line=line)
+        return (), dict(x)
 
     @property
     def max_length(self) -> int | None:
@@ -240,18 +290,23 @@ class Model(Envoy):
         return int(pad) if pad is not None else 0
 
     def _encode(self, x: Any, line: int | None) -> dict[str, torch.Tensor]:
+        if not self.is_token_model:
+            raise InputError(f"{type(self._module).__name__}.forward takes no `input_ids`: "
+                             "INPUT must be a tensor (one positional input, [batch, ...]), a "
+                             "tuple of positional inputs or a dict of keyword inputs; got "
+                             f"{describe(x)}", line=line)
         if isinstance(x, str):
             x = [x]
         if isinstance(x, dict):
-            return _encode_dict(x, line)
+            return encode_dict(x, line)
         if isinstance(x, torch.Tensor):
-            return _encode_ids(x, line)
+            return encode_ids(x, line)
         if isinstance(x, (list, tuple)) and x and all(isinstance(s, str) for s in x):
             return self._tokenize(list(x), line)
         if isinstance(x, (list, tuple)) and x and all(isinstance(s, int) for s in x):
-            return _encode_ids(torch.tensor(x), line)
+            return encode_ids(torch.tensor(x), line)
         raise InputError(f"INPUT must be a prompt string, a list of prompts, a tensor of token "
-                         f"ids or a dict of model kwargs; got {_describe(x)}", line=line)
+                         f"ids or a dict of model kwargs; got {describe(x)}", line=line)
 
     def _tokenize(self, texts: list[str], line: int | None) -> dict[str, torch.Tensor]:
         for text in texts:
@@ -278,76 +333,6 @@ class Model(Envoy):
         if len(ids) != 1:
             raise InputError(f"{word!r} is {len(ids)} tokens for this tokenizer, not one")
         return int(ids[0])
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, (list, tuple)):
-        return f"{type(x).__name__} of {len(x)} item(s)" if x else f"an empty {type(x).__name__}"
-    return type(x).__name__
-
-
-def _encode_ids(ids: torch.Tensor, line: int | None) -> dict[str, torch.Tensor]:
-    if ids.dtype not in (torch.int64, torch.int32) or ids.dim() not in (1, 2):
-        raise InputError(f"token ids must be an integer tensor [seq] or [batch, seq]; got "
-                         f"{ids.dtype} of shape {list(ids.shape)}", line=line)
-    ids = ids.long().reshape(-1, ids.shape[-1])
-    if ids.numel() == 0:
-        raise InputError("empty prompt: the token id tensor has no tokens", line=line)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def _encode_dict(x: dict, line: int | None) -> dict[str, torch.Tensor]:
-    if "input_ids" not in x:
-        raise InputError(f"a dict INPUT needs `input_ids`; got keys {sorted(x)}", line=line)
-    out = dict(x)
-    out.update(_encode_ids(torch.as_tensor(x["input_ids"]), line))
-    if "attention_mask" in x:
-        out["attention_mask"] = torch.as_tensor(x["attention_mask"]).reshape(out["input_ids"].shape)
-    return out
-
-
-class Batch:
-    """The one batch a trace runs: rows per invoke, left padding, positions."""
-
-    def __init__(self, kwargs: dict[str, Any], rows: list[slice]) -> None:
-        self.kwargs = kwargs
-        self.rows = rows
-
-    @property
-    def size(self) -> int:
-        return int(self.kwargs["input_ids"].shape[0])
-
-    @property
-    def length(self) -> int:
-        return int(self.kwargs["input_ids"].shape[1])
-
-    @classmethod
-    def concat(cls, parts: list[dict[str, Any]], *, pad_id: int, device: torch.device,
-               with_positions: bool) -> "Batch":
-        width = max(p["input_ids"].shape[1] for p in parts)
-        ids, masks, rows, start = [], [], [], 0
-        for p in parts:
-            n, t = p["input_ids"].shape
-            ids.append(torch.nn.functional.pad(p["input_ids"], (width - t, 0), value=pad_id))
-            masks.append(torch.nn.functional.pad(p["attention_mask"], (width - t, 0), value=0))
-            rows.append(slice(start, start + n))
-            start += n
-        kwargs: dict[str, Any] = {"input_ids": torch.cat(ids).to(device),
-                                  "attention_mask": torch.cat(masks).to(device)}
-        extra = {k for p in parts for k in p} - {"input_ids", "attention_mask"}
-        if extra and len(parts) > 1:
-            raise InputError(f"extra model kwargs ({', '.join(sorted(extra))}) are only "
-                             "supported with a single invoke")
-        for key in extra:
-            kwargs[key] = parts[0][key]
-        if with_positions and "position_ids" not in kwargs:
-            kwargs["position_ids"] = positions_from_mask(kwargs["attention_mask"])
-        return cls(kwargs, rows)
-
-
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding: a padded prompt sees the positions it has alone."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 # -- loading --------------------------------------------------------------------------------

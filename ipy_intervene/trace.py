@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Callable
 
-from ipy_intervene.compile import INTERNAL_NAMES, CompiledCell, compile_cell
+from ipy_intervene.compile import CompiledCell, compile_cell
 from ipy_intervene.errors import InterventionError
 from ipy_intervene.graph import InterventionGraph
+from ipy_intervene.interrupts import holding, uninterruptible
 from ipy_intervene.model import Model, wrap
-from ipy_intervene.runtime import _NO_INPUT, Outcome, run_cell
+from ipy_intervene.namespace import Bindings, bound_names
+from ipy_intervene.runtime import NO_INPUT, Outcome, run_cell
 from ipy_intervene.validate import validate
-
-NO_INPUT = _NO_INPUT
 
 
 @dataclass
@@ -92,37 +92,39 @@ def trace(model: Any, source: str, input: Any = NO_INPUT, *, namespace: dict | N
 
 def run_compiled(model: Model, cell: CompiledCell, ns: dict, input: Any, *,
                  generate: int | None, grad: bool, dry_run: bool) -> TraceResult:
-    """Run a compiled cell with a private copy of ``ns``; publish into ``ns`` on success."""
+    """The pipeline after compiling: validate, run in ``ns`` itself, publish (or undo)."""
     __tracebackhide__ = True
-    if dry_run:
-        graph = cell.fresh_graph()
-        validate(cell, model, graph)
-        return TraceResult(graph, dry_run=True)
-    work = dict(ns)
-    try:
-        outcome = run_cell(model, cell, work, line_input=input, generate=generate, grad=grad)
-    except BaseException as exc:
-        _attach_line(exc, cell)
-        raise
-    names = publish(ns, work)
-    return _result(outcome, names)
+    graph = cell.fresh_graph()
+    with holding(), _UndoOnFailure(ns, bound_names(graph.source, cell.filename), cell) as undo:
+        plan = validate(cell, model, graph)
+        if dry_run:
+            return TraceResult(graph, dry_run=True)
+        outcome = run_cell(model, cell, graph, plan, ns, line_input=input, generate=generate,
+                           grad=grad)
+    return _result(outcome, undo.changed())
+
+
+class _UndoOnFailure(Bindings):
+    """A ``with`` block after which a failed cell's bindings are as before it ran."""
+
+    def __init__(self, ns: dict, names: frozenset[str], cell: CompiledCell) -> None:
+        super().__init__(ns, names)
+        self.cell = cell
+
+    def __enter__(self) -> "_UndoOnFailure":
+        return self
+
+    @uninterruptible
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None:
+            self.restore()
+            _attach_line(exc, self.cell)
 
 
 def _result(outcome: Outcome, names: dict[str, Any]) -> TraceResult:
     outcome.graph.published = [n for n in outcome.graph.published if n in names] + [
         n for n in names if n not in outcome.graph.published]
     return TraceResult(outcome.graph, names, outcome.output, outcome.steps, outcome.seconds)
-
-
-def publish(ns: dict, work: dict) -> dict[str, Any]:
-    """Copy into ``ns`` every name ``work`` bound or rebound; remove names it deleted."""
-    changed = {k: v for k, v in work.items()
-               if k not in INTERNAL_NAMES and (k not in ns or ns[k] is not v)}
-    removed = [k for k in ns if k not in work and k not in INTERNAL_NAMES]
-    ns.update(changed)
-    for key in removed:
-        del ns[key]
-    return changed
 
 
 def cell_line(exc: BaseException, filename: str) -> int | None:

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import torch
 
 from ipy_intervene.errors import InputError
+from ipy_intervene.interrupts import held
 from ipy_intervene.metrics import Metric, Prob, as_metric
 from ipy_intervene.model import Model, wrap
 from ipy_intervene.sites import Adapter, SiteKind, adapter_for, get_path, site_kind
@@ -63,6 +64,7 @@ class Grid:
         return sorted({l for layer in self.layers for l in self.window_of(layer)})
 
 
+@held  # one SIGINT handler for all the sweep's hook sessions
 def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = None, *,
                 site: str = "resid_pre", method: str = "activation",
                 direction: str = "denoising", layers: Sequence[int] | None = None,

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ipy_intervene.sites import Adapter, get_path, split_heads
-from ipy_intervene.sweep.hooks import site_hooks
+from ipy_intervene.hooks import site_hooks
 from ipy_intervene.sweep.record import record
 
 

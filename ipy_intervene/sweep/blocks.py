@@ -15,9 +15,8 @@ import inspect
 from typing import Any
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import Cache
 
+from ipy_intervene.hooks import HookSession
 from ipy_intervene.sites import Adapter, get_path
 
 
@@ -62,6 +61,8 @@ class BlockCaller:
         two = self._capture(model, kwargs, 2)
         self.template = one
         self.batched = {name for name in one if _batched(one[name], two[name])}
+        from transformers.cache_utils import Cache  # first use: `import ipy_intervene` stays light
+
         self.cache_arg = next((n for n, v in one.items() if isinstance(v, Cache)), None)
         self.hidden_arg = self.names[0]
         self.kv = PrefixKV()
@@ -81,6 +82,8 @@ class BlockCaller:
 
     def _capture(self, model: Any, kwargs: dict[str, Any], copies: int) -> dict[str, Any]:
         """The arguments the model passes to block 0 for the suffix (``copies`` x the batch)."""
+        from transformers import DynamicCache
+
         p = self.prefix
         call = {k: _repeat(v[:, p:] if k in ("input_ids", "position_ids") else v, copies)
                 for k, v in kwargs.items()}
@@ -93,13 +96,12 @@ class BlockCaller:
         def stop(module: Any, args: tuple, kw: dict) -> None:
             raise _Captured(args, kw)
 
-        handle = self.blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
         try:
-            model.module.base_model(**call)
+            with HookSession() as hooks:
+                hooks.pre(self.blocks[0], stop)
+                model.module.base_model(**call)
         except _Captured as captured:
             return {**dict(zip(self.names, captured.args)), **captured.kwargs}
-        finally:
-            handle.remove()
         raise RuntimeError("the model's forward never called its first block")
 
 

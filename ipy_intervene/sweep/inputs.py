@@ -7,7 +7,8 @@ from typing import Any, Sequence
 import torch
 
 from ipy_intervene.errors import InputError, SiteError
-from ipy_intervene.model import Batch, Model
+from ipy_intervene.batch import Batch
+from ipy_intervene.model import Model
 
 
 def prepare_pair(model: Model, clean: Any, corrupted: Any) -> tuple[Batch, Batch]:

@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from ipy_intervene.sites import Adapter, SiteKind, get_path
-from ipy_intervene.sweep.hooks import site_hooks
+from ipy_intervene.hooks import site_hooks
 
 
 @dataclass
@@ -48,6 +47,8 @@ def record(model: Any, adapter: Adapter, kwargs: dict[str, Any], *, kind: SiteKi
                       _keep(rec.stream, adapter.n_layers)))
     if noise is not None:
         hooks.append((get_path(module, adapter.embed), "module_out", lambda x: x + noise))
+    from transformers import DynamicCache  # imported on first use: `import ipy_intervene` stays light
+
     cache = DynamicCache() if stream else None
     with site_hooks(hooks):
         out = module(**kwargs, use_cache=stream, past_key_values=cache,

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ipy_intervene.sites import Adapter, SiteKind, get_path, split_heads
 from ipy_intervene.sweep.blocks import BlockCaller
-from ipy_intervene.sweep.hooks import site_hooks
+from ipy_intervene.hooks import site_hooks
 from ipy_intervene.sweep.record import Recording
 
 

@@ -1,0 +1,118 @@
+"""Cleanup that a Ctrl-C cannot cut in half.
+
+A function marked :func:`uninterruptible` runs to its end even when SIGINT arrives while it
+(or anything it calls) runs: the signal is held and delivered as ``KeyboardInterrupt`` when
+the outermost such function returns. The handler decides by looking at the interrupted
+frame's stack, so there is no window between "cleanup starts" and "signals are held".
+
+>>> @uninterruptible
+... def remove_all(handles):
+...     for handle in handles:
+...         handle.remove()
+
+:class:`holding` installs the handler for a block (on the main thread; elsewhere SIGINT is
+never delivered, so there is nothing to hold).
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import threading
+from types import CodeType, FrameType
+from typing import Any, Callable, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_SAFE: set[CodeType] = set()
+_state = {"depth": 0, "previous": None, "pending": False}
+
+
+def uninterruptible(fn: F) -> F:
+    """Mark ``fn`` as cleanup: a SIGINT during it is delivered after it returns."""
+
+    @functools.wraps(fn)
+    def run_whole(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _deliver_if_outermost()
+
+    _SAFE.add(fn.__code__)
+    _SAFE.add(run_whole.__code__)
+    return run_whole  # type: ignore[return-value]
+
+
+def _in_safe_section(frame: FrameType | None) -> bool:
+    while frame is not None:
+        if frame.f_code in _SAFE:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _deliver_if_outermost() -> None:
+    import sys
+
+    caller = sys._getframe(2)  # the frame that called the outermost wrapper, or a safe one
+    if _state["pending"] and not _in_safe_section(caller):
+        _state["pending"] = False
+        _deliver(signal.SIGINT, caller)
+
+
+def _deliver(signum: int, frame: FrameType | None) -> None:
+    previous = _state["previous"] if _state["depth"] else signal.getsignal(signal.SIGINT)
+    if callable(previous):
+        previous(signum, frame)
+    elif previous != signal.SIG_IGN:
+        raise KeyboardInterrupt
+
+
+def _handler(signum: int, frame: FrameType | None) -> None:
+    if _in_safe_section(frame):
+        _state["pending"] = True
+        return
+    _deliver(signum, frame)
+
+
+class holding:
+    """Install the holding SIGINT handler for a ``with`` block (nested blocks share it).
+
+    Off the main thread it does nothing: SIGINT is only ever delivered on the main thread.
+    """
+
+    def __init__(self) -> None:
+        self.installed = False
+
+    @uninterruptible
+    def __enter__(self) -> "holding":
+        if threading.current_thread() is threading.main_thread() and not self.installed:
+            if _state["depth"] == 0:
+                _state["previous"] = signal.getsignal(signal.SIGINT)
+                signal.signal(signal.SIGINT, _handler)
+            _state["depth"] += 1
+            self.installed = True
+        return self
+
+    @uninterruptible
+    def __exit__(self, *exc: Any) -> None:
+        if not self.installed:
+            return
+        self.installed = False
+        _state["depth"] -= 1
+        if _state["depth"] == 0:
+            previous = _state["previous"]
+            signal.signal(signal.SIGINT,
+                          previous if previous is not None else signal.default_int_handler)
+            _state["previous"] = None
+
+
+def held(fn: F) -> F:
+    """Run ``fn`` inside :class:`holding` (one handler for the many sessions it opens)."""
+
+    @functools.wraps(fn)
+    def with_handler(*args: Any, **kwargs: Any) -> Any:
+        with holding():
+            return fn(*args, **kwargs)
+
+    return with_handler  # type: ignore[return-value]

@@ -1,0 +1,148 @@
+"""Site access: what reading, assigning, editing in place and skipping a site do to the value
+flowing through the forward, for one invoke's rows of the batch.
+
+A hook wraps the value it sees in a holder (:class:`Inputs` before a module runs,
+:class:`Output` after); serving a request reads from it or changes it, and the hook hands
+the changed value back to the forward.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from ipy_intervene import values
+from ipy_intervene.errors import SiteError
+from ipy_intervene.hooks import input_key, replace_input
+
+if TYPE_CHECKING:
+    from ipy_intervene.runtime.scheduler import Invoke, Request, Scheduler
+
+
+class Inputs:
+    """The (args, kwargs) of a module call, as a pre-hook sees them."""
+
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        self.args, self.kwargs, self.changed = args, kwargs, False
+
+    def first(self) -> tuple[int | str, Any]:
+        key = input_key(self.args, self.kwargs)
+        if key is None:
+            raise SiteError("this module was called without arguments, so it has no `.input`")
+        return key, self.args[0] if key == 0 else self.kwargs[key]
+
+    def set_first(self, key: int | str, value: Any) -> None:
+        self.args, self.kwargs = replace_input(self.args, self.kwargs, key, value)
+        self.changed = True
+
+    def serve(self, sched: "Scheduler", inv: "Invoke", req: "Request") -> Any:
+        if req.attr == "skip":
+            sched.skips.setdefault(id(req.envoy.module), []).append((inv.rows, req.payload, req))
+            sched.record(req, req.payload)
+            return None
+        if req.attr == "inputs":
+            return self._serve_pair(sched, inv, req)
+        key, current = self.first()
+        return serve_value(sched, inv, req, current, lambda v: self.set_first(key, v))
+
+    def _serve_pair(self, sched: "Scheduler", inv: "Invoke", req: "Request") -> Any:
+        batch, current = sched.batch.size, (self.args, self.kwargs)
+        if req.access == "read":
+            value = values.take_rows(current, inv.rows, batch)
+            sched.record(req, value[0])
+            return value
+        if req.access == "write":
+            pair = check_inputs_pair(req.payload, req.label)
+            args, kwargs = values.put_rows(current, inv.rows, batch, pair, req.label)
+            self.args, self.kwargs, self.changed = tuple(args), dict(kwargs), True
+            return None
+        raise SiteError(f"`{req.label}` is an (args, kwargs) pair: edit `.input`, or assign "
+                        f"a new pair to `.inputs`", line=req.line)
+
+
+class Output:
+    """A module's output, as a forward hook sees it."""
+
+    def __init__(self, value: Any, is_root: bool) -> None:
+        self.value, self.is_root, self.changed = value, is_root, False
+
+    def set(self, value: Any) -> None:
+        self.value, self.changed = value, True
+
+    def serve(self, sched: "Scheduler", inv: "Invoke", req: "Request") -> Any:
+        return serve_value(sched, inv, req, self.value, self.set)
+
+
+def serve_value(sched: "Scheduler", inv: "Invoke", req: "Request", current: Any,
+                setter: Callable[[Any], None]) -> Any:
+    """Read, assign, augment (``+=``) or edit in place (``[...] =``) this invoke's rows."""
+    batch, rows = sched.batch.size, inv.rows
+    if req.access == "read":
+        value = values.take_rows(current, rows, batch)
+        sched.record(req, value)
+        return value
+    if req.access == "write":
+        setter(values.put_rows(current, rows, batch, req.payload, req.label))
+        sched.record(req, req.payload)
+        return None
+    if req.access == "augment":
+        op, operand = req.payload
+        mine = values.take_rows(current, rows, batch)
+        result = getattr(operator, op)(mine, operand)
+        if result is not mine:
+            setter(values.put_rows(current, rows, batch, result, req.label))
+        sched.record(req, result)
+        return None
+    index, value = req.payload
+    view = values.take_rows(current, rows, batch)
+    values.set_index(view, index, value, req.label)
+    sched.record(req, view)
+    return None
+
+
+def check_inputs_pair(value: Any, label: str) -> tuple[tuple, dict]:
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not isinstance(value[0], (tuple, list)) or not isinstance(value[1], dict)):
+        raise SiteError(f"`{label}` takes an (args, kwargs) pair; got {values.describe(value)}")
+    return tuple(value[0]), dict(value[1])
+
+
+# -- skips ----------------------------------------------------------------------------------
+
+Skip = tuple[slice, Any, "Request"]
+
+
+def skipped_output(skips: list[Skip], batch: int, run_module: Callable[[], Any]) -> Any:
+    """The output of a module some invokes skip: their values, the module's for the rest."""
+    rows = sorted((s[0].start, s[0].stop) for s in skips)
+    if _covers_all(rows, batch):
+        return _join_skips(skips)
+    return apply_skips(skips, run_module(), batch)
+
+
+def apply_skips(skips: list[Skip], output: Any, batch: int) -> Any:
+    for rows, value, req in skips:
+        output = values.put_rows(output, rows, batch, value, req.label)
+    return output
+
+
+def _covers_all(rows: list[tuple[int, int]], batch: int) -> bool:
+    position = 0
+    for start, stop in rows:
+        if start != position:
+            return False
+        position = stop
+    return position == batch
+
+
+def _join_skips(skips: list[Skip]) -> Any:
+    ordered = sorted(skips, key=lambda s: s[0].start)
+    if len(ordered) == 1:
+        return ordered[0][1]
+    parts = [value for _, value, _ in ordered]
+    if not all(isinstance(p, torch.Tensor) for p in parts):
+        raise SiteError(f"`{ordered[0][2].label}`: when several invokes skip the same module, "
+                        "each skip value must be a tensor")
+    return torch.cat(parts, dim=0)

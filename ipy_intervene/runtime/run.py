@@ -1,0 +1,210 @@
+"""The run itself: one forward (or ``generate``) of the model with the cell's invokes
+interleaved, inside one hook session.
+
+>>> outcome = run_cell(model, cell, graph, plan, ns, line_input="When Mary and John")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from types import FunctionType
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from torch import nn
+
+from ipy_intervene import active, values
+from ipy_intervene.errors import InterventionError, SiteError
+from ipy_intervene.graph import InterventionGraph, Visit
+from ipy_intervene.hooks import HookSession
+from ipy_intervene.batch import Batch
+from ipy_intervene.model import Envoy, Model
+from ipy_intervene.runtime import facade
+from ipy_intervene.runtime.hooks import StopForward, TraceHooks
+from ipy_intervene.runtime.scheduler import OUT, Request, Scheduler
+from ipy_intervene.validate import HookPlan
+
+NO_INPUT = object()  # no INPUT on the magic line
+
+
+@dataclass
+class Outcome:
+    """What a run produced (the names it bound are in the namespace)."""
+
+    graph: InterventionGraph
+    output: Any
+    batch: Batch
+    steps: int
+    seconds: float
+    stopped_at: int | None = None
+
+
+class Run:
+    """One running trace: what ``__ii__`` and ``tracer`` talk to."""
+
+    def __init__(self, model: Model, cell: Any, graph: InterventionGraph, ns: dict,
+                 generate: int | None, session: HookSession) -> None:
+        self.model, self.cell, self.graph, self.ns = model, cell, graph, ns
+        self.filename = cell.filename
+        self.generate = generate
+        self.sched = Scheduler(graph, generate)
+        self.hooks = TraceHooks(session, self.sched, model.module)
+        self.planned: list[tuple[int, Any, dict[str, Any] | None]] = []  # (block, INPUT, targets)
+
+    # -- requests from the cell (through the facade) -----------------------------------------
+
+    def ask(self, envoy: Any, attr: str, access: str, sid: int | None, payload: Any) -> Any:
+        __tracebackhide__ = True
+        sched = self.sched
+        inv = sched.current()
+        envoy = self._envoy(envoy, attr)
+        site = self.graph.site(sid)
+        if site is None:
+            site = self.graph.add_dynamic_site(line=0, path=envoy.path, attr=attr, access=access,
+                                               invoke=inv.code)
+        request = Request("site", envoy, attr, access, inv.step, site, payload, line=site.line)
+        if sched.already_ran(request):
+            return sched.past_value(inv, request)
+        self.hooks.ensure(envoy.module, request.phase)
+        if attr == "skip":
+            self.hooks.ensure(envoy.module, OUT)  # applies the skip if the module ran anyway
+        return sched.wait(request)
+
+    def _envoy(self, envoy: Any, attr: str) -> Envoy:
+        if isinstance(envoy, nn.Module):
+            envoy = self.model.envoy_for(envoy) or envoy
+        if not isinstance(envoy, Envoy):
+            raise SiteError(f"`.{attr}` needs a module of the model; got {type(envoy).__name__}")
+        return envoy
+
+    def call(self, target: Any, sid: int | None, args: tuple, kwargs: dict) -> Any:
+        """``model.lm_head(x)`` in a cell: the module run ad hoc (no hooks of ours act)."""
+        if isinstance(target, nn.Module):
+            target = self.model.envoy_for(target) or target
+        result = target(*args, **kwargs)
+        site = self.graph.site(sid)
+        if isinstance(target, Envoy) and site is not None:
+            site.visits.append(Visit(max(self.sched.step, 0), values.shape_of(result),
+                                     values.dtype_of(result)))
+        return result
+
+    def model_output(self, sid: int | None) -> Any:
+        __tracebackhide__ = True
+        sched = self.sched
+        inv = sched.current(required=False)
+        if inv is None:
+            if not sched.finished:
+                raise InterventionError("tracer.output is only available inside an invoke or "
+                                        "after the forward, not before it")
+            return sched.final_output
+        return sched.wait(Request("model_output", step=inv.step, site=self.graph.site(sid)))
+
+    def add_invoke(self, code: int, input_: Any, targets: dict[str, Any] | None) -> None:
+        if self.sched.batch is not None:
+            raise InterventionError("invokes are added before the forward; this one comes too late")
+        self.planned.append((code, input_, targets))
+
+    def wait_for(self, names: tuple[str, ...], line: int) -> None:
+        __tracebackhide__ = True
+        inv = self.sched.current(required=False)
+        if inv is not None and not set(names) <= self.sched.bound_names:
+            self.sched.wait(Request("names", names=names, line=line))
+
+    def count_branch(self, region: int, taken: bool) -> None:
+        r = self.graph.regions[region]
+        r.entered += 1
+        r.taken += taken
+
+    def count_iteration(self, region: int) -> None:
+        self.graph.regions[region].entered += 1
+
+    def steps(self, n: int | None) -> Iterator[int]:
+        inv = self.sched.current(what="tracer.steps()")
+        total = self.generate if self.generate is not None else 1
+        for step in range(total if n is None else min(n, total)):
+            inv.step = step
+            yield step
+
+    def stop(self) -> None:
+        sched = self.sched
+        inv = sched.current(what="tracer.stop()")
+        if not sched.running:
+            raise InterventionError("tracer.stop() was called before the forward started")
+        sched.stop_line = inv.last.line if inv.last is not None and inv.last.line else 0
+
+    # -- the forward -----------------------------------------------------------------------
+
+    def forward(self, batch: Batch) -> Any:
+        root, kwargs = self.model.module, dict(batch.kwargs)
+        args = getattr(batch, "args", ())
+        self.sched.running = True
+        try:
+            if self.generate is None:
+                return root(*args, **kwargs)
+            kwargs.pop("position_ids", None)
+            return root.generate(*args, **kwargs, max_new_tokens=self.generate, do_sample=False,
+                                 pad_token_id=self.model._pad_id())
+        except StopForward:
+            return None
+        finally:
+            self.sched.running = False
+
+
+def run_cell(model: Model, cell: Any, graph: InterventionGraph, plan: HookPlan, ns: dict, *,
+             line_input: Any = NO_INPUT, generate: int | None = None,
+             grad: bool = False) -> Outcome:
+    """Run a validated ``cell`` in namespace ``ns`` against one forward of ``model``.
+
+    Names the cell binds go straight into ``ns`` (the caller undoes them if this raises).
+    Hooks, replaced forwards, ``.grad`` and grad mode are as before when this returns or
+    raises, whenever a Ctrl-C lands.
+    """
+    __tracebackhide__ = True
+    facade.install()
+    start = time.perf_counter()
+    with HookSession(exclusive=True) as session:
+        session.grad_mode(grad)
+        if grad:
+            session.keep_grads(model.module)
+        run = Run(model, cell, graph, ns, generate, session)
+        try:
+            with active.tracing(run):
+                output, batch = _interleave(run, cell, ns, line_input, plan)
+        finally:
+            run.sched.kill()
+    sched = run.sched
+    return Outcome(graph, sched.final_output, batch, sched.step + 1,
+                   time.perf_counter() - start, sched.stop_line)
+
+
+def _interleave(run: Run, cell: Any, ns: dict, line_input: Any, plan: HookPlan) -> tuple[Any, Batch]:
+    """Before-code, the invokes interleaved with the forward, after-code."""
+    __tracebackhide__ = True
+    if cell.before is not None:
+        exec(cell.before, ns)
+    if line_input is not NO_INPUT:
+        run.planned = [(0, line_input, None)]
+    else:
+        exec(cell.setup, ns)  # evaluates each invoke's INPUT (once per item of an invoke loop)
+        if not run.planned:
+            raise InterventionError("the invoke loop ran no invoke: its iterable is empty",
+                                    line=cell.invokes[0].line)
+    line = cell.invokes[0].line if line_input is NO_INPUT else None
+    batch = run.model.prepare([x for _, x, _ in run.planned], line=line)
+    bodies = [(code, _body(cell.invokes[code], ns, targets))
+              for code, _, targets in run.planned]
+    run.sched.start(bodies, batch)
+    run.hooks.install(plan)
+    output = run.forward(batch)
+    run.sched.finish(output)
+    if cell.after is not None:
+        exec(cell.after, ns)
+    return run.sched.final_output, batch
+
+
+def _body(invoke: Any, ns: dict, targets: dict[str, Any] | None) -> Callable[[], None]:
+    """What an invoke's greenlet runs: the block's code, or the loop body's function."""
+    if not invoke.params:
+        return lambda: exec(invoke.body, ns)
+    function = FunctionType(invoke.body, ns)
+    return lambda: function(**targets)

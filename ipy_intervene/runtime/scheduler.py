@@ -1,0 +1,257 @@
+"""The scheduler: each invoke's code on its own greenlet, the requests it makes, and serving
+them from the hooks of the running forward.
+
+An invoke's code switches to the main greenlet (the one running the forward) with a
+:class:`Request`; when a hook fires, :meth:`Scheduler.serve` resumes every invoke whose
+request that moment answers, reads before writes, until none can go on. After the forward,
+:meth:`Scheduler.finish` fails what was never reached, with the reason.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import greenlet
+
+from ipy_intervene import values
+from ipy_intervene.errors import InterventionError, SiteError
+from ipy_intervene.graph import InterventionGraph, Site, Visit
+from ipy_intervene.batch import Batch
+from ipy_intervene.model import Envoy
+from ipy_intervene.runtime.access import Output
+
+PRE, OUT = "pre", "out"
+DONE = object()    # what an invoke's greenlet returns when its code has finished
+
+
+@dataclass
+class Request:
+    """What an invoke's code is waiting for."""
+
+    kind: str                       # site | names | model_output
+    envoy: Envoy | None = None
+    attr: str = ""                  # output | input | inputs | skip
+    access: str = "read"            # read | write | edit | augment | skip
+    step: int = 0
+    site: Site | None = None
+    payload: Any = None
+    names: tuple[str, ...] = ()
+    line: int | None = None
+
+    @property
+    def phase(self) -> str:
+        return OUT if self.attr == "output" else PRE
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.phase, id(self.envoy.module)
+
+    @property
+    def label(self) -> str:
+        if self.kind == "names":
+            return ", ".join(f"`{n}`" for n in self.names)
+        if self.kind == "model_output":
+            return "tracer.output"
+        return f"{self.envoy.path or 'model'}.{self.attr}"
+
+
+@dataclass
+class Invoke:
+    index: int                      # position in the batch's invokes
+    code: int                       # which invoke block of the cell (graph region)
+    rows: slice
+    glet: greenlet.greenlet | None = None
+    pending: Request | None = None
+    step: int = 0
+    last: Request | None = None
+
+
+class Scheduler:
+    """Invokes, their pending requests and what the forward has done so far."""
+
+    def __init__(self, graph: InterventionGraph, generate: int | None) -> None:
+        self.graph, self.generate = graph, generate
+        self.invokes: list[Invoke] = []
+        self.main = greenlet.getcurrent()
+        self.batch: Batch | None = None
+        self.step = -1
+        self.running = self.finished = False
+        self.final_output: Any = None
+        self.bound_names: set[str] = set()
+        self.fired: dict[tuple[str, int], int] = {}     # (phase, module id) -> last step
+        self.retained: dict[tuple[str, int], Any] = {}  # this step's holders of hooked modules
+        self.serving: tuple[str, int] | None = None     # the hook whose requests are served now
+        self.skips: dict[int, list] = {}
+        self.stop_line: int | None = None
+
+    # -- invokes ---------------------------------------------------------------------------
+
+    def start(self, bodies: list[tuple[int, Callable[[], Any]]], batch: Batch) -> None:
+        """Start one greenlet per (invoke block, body) and run each to its first request."""
+        self.batch = batch
+        for (code, body), rows in zip(bodies, batch.rows):
+            inv = Invoke(len(self.invokes), code, rows)
+            inv.glet = greenlet.greenlet(_runner(body), parent=self.main)
+            inv.glet.gr_context = contextvars.copy_context()  # sees the running trace
+            self.invokes.append(inv)
+        for inv in self.invokes:
+            inv.pending = self._resume(inv, None)
+        self.serve(None, None, None)
+
+    def current(self, required: bool = True, what: str = "a module site") -> Invoke | None:
+        """The invoke whose code is running now (None before/after the forward)."""
+        here = greenlet.getcurrent()
+        for inv in self.invokes:
+            if inv.glet is here:
+                return inv
+        if required:
+            when = "after the forward has finished" if self.finished else "before the forward"
+            raise SiteError(f"{what} can only be used inside an invoke; this code runs {when}")
+        return None
+
+    def wait(self, request: Request) -> Any:
+        """Suspend the calling invoke until ``request`` is answered."""
+        __tracebackhide__ = True
+        return self.main.switch(request)
+
+    def kill(self) -> None:
+        """End every invoke's greenlet (after a failure or when the run is over)."""
+        for inv in self.invokes:
+            glet, inv.glet, inv.pending = inv.glet, None, None
+            if glet is not None and not glet.dead:
+                try:
+                    glet.throw(greenlet.GreenletExit())
+                except greenlet.GreenletExit:
+                    pass
+
+    # -- sites that already ran --------------------------------------------------------------
+
+    def already_ran(self, req: Request) -> bool:
+        if req.step < self.step:
+            raise SiteError(f"`{req.label}` at step {req.step} has already passed: generation is "
+                            f"at step {self.step}", line=req.line)
+        return self.running and req.key != self.serving and self.fired.get(req.key) == req.step
+
+    def past_value(self, inv: Invoke, req: Request) -> Any:
+        """A read of a site that already ran this step gets the value that flowed on."""
+        if req.access == "read" and req.attr != "skip" and req.key in self.retained:
+            return self.retained[req.key].serve(self, inv, req)
+        before = ""
+        if inv.last is not None and inv.last.kind == "site":
+            where = f" (line {inv.last.line})" if inv.last.line else ""
+            before = f" after `{inv.last.label}`{where}, which the model runs later"
+        change = "change" if req.access != "read" else "read"
+        raise SiteError(f"`{req.label}` has already run in this forward when this line asks to "
+                        f"{change} it{before}: one forward cannot go back. Use the sites in the "
+                        f"order the model runs them, or put them in two invokes", line=req.line)
+
+    def wanted(self, phase: str, key: int) -> bool:
+        return any(inv.pending is not None and inv.pending.kind == "site"
+                   and inv.pending.step == self.step and inv.pending.key == (phase, key)
+                   for inv in self.invokes)
+
+    def wants_logits(self) -> bool:
+        return self.generate is None and any(
+            inv.pending is not None and inv.pending.kind == "model_output" for inv in self.invokes)
+
+    def record(self, req: Request, value: Any) -> None:
+        if req.site is not None:
+            req.site.visits.append(Visit(self.step, values.shape_of(value), values.dtype_of(value)))
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def serve(self, holder: Any, phase: str | None, key: int | None) -> None:
+        """Resume every invoke this moment answers (reads first) until none can go on."""
+        __tracebackhide__ = True
+        self.serving = (phase, key) if phase is not None else None
+        try:
+            while (inv := self._next(holder, phase, key)) is not None:
+                self._serve_one(inv, holder)
+        finally:
+            self.serving = None
+
+    def _next(self, holder: Any, phase: str | None, key: int | None) -> Invoke | None:
+        ready = [inv for inv in self.invokes
+                 if inv.pending is not None and self._ready(inv.pending, holder, phase, key)]
+        reads = (inv for inv in ready if inv.pending.kind == "site" and inv.pending.access == "read")
+        return next(reads, ready[0] if ready else None)
+
+    def _ready(self, req: Request, holder: Any, phase: str | None, key: int | None) -> bool:
+        if req.kind == "names":
+            return set(req.names) <= self.bound_names
+        if req.kind == "model_output":
+            if self.generate is None:
+                return isinstance(holder, Output) and holder.is_root
+            return self.finished
+        return holder is not None and req.key == (phase, key) and req.step == self.step
+
+    def _serve_one(self, inv: Invoke, holder: Any) -> None:
+        __tracebackhide__ = True
+        req = inv.pending
+        try:
+            answer = self._answer(inv, req, holder)
+        except InterventionError as exc:  # raised where the cell asked
+            inv.pending = self._resume(inv, None, exc.at_line(req.line))
+            return
+        inv.last = req if req.kind == "site" else inv.last
+        inv.pending = self._resume(inv, answer)
+
+    def _answer(self, inv: Invoke, req: Request, holder: Any) -> Any:
+        if req.kind == "names":
+            return None
+        if req.kind == "model_output":
+            source = holder.value if self.generate is None else self.final_output
+            out = values.take_rows(source, inv.rows, self.batch.size)
+            return getattr(out, "logits", out)
+        return holder.serve(self, inv, req)
+
+    def _resume(self, inv: Invoke, value: Any, error: BaseException | None = None) -> Request | None:
+        __tracebackhide__ = True
+        result = inv.glet.throw(error) if error is not None else inv.glet.switch(value)
+        return None if result is DONE else result
+
+    # -- after the forward -------------------------------------------------------------------
+
+    def finish(self, output: Any) -> None:
+        """Answer what can still be answered, then fail what cannot, with the reason."""
+        __tracebackhide__ = True
+        self.finished = True
+        self.final_output = output if self.generate is not None else getattr(output, "logits",
+                                                                             output)
+        self.serve(None, None, None)
+        for inv in self.invokes:
+            tries = 0
+            while inv.pending is not None:
+                tries += 1
+                error = self.unreached(inv.pending) if tries < 4 else greenlet.GreenletExit()
+                inv.pending = self._resume(inv, None, error)
+
+    def unreached(self, req: Request) -> InterventionError:
+        if req.kind == "names":
+            return InterventionError(
+                f"this line waits for {req.label} from another invoke, which binds it only "
+                f"later in the forward (or never): one forward cannot go back", line=req.line)
+        steps = max(self.step + 1, 0)
+        if self.stop_line is not None:
+            reason = f"tracer.stop() (line {self.stop_line}) ended the forward first"
+        elif req.kind == "model_output":
+            reason = "the forward ended without producing it"
+        elif req.step >= steps:
+            reason = (f"the run had {steps} step(s) (0..{steps - 1}); this asks for step "
+                      f"{req.step}")
+        elif req.key not in self.fired:
+            reason = f"model.{req.envoy.path} was never called in this forward"
+        else:
+            reason = ("that module had already run when this line asked for it: one forward "
+                      "cannot go back")
+        return SiteError(f"`{req.label}` was never reached: {reason}", line=req.line)
+
+
+def _runner(body: Callable[[], Any]) -> Callable[..., Any]:
+    def run(*_: Any) -> Any:
+        body()
+        return DONE
+
+    return run

@@ -1,0 +1,133 @@
+"""The cell language shared by the compiler and the rewriter: reserved names, module
+paths, the names a statement binds and reads, and small helpers that build bridge calls.
+
+>>> format_path((("attr", "transformer"), ("attr", "h"), ("index", 2), ("key", "q")))
+"transformer.h[2]['q']"
+>>> defs, uses = statement_names(ast.parse("for i in range(n): x = i").body[0])
+>>> sorted(defs), sorted(uses)
+(['i'], ['n', 'range'])
+"""
+
+from __future__ import annotations
+
+import ast
+
+BRIDGE = "__ii__"
+TRACER = "tracer"
+SITE_ATTRS = ("output", "input", "inputs")
+INTERNAL_NAMES = frozenset({BRIDGE, TRACER, "__builtins__"})
+
+Part = tuple[str, object]  # ("attr", "h") | ("index", 2) | ("key", "q") | ("sym", "l")
+
+
+def format_path(parts: tuple[Part, ...] | list[Part]) -> str:
+    """``(("attr","transformer"),("attr","h"),("index",2))`` -> ``"transformer.h[2]"``."""
+    out = ""
+    for kind, value in parts:
+        if kind == "attr":
+            out += f".{value}" if out else str(value)
+        elif kind == "key":
+            out += f"[{value!r}]"
+        else:
+            out += f"[{value}]"
+    return out
+
+
+# -- names ----------------------------------------------------------------------------------
+
+def _names(node: ast.AST) -> tuple[set[str], set[str]]:
+    """(stored, loaded) names under ``node``, leaving comprehension variables out."""
+    local: set[str] = set()
+    stored: set[str] = set()
+    loaded: set[str] = set()
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Name):
+            (loaded if isinstance(sub.ctx, ast.Load) else stored).add(sub.id)
+        elif isinstance(sub, ast.comprehension):
+            local |= {n.id for n in ast.walk(sub.target) if isinstance(n, ast.Name)}
+        elif isinstance(sub, ast.Lambda):
+            local |= {a.arg for a in sub.args.args}
+    return stored - local, loaded - local
+
+
+def _header(stmt: ast.stmt) -> list[ast.AST]:
+    """The parts of a statement that run when the statement itself runs (not its body)."""
+    if isinstance(stmt, (ast.If, ast.While)):
+        return [stmt.test]
+    if isinstance(stmt, (ast.For, ast.AsyncFor)):
+        return [stmt.target, stmt.iter]
+    if isinstance(stmt, (ast.With, ast.AsyncWith)):
+        return list(stmt.items)
+    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return list(stmt.decorator_list)
+    if isinstance(stmt, ast.Try):
+        return []
+    return [stmt]
+
+
+def statement_names(stmt: ast.stmt) -> tuple[set[str], set[str]]:
+    """(defs, uses) of a statement's own header (a compound statement's body is separate)."""
+    defs: set[str] = set()
+    uses: set[str] = set()
+    for part in _header(stmt):
+        stored, loaded = _names(part)
+        defs |= stored
+        uses |= loaded
+    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        defs.add(stmt.name)
+    if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+        defs |= {(a.asname or a.name).split(".")[0] for a in stmt.names}
+    return defs, uses
+
+
+def all_defs(body: list[ast.stmt]) -> set[str]:
+    """Every name bound anywhere in ``body``, nested blocks included."""
+    out: set[str] = set()
+    for stmt in body:
+        for node in ast.walk(stmt):
+            if isinstance(node, ast.stmt):
+                out |= statement_names(node)[0]
+    return out
+
+
+def all_uses(body: list[ast.stmt]) -> set[str]:
+    """Every name read anywhere in ``body``."""
+    out: set[str] = set()
+    for stmt in body:
+        out |= _names(stmt)[1]
+    return out
+
+
+# -- building bridge calls --------------------------------------------------------------------
+
+def locate(node: ast.AST, like: ast.AST) -> ast.AST:
+    """Give ``node`` and its descendants that have no location the location of ``like``.
+
+    Cheaper than ``ast.fix_missing_locations`` over the whole cell: only new nodes are
+    visited, because the walk stops at nodes that already have a location.
+    """
+    where = {"lineno": like.lineno, "col_offset": like.col_offset,
+             "end_lineno": getattr(like, "end_lineno", like.lineno),
+             "end_col_offset": getattr(like, "end_col_offset", like.col_offset)}
+    todo = [node]
+    while todo:
+        current = todo.pop()
+        for attr, value in where.items():
+            if attr in current._attributes and getattr(current, attr, None) is None:
+                setattr(current, attr, value)
+        todo.extend(child for child in ast.iter_child_nodes(current)
+                    if "lineno" in child._attributes and not hasattr(child, "lineno"))
+    return node
+
+
+def bridge_call(method: str, args: list[ast.expr], node: ast.AST) -> ast.Call:
+    call = ast.Call(func=ast.Attribute(value=ast.Name(BRIDGE, ast.Load()), attr=method,
+                                       ctx=ast.Load()), args=args, keywords=[])
+    return locate(call, node)
+
+
+def index_expr(slice_node: ast.expr) -> ast.expr:
+    """``__ii__.index[<slice>]``: turns slice syntax into a value."""
+    bridge_index = ast.Attribute(value=ast.Name(BRIDGE, ast.Load()), attr="index", ctx=ast.Load())
+    return locate(ast.Subscript(value=bridge_index, slice=slice_node, ctx=ast.Load()), slice_node)
+
