@@ -91,7 +91,9 @@ def _compile(source, model_expr, has_input, filename, transform_ast) -> Compiled
     before, invokes, after = split_invokes(tree, has_input)
     graph = InterventionGraph(source=source)
     loops = [None if loop is None else _targets(loop) for *_, loop in invokes]
-    builder = _GraphBuilder(graph, source, model_node, [block[2] for block in invokes], loops)
+    own = [for_targets(block[2]) | (loops[i] or set()) for i, block in enumerate(invokes)]
+    builder = _GraphBuilder(graph, source, model_node, [block[2] for block in invokes], loops,
+                            own)
     cell_region = graph.add_region("cell", line=1, label="cell")
     before_code = builder.part(before, "before", "before the forward", cell_region, None, filename)
     invoke_codes = []
@@ -99,12 +101,13 @@ def _compile(source, model_expr, has_input, filename, transform_ast) -> Compiled
         label = f"invoke {index}" if loop is None else f"invoke {index} (for each {_unparse_target(loop)})"
         region = graph.add_region("invoke", line=line, label=label, parent=cell_region)
         graph.invokes.append(region)
-        if loop is None:
+        if has_input:  # one invoke: the cell's own code, nothing to interleave with
             body_code, params = builder.block_code(body, region, index, filename), ()
         else:
-            params = tuple(sorted(loops[index]))
-            body_code = builder.loop_body_code(body, region, index, filename, list(params),
-                                               _globals_of(body, filename), loop)
+            _reject_return_and_yield(body)
+            params = tuple(sorted(loops[index] or ()))
+            body_code = builder.invoke_code(body, region, index, filename, list(params),
+                                            _globals_of(body, filename), loop or body[0])
         input_code = None
         if input_expr is not None:
             input_code = compile(ast.Expression(body=input_expr), filename, "eval")
@@ -118,6 +121,20 @@ def _compile(source, model_expr, has_input, filename, transform_ast) -> Compiled
 
 def _targets(loop: ast.For) -> set[str]:
     return {n.id for n in ast.walk(loop.target) if isinstance(n, ast.Name)}
+
+
+def for_targets(body: list[ast.stmt]) -> set[str]:
+    """Names bound as ``for`` targets in ``body`` (outside nested functions): each invoke's own."""
+    found: set[str] = set()
+    todo: list[ast.AST] = list(body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            continue
+        if isinstance(node, (ast.For, ast.AsyncFor)):
+            found |= _targets(node)
+        todo.extend(ast.iter_child_nodes(node))
+    return found
 
 
 def _unparse_target(loop: ast.For) -> str:
@@ -189,11 +206,15 @@ def _invoke_loop(stmt: ast.stmt) -> ast.expr | None:
     if not isinstance(stmt, ast.For):
         return None
     body = [s for s in stmt.body if not _is_noop(s)]
-    if len(body) != 1 or _invoke_input(body[0]) is None:
+    invokes = [s for s in body if _invoke_input(s) is not None]
+    if not invokes:
         return None
+    if len(body) != 1:
+        raise CellSyntaxError("the body of an invoke loop is one `with tracer.invoke(X):` block "
+                              "and nothing else: move the other statements into the block",
+                              line=stmt.lineno)
     if stmt.orelse:
         raise CellSyntaxError("an invoke loop cannot have an `else`", line=stmt.lineno)
-    _reject_return_and_yield(body[0].body)
     return _invoke_input(body[0])
 
 

@@ -25,7 +25,8 @@ One rule for a module's input tensor, shared by ``m.input`` and the sweep sites:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+import functools
+from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ from torch import nn
 from ipy_intervene import active
 from ipy_intervene.interrupts import holding, uninterruptible
 
+F = TypeVar("F", bound=Callable[..., Any])
 PreFn = Callable[[nn.Module, tuple, dict], "tuple[tuple, dict] | None"]
 PostFn = Callable[[nn.Module, tuple, Any], Any]
 
@@ -64,6 +66,7 @@ class HookSession:
         self._forwards: list[tuple[nn.Module, bool, Any, Any]] = []
         self._grads: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self._grad_mode: bool | None = None
+        self._set_aside: list[tuple[nn.Module, dict[str, Any]]] = []
         self._holding = holding()
         self._scope: Any = None
 
@@ -99,6 +102,9 @@ class HookSession:
         if self._grad_mode is not None:
             torch.set_grad_enabled(self._grad_mode)
             self._grad_mode = None
+        while self._set_aside:
+            module, tables = self._set_aside.pop()
+            module.__dict__.update(tables)
         self._scope.__exit__(None, None, None)
 
     # -- what a session can change -------------------------------------------------------
@@ -142,6 +148,16 @@ class HookSession:
                         for p in module.parameters()]
 
     @uninterruptible
+    def set_aside_hooks(self, module: nn.Module) -> None:
+        """Hooks that others put on ``module`` and its children are not called during the
+        session (a dry run); they are back, unchanged, when it ends."""
+        for sub in module.modules():
+            tables = {name: sub.__dict__[name] for name in _HOOK_TABLES if name in sub.__dict__}
+            self._set_aside.append((sub, tables))
+            for name, table in tables.items():
+                sub.__dict__[name] = type(table)()
+
+    @uninterruptible
     def grad_mode(self, enabled: bool) -> None:
         """Autograd on or off for the session; the previous mode comes back at its end."""
         if self._grad_mode is None:
@@ -160,6 +176,10 @@ class HookSession:
         return hook
 
 
+_HOOK_TABLES = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+
+
 def _restore_forward(module: nn.Module, had: bool, previous: Any, replacement: Any) -> None:
     if module.__dict__.get("forward") is not replacement:
         return  # someone replaced it after us: theirs stays
@@ -167,6 +187,18 @@ def _restore_forward(module: nn.Module, had: bool, previous: Any, replacement: A
         module.forward = previous
     else:
         del module.__dict__["forward"]
+
+
+def entry_point(fn: F) -> F:
+    """For an operation of its own (a sweep, the lens): its forwards see none of the hooks of
+    a trace it may be called from, and one SIGINT handler serves all its hook sessions."""
+
+    @functools.wraps(fn)
+    def own_scope(*args: Any, **kwargs: Any) -> Any:
+        with holding(), active.hook_scope(()):
+            return fn(*args, **kwargs)
+
+    return own_scope  # type: ignore[return-value]
 
 
 def first_tensor(value: Any) -> torch.Tensor:

@@ -106,13 +106,3 @@ class holding:
                           previous if previous is not None else signal.default_int_handler)
             _state["previous"] = None
 
-
-def held(fn: F) -> F:
-    """Run ``fn`` inside :class:`holding` (one handler for the many sessions it opens)."""
-
-    @functools.wraps(fn)
-    def with_handler(*args: Any, **kwargs: Any) -> Any:
-        with holding():
-            return fn(*args, **kwargs)
-
-    return with_handler  # type: ignore[return-value]

@@ -19,7 +19,7 @@ from ipy_intervene.errors import InputError
 from ipy_intervene.batch import Batch
 from ipy_intervene.model import Model, wrap
 from ipy_intervene.sites import adapter_for, get_path
-from ipy_intervene.hooks import site_hooks
+from ipy_intervene.hooks import entry_point, site_hooks
 from ipy_intervene.sweep.inputs import first_prompt_tokens, numbered
 
 
@@ -52,6 +52,7 @@ class LensResult:
                 f"last layer, last position: {final[0]!r} {final[1]:.3f})")
 
 
+@entry_point
 def lens(model: Any, source: Any, *, tokens: Sequence[str] | None = None,
          prompt: int = 0) -> LensResult:
     """Logit lens of a prompt (runs one forward), or of residual streams a ``%%trace`` cell

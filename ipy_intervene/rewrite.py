@@ -34,7 +34,8 @@ class _GraphBuilder:
 
     def __init__(self, graph: InterventionGraph, source: str, model_node: ast.expr,
                  invoke_bodies: list[list[ast.stmt]],
-                 loop_targets: list[set[str] | None] | None = None) -> None:
+                 loop_targets: list[set[str] | None] | None = None,
+                 own_names: list[set[str]] | None = None) -> None:
         self.graph = graph
         self.lines = source.splitlines()
         self.model_node = model_node
@@ -45,6 +46,7 @@ class _GraphBuilder:
         self.statement = -1
         self.region = 0
         self.loops = loop_targets or [None] * len(invoke_bodies)
+        self.own = own_names or [set() for _ in invoke_bodies]
         self.cross_uses: list[set[str]] = [set() for _ in invoke_bodies]
         self.cross_defs: list[set[str]] = [set() for _ in invoke_bodies]
         if len(invoke_bodies) > 1 or any(t is not None for t in self.loops):
@@ -54,9 +56,10 @@ class _GraphBuilder:
     def _cross_invoke_names(self, invoke_bodies: list[list[ast.stmt]]) -> None:
         """Names one invoke uses and another binds: they get wait_for/bound barriers.
 
-        The body of an invoke loop is many invokes: it counts as "another" for itself. Its
-        loop targets are its own parameters, never shared."""
-        own = [t or set() for t in self.loops]
+        The body of an invoke loop is many invokes: it counts as "another" for itself. Loop
+        targets (of the invoke loop and of ``for`` loops inside a body) are each invoke's own,
+        never shared."""
+        own = self.own
         defs = [all_defs(b) - own[i] for i, b in enumerate(invoke_bodies)]
         uses = [all_uses(b) - own[i] for i, b in enumerate(invoke_bodies)]
 
@@ -79,13 +82,18 @@ class _GraphBuilder:
         self.invoke, self.defined_here = invoke, set()
         return _compile_module(self.block(body, region), filename)
 
-    def loop_body_code(self, body, region, invoke, filename, params: list[str],
-                       globals_: set[str], where: ast.stmt) -> CodeType:
-        """An invoke loop's body as a function of the loop targets; every other name it
-        binds is a global of the notebook, as in the rest of the cell."""
+    def invoke_code(self, body, region, invoke, filename, params: list[str],
+                    binds: set[str], where: ast.stmt) -> CodeType:
+        """An invoke's body as a function (of an invoke loop's targets). The names it shares
+        with other invokes are the notebook's globals, live while the forward runs; the rest
+        are its own locals (a ``for l`` in two invokes is two loops), returned at its end for
+        the run to publish in invoke order."""
         self.invoke, self.defined_here = invoke, set()
         stmts = self.block(body, region)
-        declared = sorted(globals_ - set(params))
+        shared = (self.cross_uses[invoke] | self.cross_defs[invoke]) - self.own[invoke]
+        stmts.append(locate(ast.Return(ast.Call(ast.Name("locals", ast.Load()), [], [])),
+                            stmts[-1]))
+        declared = sorted((binds & shared) - set(params))
         if declared:
             stmts.insert(0, locate(ast.Global(names=declared), where))
         args = ast.arguments(posonlyargs=[], args=[ast.arg(arg=p) for p in params],
@@ -135,7 +143,8 @@ class _GraphBuilder:
         before = self._wait_for(uses, stmt)
         self.defined_here |= defs
         rewritten = self._rewrite_stmt(stmt, region)
-        return before + [rewritten] + self._bound(defs, stmt)
+        rewritten = rewritten if isinstance(rewritten, list) else [rewritten]
+        return before + rewritten + self._bound(defs, stmt)
 
     def _text(self, stmt: ast.stmt) -> str:
         line = self.lines[stmt.lineno - 1].strip() if stmt.lineno <= len(self.lines) else ""
@@ -245,12 +254,19 @@ class _GraphBuilder:
             sid = self._add_site(chain, attr, "write", target)
             call = bridge_call("write", [self._chain_expr(chain), ast.Constant(attr), value,
                                           ast.Constant(sid)], stmt)
-            return locate(ast.Expr(call), stmt)
+            return [self._arrive(chain, attr, sid, stmt), locate(ast.Expr(call), stmt)]
         chain, attr = self._site_of(target.value)
         sid = self._add_site(chain, attr, "edit", target)
         call = bridge_call("setitem", [self._chain_expr(chain), ast.Constant(attr),
                                         index_expr(self.expr(target.slice)), value,
                                         ast.Constant(sid)], stmt)
+        return [self._arrive(chain, attr, sid, stmt), locate(ast.Expr(call), stmt)]
+
+    def _arrive(self, chain: ast.AST, attr: str, sid: int, stmt: ast.stmt) -> ast.stmt:
+        """Wait for the site *before* computing the value written to it: what other invokes
+        read at that moment of the forward (reads are served first) is then available."""
+        call = bridge_call("arrive", [self._chain_expr(chain), ast.Constant(attr),
+                                      ast.Constant(sid)], stmt)
         return locate(ast.Expr(call), stmt)
 
     def _rewrite_augassign(self, stmt: ast.AugAssign) -> ast.stmt:
@@ -273,7 +289,7 @@ class _GraphBuilder:
         call = bridge_call("augment", [self._chain_expr(chain), ast.Constant(attr),
                                         ast.Constant(op), self.expr(stmt.value),
                                         ast.Constant(sid)], stmt)
-        return locate(ast.Expr(call), stmt)
+        return [self._arrive(chain, attr, sid, stmt), locate(ast.Expr(call), stmt)]
 
     # expressions
 

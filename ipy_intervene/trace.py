@@ -23,6 +23,7 @@ from ipy_intervene.interrupts import holding, uninterruptible
 from ipy_intervene.model import Model, wrap
 from ipy_intervene.namespace import Bindings, bound_names
 from ipy_intervene.runtime import NO_INPUT, Outcome, run_cell
+from ipy_intervene.runtime.dry import run_dry
 from ipy_intervene.validate import validate
 
 
@@ -40,6 +41,7 @@ class TraceResult:
     steps: int = 0
     seconds: float = 0.0
     dry_run: bool = False
+    note: str = ""
 
     def show_graph(self):
         """The intervention graph as a view (SVG when pygraphviz is installed, else DOT)."""
@@ -49,7 +51,8 @@ class TraceResult:
 
     def summary(self) -> str:
         if self.dry_run:
-            return "dry run (the model did not run)\n" + self.graph.summary()
+            head = "dry run on fake tensors: shapes and indices checked, nothing computed or published"
+            return "\n".join(filter(None, [head, self.note, self.graph.summary()]))
         lines = [f"TraceResult: {self.steps} step(s) in {self.seconds * 1000:.1f} ms"]
         for name, value in self.names.items():
             lines.append(f"  {name} = {_short(value)}")
@@ -98,7 +101,9 @@ def run_compiled(model: Model, cell: CompiledCell, ns: dict, input: Any, *,
     with holding(), _UndoOnFailure(ns, bound_names(graph.source, cell.filename), cell) as undo:
         plan = validate(cell, model, graph)
         if dry_run:
-            return TraceResult(graph, dry_run=True)
+            dry = run_dry(model, cell, graph, plan, ns, line_input=input, generate=generate)
+            undo.restore()  # a dry run publishes nothing
+            return TraceResult(graph, dry_run=True, note=dry.note)
         outcome = run_cell(model, cell, graph, plan, ns, line_input=input, generate=generate,
                            grad=grad)
     return _result(outcome, undo.changed())

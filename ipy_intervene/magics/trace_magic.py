@@ -113,7 +113,7 @@ class TraceMagics(Magics):
         if args.quiet:
             return
         if args.dry_run:
-            print(result.graph.summary())
+            print(result.summary())
             display(result.show_graph())
         elif args.graph:
             display(result.show_graph())

@@ -38,6 +38,8 @@ class Inputs:
         self.changed = True
 
     def serve(self, sched: "Scheduler", inv: "Invoke", req: "Request") -> Any:
+        if req.access == "arrive":
+            return None
         if req.attr == "skip":
             sched.skips.setdefault(id(req.envoy.module), []).append((inv.rows, req.payload, req))
             sched.record(req, req.payload)
@@ -77,8 +79,11 @@ class Output:
 
 def serve_value(sched: "Scheduler", inv: "Invoke", req: "Request", current: Any,
                 setter: Callable[[Any], None]) -> Any:
-    """Read, assign, augment (``+=``) or edit in place (``[...] =``) this invoke's rows."""
+    """Read, assign, augment (``+=``) or edit in place (``[...] =``) this invoke's rows
+    (``arrive``: the moment a change is about to be made; nothing to do yet)."""
     batch, rows = sched.batch.size, inv.rows
+    if req.access == "arrive":
+        return None
     if req.access == "read":
         value = values.take_rows(current, rows, batch)
         sched.record(req, value)

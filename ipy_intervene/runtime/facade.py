@@ -45,6 +45,12 @@ class Facade:
         run = active.require_trace(f".{attr}")
         return run.ask(envoy, attr, "read", sid if _own(run) else None, None)
 
+    def arrive(self, envoy: Any, attr: str, sid: int | None) -> None:
+        """Wait until the forward reaches the site this line is about to change."""
+        __tracebackhide__ = True
+        run = active.require_trace(f".{attr}")
+        run.ask(envoy, attr, "arrive", sid if _own(run) else None, None)
+
     def write(self, envoy: Any, attr: str, value: Any, sid: int | None) -> None:
         __tracebackhide__ = True
         run = active.require_trace(f".{attr}")

@@ -152,18 +152,21 @@ class Run:
 
 def run_cell(model: Model, cell: Any, graph: InterventionGraph, plan: HookPlan, ns: dict, *,
              line_input: Any = NO_INPUT, generate: int | None = None,
-             grad: bool = False) -> Outcome:
+             grad: bool = False, fake: bool = False) -> Outcome:
     """Run a validated ``cell`` in namespace ``ns`` against one forward of ``model``.
 
     Names the cell binds go straight into ``ns`` (the caller undoes them if this raises).
     Hooks, replaced forwards, ``.grad`` and grad mode are as before when this returns or
-    raises, whenever a Ctrl-C lands.
+    raises, whenever a Ctrl-C lands. ``fake``: a dry run on fake tensors, during which the
+    model's other hooks (yours) are set aside.
     """
     __tracebackhide__ = True
     facade.install()
     start = time.perf_counter()
     with HookSession(exclusive=True) as session:
         session.grad_mode(grad)
+        if fake:
+            session.set_aside_hooks(model.module)
         if grad:
             session.keep_grads(model.module)
         run = Run(model, cell, graph, ns, generate, session)
@@ -191,20 +194,30 @@ def _interleave(run: Run, cell: Any, ns: dict, line_input: Any, plan: HookPlan) 
                                     line=cell.invokes[0].line)
     line = cell.invokes[0].line if line_input is NO_INPUT else None
     batch = run.model.prepare([x for _, x, _ in run.planned], line=line)
-    bodies = [(code, _body(cell.invokes[code], ns, targets))
-              for code, _, targets in run.planned]
+    own: list[dict[str, Any]] = [{} for _ in run.planned]
+    bodies = [(code, _body(cell.invokes[code], ns, targets, own[i]))
+              for i, (code, _, targets) in enumerate(run.planned)]
     run.sched.start(bodies, batch)
     run.hooks.install(plan)
     output = run.forward(batch)
     run.sched.finish(output)
+    for names in own:  # each invoke's own names, in invoke order
+        ns.update(names)
     if cell.after is not None:
         exec(cell.after, ns)
     return run.sched.final_output, batch
 
 
-def _body(invoke: Any, ns: dict, targets: dict[str, Any] | None) -> Callable[[], None]:
-    """What an invoke's greenlet runs: the block's code, or the loop body's function."""
-    if not invoke.params:
+def _body(invoke: Any, ns: dict, targets: dict[str, Any] | None,
+          own: dict[str, Any]) -> Callable[[], None]:
+    """What an invoke's greenlet runs: the cell's code (INPUT on the magic line), or the
+    invoke's function, whose own names land in ``own``."""
+    if invoke.body.co_flags & 0x02 == 0:  # module code, not a function's (CO_NEWLOCALS)
         return lambda: exec(invoke.body, ns)
     function = FunctionType(invoke.body, ns)
-    return lambda: function(**targets)
+
+    def run() -> None:
+        names = function(**(targets or {}))
+        own.update((k, v) for k, v in names.items() if k not in invoke.params)
+
+    return run

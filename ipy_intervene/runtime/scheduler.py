@@ -33,7 +33,7 @@ class Request:
     kind: str                       # site | names | model_output
     envoy: Envoy | None = None
     attr: str = ""                  # output | input | inputs | skip
-    access: str = "read"            # read | write | edit | augment | skip
+    access: str = "read"            # read | arrive | write | edit | augment | skip
     step: int = 0
     site: Site | None = None
     payload: Any = None

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 
 from ipy_intervene.errors import InputError
-from ipy_intervene.interrupts import held
+from ipy_intervene.hooks import entry_point
 from ipy_intervene.metrics import Metric, Prob, as_metric
 from ipy_intervene.model import Model, wrap
 from ipy_intervene.sites import Adapter, SiteKind, adapter_for, get_path, site_kind
@@ -64,7 +64,7 @@ class Grid:
         return sorted({l for layer in self.layers for l in self.window_of(layer)})
 
 
-@held  # one SIGINT handler for all the sweep's hook sessions
+@entry_point
 def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = None, *,
                 site: str = "resid_pre", method: str = "activation",
                 direction: str = "denoising", layers: Sequence[int] | None = None,
@@ -89,7 +89,8 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
     of grid cells run together (default: as many as fit in ``memory_fraction`` of free memory).
 
     >>> r = patch_sweep(model, clean, corrupted, ii.logit_diff("Mary", "John"))  # doctest: +SKIP
-    >>> r.values[layer, pos]       # 1: the patch restores the clean answer; 0: no effect
+    >>> r.values[layer, pos]       # doctest: +SKIP
+    1.0 where the patch restores the clean answer, 0.0 where it has no effect
     """
     start = time.perf_counter()
     model = wrap(model)
@@ -136,6 +137,7 @@ class Patcher:
                                    batch_size, self.memory_fraction)
         return self._engine
 
+    @entry_point
     def probs(self, index: Sequence[int]) -> torch.Tensor:
         """Next-token probabilities ``[prompts, vocab]`` at the last metric position under
         the patch of the cell at grid ``index`` (averaged over noise samples)."""
