@@ -191,14 +191,32 @@ def _restore_forward(module: nn.Module, had: bool, previous: Any, replacement: A
 
 def entry_point(fn: F) -> F:
     """For an operation of its own (a sweep, the lens): its forwards see none of the hooks of
-    a trace it may be called from, and one SIGINT handler serves all its hook sessions."""
+    a trace it may be called from, one SIGINT handler serves all its hook sessions, and the
+    grad mode is back as it was however it ends (its ``torch.no_grad()`` blocks included)."""
 
     @functools.wraps(fn)
     def own_scope(*args: Any, **kwargs: Any) -> Any:
-        with holding(), active.hook_scope(()):
+        with _OwnScope():
             return fn(*args, **kwargs)
 
     return own_scope  # type: ignore[return-value]
+
+
+class _OwnScope:
+    def __init__(self) -> None:
+        self.holding, self.scope = holding(), active.hook_scope(())
+        self.grad_mode = torch.is_grad_enabled()
+
+    @uninterruptible
+    def __enter__(self) -> None:
+        self.holding.__enter__()
+        self.scope.__enter__()
+
+    @uninterruptible
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_grad_enabled(self.grad_mode)
+        self.scope.__exit__()
+        self.holding.__exit__()
 
 
 def first_tensor(value: Any) -> torch.Tensor:

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import functools
 import signal
+import sys
 import threading
 from types import CodeType, FrameType
 from typing import Any, Callable, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_SAFE: set[CodeType] = set()
+_SAFE: set[CodeType] = set()       # the marked functions' own code
+_WRAPPERS: set[CodeType] = set()   # their wrappers' code
 _state = {"depth": 0, "previous": None, "pending": False}
 
 
@@ -33,34 +35,37 @@ def uninterruptible(fn: F) -> F:
 
     @functools.wraps(fn)
     def run_whole(*args: Any, **kwargs: Any) -> Any:
+        finishing = False
         try:
             return fn(*args, **kwargs)
         finally:
+            finishing = True  # noqa: F841 - read by the handler through the frame
             _deliver_if_outermost()
 
     _SAFE.add(fn.__code__)
-    _SAFE.add(run_whole.__code__)
+    _WRAPPERS.add(run_whole.__code__)
     return run_whole  # type: ignore[return-value]
 
 
 def _in_safe_section(frame: FrameType | None) -> bool:
+    """True while cleanup runs: a marked function's own frame, or its wrapper's before the
+    function has returned (after that, a signal is delivered at once: nothing is left)."""
     while frame is not None:
-        if frame.f_code in _SAFE:
+        code = frame.f_code
+        if code in _SAFE or (code in _WRAPPERS and not frame.f_locals.get("finishing")):
             return True
         frame = frame.f_back
     return False
 
 
 def _deliver_if_outermost() -> None:
-    import sys
-
-    caller = sys._getframe(2)  # the frame that called the outermost wrapper, or a safe one
+    caller = sys._getframe(2)  # the frame that called the wrapper
     if _state["pending"] and not _in_safe_section(caller):
-        _state["pending"] = False
         _deliver(signal.SIGINT, caller)
 
 
 def _deliver(signum: int, frame: FrameType | None) -> None:
+    _state["pending"] = False  # one KeyboardInterrupt for however many held signals
     previous = _state["previous"] if _state["depth"] else signal.getsignal(signal.SIGINT)
     if callable(previous):
         previous(signum, frame)

@@ -23,7 +23,7 @@ from types import CodeType
 from ipy_intervene.errors import CellSyntaxError
 from ipy_intervene.graph import InterventionGraph, Site, Statement
 from ipy_intervene.syntax import (BRIDGE, INTERNAL_NAMES, SITE_ATTRS, TRACER, Part, all_defs, all_uses,
-                                  bridge_call, format_path, index_expr, locate, statement_names)
+                                  bridge_call, compile_module, format_path, index_expr, locate, statement_names)
 
 _AUG_OPS = {ast.Add: "iadd", ast.Sub: "isub", ast.Mult: "imul", ast.Div: "itruediv",
             ast.MatMult: "imatmul", ast.Pow: "ipow", ast.FloorDiv: "ifloordiv", ast.Mod: "imod"}
@@ -80,7 +80,7 @@ class _GraphBuilder:
 
     def block_code(self, body, region, invoke, filename) -> CodeType:
         self.invoke, self.defined_here = invoke, set()
-        return _compile_module(self.block(body, region), filename)
+        return compile_module(self.block(body, region), filename)
 
     def invoke_code(self, body, region, invoke, filename, params: list[str],
                     binds: set[str], where: ast.stmt) -> CodeType:
@@ -100,7 +100,7 @@ class _GraphBuilder:
                              kwonlyargs=[], kw_defaults=[], defaults=[])
         fn = locate(ast.FunctionDef(name="invoke", args=args, body=stmts, decorator_list=[],
                                     returns=None), where)
-        code = _compile_module([fn], filename)
+        code = compile_module([fn], filename)
         return next(c for c in code.co_consts if isinstance(c, CodeType))
 
     def finish(self) -> None:
@@ -347,14 +347,6 @@ class _GraphBuilder:
     def _read_call(self, chain: ast.AST, attr: str, sid: int, node: ast.AST) -> ast.Call:
         return bridge_call("read", [self._chain_expr(chain), ast.Constant(attr),
                                      ast.Constant(sid)], node)
-
-
-def _compile_module(body: list[ast.stmt], filename: str) -> CodeType:
-    module = ast.Module(body=body, type_ignores=[])
-    try:
-        return compile(module, filename, "exec")
-    except TypeError:  # a node without a location slipped through: fill them all
-        return compile(ast.fix_missing_locations(module), filename, "exec")
 
 
 class _ExprRewriter(ast.NodeTransformer):

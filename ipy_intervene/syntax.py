@@ -11,6 +11,7 @@ paths, the names a statement binds and reads, and small helpers that build bridg
 from __future__ import annotations
 
 import ast
+from types import CodeType
 
 BRIDGE = "__ii__"
 TRACER = "tracer"
@@ -131,3 +132,11 @@ def index_expr(slice_node: ast.expr) -> ast.expr:
     bridge_index = ast.Attribute(value=ast.Name(BRIDGE, ast.Load()), attr="index", ctx=ast.Load())
     return locate(ast.Subscript(value=bridge_index, slice=slice_node, ctx=ast.Load()), slice_node)
 
+
+def compile_module(body: list[ast.stmt], filename: str) -> CodeType:
+    """Compile rewritten statements as a module (filling in locations if one is missing)."""
+    module = ast.Module(body=body, type_ignores=[])
+    try:
+        return compile(module, filename, "exec")
+    except TypeError:  # a node without a location slipped through: fill them all
+        return compile(ast.fix_missing_locations(module), filename, "exec")
