@@ -254,20 +254,23 @@ class _GraphBuilder:
             sid = self._add_site(chain, attr, "write", target)
             call = bridge_call("write", [self._chain_expr(chain), ast.Constant(attr), value,
                                           ast.Constant(sid)], stmt)
-            return [self._arrive(chain, attr, sid, stmt), locate(ast.Expr(call), stmt)]
+            return self._arrive(chain, attr, sid, stmt) + [locate(ast.Expr(call), stmt)]
         chain, attr = self._site_of(target.value)
         sid = self._add_site(chain, attr, "edit", target)
         call = bridge_call("setitem", [self._chain_expr(chain), ast.Constant(attr),
                                         index_expr(self.expr(target.slice)), value,
                                         ast.Constant(sid)], stmt)
-        return [self._arrive(chain, attr, sid, stmt), locate(ast.Expr(call), stmt)]
+        return self._arrive(chain, attr, sid, stmt) + [locate(ast.Expr(call), stmt)]
 
-    def _arrive(self, chain: ast.AST, attr: str, sid: int, stmt: ast.stmt) -> ast.stmt:
-        """Wait for the site *before* computing the value written to it: what other invokes
-        read at that moment of the forward (reads are served first) is then available."""
+    def _arrive(self, chain: ast.AST, attr: str, sid: int, stmt: ast.stmt) -> list[ast.stmt]:
+        """Wait for the site *before* computing the value written to it, when that value
+        uses a name another invoke binds: what that invoke reads at this moment of the
+        forward (reads are served first) is then available."""
+        if self.invoke is None or not statement_names(stmt)[1] & self.cross_uses[self.invoke]:
+            return []
         call = bridge_call("arrive", [self._chain_expr(chain), ast.Constant(attr),
                                       ast.Constant(sid)], stmt)
-        return locate(ast.Expr(call), stmt)
+        return [locate(ast.Expr(call), stmt)]
 
     def _rewrite_augassign(self, stmt: ast.AugAssign) -> ast.stmt:
         site = self._site_of(stmt.target)
@@ -289,7 +292,7 @@ class _GraphBuilder:
         call = bridge_call("augment", [self._chain_expr(chain), ast.Constant(attr),
                                         ast.Constant(op), self.expr(stmt.value),
                                         ast.Constant(sid)], stmt)
-        return [self._arrive(chain, attr, sid, stmt), locate(ast.Expr(call), stmt)]
+        return self._arrive(chain, attr, sid, stmt) + [locate(ast.Expr(call), stmt)]
 
     # expressions
 
