@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from IPython.core.interactiveshell import InteractiveShell
@@ -65,6 +67,17 @@ def hook_count(module: torch.nn.Module) -> int:
                + len(getattr(m, "_forward_hooks_with_kwargs", {}))
                + ("forward" in m.__dict__)
                for m in module.modules())
+
+
+@contextmanager
+def hooks(*pairs):
+    """Register (module, forward-hook) pairs for an oracle; remove them on exit."""
+    handles = [m.register_forward_hook(fn) for m, fn in pairs]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class TestingShell(InteractiveShell):

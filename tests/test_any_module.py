@@ -7,7 +7,6 @@ concatenated along dim 0, without padding.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 import ipy_intervene as ii
 from ipy_intervene.errors import InputError
 from ipy_intervene.trace import NO_INPUT
-from conftest import PROMPT, hook_count
+from conftest import PROMPT, hook_count, hooks
 
 
 class Pair(nn.Module):
@@ -50,17 +49,6 @@ def run(module, source, input=NO_INPUT, **names):
     ns = {"model": model, "torch": torch, **names}
     ii.trace(model, source, input, namespace=ns)
     return ns
-
-
-@contextmanager
-def hooks(*pairs):
-    """Register (module, forward-hook) pairs; remove them on exit."""
-    handles = [m.register_forward_hook(fn) for m, fn in pairs]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def record(seen, key):

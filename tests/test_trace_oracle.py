@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 import torch
 
 import ipy_intervene as ii
 from ipy_intervene.trace import NO_INPUT
-from conftest import CORRUPT, LAYERS, PROMPT, SHORT, UNEMBED, layers
+from conftest import CORRUPT, LAYERS, PROMPT, SHORT, UNEMBED, hooks, layers
 
 
 def paths(arch: str) -> dict[str, str]:
@@ -20,17 +19,6 @@ def run(model, arch, source, input=NO_INPUT, **kw):
     ns = {"model": model}
     ii.trace(model, source.format(**paths(arch)), input, namespace=ns, **kw)
     return ns
-
-
-@contextmanager
-def hooks(*pairs):
-    """Register (module, forward-hook) pairs; remove them on exit."""
-    handles = [m.register_forward_hook(fn) for m, fn in pairs]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def ids(model, text):
