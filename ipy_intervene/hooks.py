@@ -106,6 +106,7 @@ class HookSession:
             module, tables = self._set_aside.pop()
             module.__dict__.update(tables)
         self._scope.__exit__(None, None, None)
+        self._scope = None  # the scope's chain holds this session: no cycle left behind
 
     # -- what a session can change -------------------------------------------------------
 
@@ -272,6 +273,7 @@ class _SiteSession(HookSession):
         try:
             for module, where, fn in self.hooks:
                 tap(self, module, where in ("block_in", "module_in"), fn)
+            self.hooks = []  # the session's hooks hold them now, until it closes
         except BaseException:
             self.__exit__()
             raise
