@@ -22,6 +22,7 @@ from torch import nn
 from ipy_intervene import active
 from ipy_intervene.batch import Batch, describe, encode_dict, encode_ids
 from ipy_intervene.errors import InputError, InterventionError, MissingAttributeError, SiteError
+from ipy_intervene.tokens import check_known, check_kwargs
 
 DEMO_DIR = Path(__file__).parent / "demo" / "weights"
 
@@ -298,6 +299,7 @@ class Model(Envoy):
         if isinstance(x, str):
             x = [x]
         if isinstance(x, dict):
+            check_kwargs(self._module.forward, x, type(self._module).__name__, line=line)
             return encode_dict(x, line)
         if isinstance(x, torch.Tensor):
             return encode_ids(x, line)
@@ -316,6 +318,7 @@ class Model(Envoy):
             raise InputError("this model has no tokenizer: pass token ids (a tensor) or "
                              "ii.wrap(module, tokenizer)", line=line)
         enc = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
+        check_known(self.tokenizer, texts, enc["input_ids"], line=line)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def to_tokens(self, text: str | list[str]) -> torch.Tensor:
@@ -332,6 +335,7 @@ class Model(Envoy):
         ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
             raise InputError(f"{word!r} is {len(ids)} tokens for this tokenizer, not one")
+        check_known(self.tokenizer, [word], torch.tensor(ids))
         return int(ids[0])
 
 

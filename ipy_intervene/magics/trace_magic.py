@@ -35,7 +35,8 @@ class TraceMagics(Magics):
     @argument("--generate", type=int, metavar="N", help="run generate with N new tokens")
     @argument("--grad", action="store_true", help="autograd on: .retain_grad(), .backward()")
     @argument("--graph", action="store_true", help="show the intervention graph after the run")
-    @argument("--dry-run", action="store_true", help="compile, validate and show the graph only")
+    @argument("--dry-run", action="store_true", help="run on fake tensors: shapes and indices "
+              "checked, nothing computed or published")
     @argument("--out", metavar="NAME", help="also store the TraceResult in NAME")
     @argument("--quiet", action="store_true", help="display nothing")
     @no_var_expand

@@ -7,6 +7,7 @@ interleaved, inside one hook session.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from types import FunctionType
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -172,7 +173,7 @@ def run_cell(model: Model, cell: Any, graph: InterventionGraph, plan: HookPlan, 
         run = Run(model, cell, graph, ns, generate, session)
         try:
             with active.tracing(run):
-                output, batch = _interleave(run, cell, ns, line_input, plan)
+                output, batch = _interleave(run, cell, ns, line_input, plan, fake)
         finally:
             run.sched.kill()
     sched = run.sched
@@ -180,7 +181,8 @@ def run_cell(model: Model, cell: Any, graph: InterventionGraph, plan: HookPlan, 
                    time.perf_counter() - start, sched.stop_line)
 
 
-def _interleave(run: Run, cell: Any, ns: dict, line_input: Any, plan: HookPlan) -> tuple[Any, Batch]:
+def _interleave(run: Run, cell: Any, ns: dict, line_input: Any, plan: HookPlan,
+                fake: bool) -> tuple[Any, Batch]:
     """Before-code, the invokes interleaved with the forward, after-code."""
     __tracebackhide__ = True
     if cell.before is not None:
@@ -193,7 +195,8 @@ def _interleave(run: Run, cell: Any, ns: dict, line_input: Any, plan: HookPlan) 
             raise InterventionError("the invoke loop ran no invoke: its iterable is empty",
                                     line=cell.invokes[0].line)
     line = cell.invokes[0].line if line_input is NO_INPUT else None
-    batch = run.model.prepare([x for _, x, _ in run.planned], line=line)
+    with _real_tensors() if fake else nullcontext():  # inputs are real even in a dry run
+        batch = run.model.prepare([x for _, x, _ in run.planned], line=line)
     own: list[dict[str, Any]] = [{} for _ in run.planned]
     bodies = [(code, _body(cell.invokes[code], ns, targets, own[i]))
               for i, (code, _, targets) in enumerate(run.planned)]
@@ -206,6 +209,12 @@ def _interleave(run: Run, cell: Any, ns: dict, line_input: Any, plan: HookPlan) 
     if cell.after is not None:
         exec(cell.after, ns)
     return run.sched.final_output, batch
+
+
+def _real_tensors() -> Any:
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    return unset_fake_temporarily()
 
 
 def _body(invoke: Any, ns: dict, targets: dict[str, Any] | None,
