@@ -28,8 +28,10 @@ $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null
 
+# TQDM_DISABLE: a sweep's progress bar appears only after a second, so on a busy machine it
+# would add an output to an example notebook's cell; tests must not depend on the speed.
 test: $(STAMP) $(CHROMIUM)
-	$(BIN)/python -m pytest tests examples --nbval-lax --nbval-current-env -p no:cacheprovider
+	TQDM_DISABLE=1 $(BIN)/python -m pytest tests examples --nbval-lax --nbval-current-env -p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/trace_overhead.py

@@ -17,7 +17,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from ipy_intervene.errors import InterventionError
-from ipy_intervene.interrupts import uninterruptible
+from ipy_intervene.interrupts import entering, uninterruptible
 
 _trace: ContextVar[Any] = ContextVar("ipy_intervene_trace", default=None)
 _scope: ContextVar[tuple] = ContextVar("ipy_intervene_hook_scope", default=())
@@ -43,7 +43,7 @@ class _Setting:
     def __init__(self, var: ContextVar[Any], value: Any) -> None:
         self.var, self.value, self.token = var, value, None
 
-    @uninterruptible
+    @entering
     def __enter__(self) -> None:
         self.token = self.var.set(self.value)
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ipy_intervene import active
-from ipy_intervene.interrupts import holding, uninterruptible
+from ipy_intervene.interrupts import entering, holding, uninterruptible
 
 F = TypeVar("F", bound=Callable[..., Any])
 PreFn = Callable[[nn.Module, tuple, dict], "tuple[tuple, dict] | None"]
@@ -70,7 +70,7 @@ class HookSession:
         self._holding = holding()
         self._scope: Any = None
 
-    @uninterruptible
+    @entering
     def __enter__(self) -> "HookSession":
         self._holding.__enter__()
         outer = active.current_scope()
@@ -208,7 +208,7 @@ class _OwnScope:
         self.holding, self.scope = holding(), active.hook_scope(())
         self.grad_mode = torch.is_grad_enabled()
 
-    @uninterruptible
+    @entering
     def __enter__(self) -> None:
         self.holding.__enter__()
         self.scope.__enter__()
@@ -267,7 +267,7 @@ class _SiteSession(HookSession):
         super().__init__()
         self.hooks = hooks
 
-    @uninterruptible
+    @entering
     def __enter__(self) -> "HookSession":
         super().__enter__()
         try:

@@ -47,6 +47,26 @@ def uninterruptible(fn: F) -> F:
     return run_whole  # type: ignore[return-value]
 
 
+def entering(fn: F) -> F:
+    """Mark an ``__enter__`` as uninterruptible. A ``with`` statement does not call
+    ``__exit__`` when ``__enter__`` raises, so a Ctrl-C held while entering first undoes the
+    entering (``self.__exit__()``) and is raised after; one that arrives in the last
+    instants of entering stays held until the next cleanup ends."""
+
+    @functools.wraps(fn)
+    def enter(self: Any) -> Any:
+        result = fn(self)
+        caller = sys._getframe(1)
+        if _state["pending"] and not _in_safe_section(caller):
+            self.__exit__(None, None, None)
+            _deliver(signal.SIGINT, caller)
+        return result
+
+    _SAFE.add(fn.__code__)
+    _SAFE.add(enter.__code__)
+    return enter  # type: ignore[return-value]
+
+
 def _in_safe_section(frame: FrameType | None) -> bool:
     """True while cleanup runs: a marked function's own frame, or its wrapper's before the
     function has returned (after that, a signal is delivered at once: nothing is left)."""
@@ -89,7 +109,7 @@ class holding:
     def __init__(self) -> None:
         self.installed = False
 
-    @uninterruptible
+    @entering
     def __enter__(self) -> "holding":
         if threading.current_thread() is threading.main_thread() and not self.installed:
             if _state["depth"] == 0:

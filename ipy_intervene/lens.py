@@ -17,7 +17,8 @@ import torch
 
 from ipy_intervene.errors import InputError
 from ipy_intervene.batch import Batch
-from ipy_intervene.model import Model, wrap
+from ipy_intervene.loading import wrap
+from ipy_intervene.model import Model
 from ipy_intervene.sites import adapter_for, get_path
 from ipy_intervene.hooks import entry_point, site_hooks
 from ipy_intervene.sweep.inputs import first_prompt_tokens, numbered

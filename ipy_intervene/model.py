@@ -1,4 +1,5 @@
-"""Models: ``load_model``, ``wrap``, the module tree (envoys) and input batching.
+"""The model as a cell sees it: :class:`Model` and its module tree of envoys (loading is in
+:mod:`ipy_intervene.loading`, inputs in :mod:`ipy_intervene.batch`).
 
 >>> import ipy_intervene as ii
 >>> model = ii.load_model("demo")
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,7 +21,7 @@ from torch import nn
 
 from ipy_intervene import active
 from ipy_intervene.batch import Batch, describe, encode_dict, encode_ids
-from ipy_intervene.errors import InputError, InterventionError, MissingAttributeError, SiteError
+from ipy_intervene.errors import InputError, MissingAttributeError, SiteError
 from ipy_intervene.tokens import check_known, check_kwargs
 
 DEMO_DIR = Path(__file__).parent / "demo" / "weights"
@@ -337,62 +337,3 @@ class Model(Envoy):
             raise InputError(f"{word!r} is {len(ids)} tokens for this tokenizer, not one")
         check_known(self.tokenizer, [word], torch.tensor(ids))
         return int(ids[0])
-
-
-# -- loading --------------------------------------------------------------------------------
-
-def load_model(name_or_path: str | Path = "demo", *, device_map: Any = None,
-               dtype: torch.dtype | str | None = None, trust_remote_code: bool = False,
-               **kwargs: Any) -> Model:
-    """Load a causal LM and its tokenizer as an :class:`ii.Model`.
-
-    ``"demo"`` is the embedded model; otherwise a hub id or a local folder, loaded with
-    ``AutoModelForCausalLM`` (safetensors only) and ``AutoTokenizer``.
-
-    >>> model = load_model("demo")
-    >>> model.config.n_layer
-    4
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    demo = str(name_or_path) == "demo"
-    path = DEMO_DIR if demo else name_or_path
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    try:
-        with _quiet_progress(demo):  # the 3 MB demo loads in an instant: no bar
-            module = AutoModelForCausalLM.from_pretrained(
-                path, device_map=device_map, dtype=dtype, use_safetensors=True,
-                trust_remote_code=trust_remote_code, **kwargs)
-    except OSError as exc:
-        if "safetensors" not in str(exc):
-            raise
-        raise InputError(f"{name_or_path}: no safetensors weights. ipy_intervene loads "
-                         "safetensors only (pickled .bin/.pt files can run code when loaded); "
-                         "convert them once where you trust them: "
-                         "model.save_pretrained(folder) writes model.safetensors") from exc
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return Model(module.eval(), tokenizer)
-
-
-@contextmanager
-def _quiet_progress(quiet: bool) -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
-
-    was_on = hf_logging.is_progress_bar_enabled()
-    if quiet and was_on:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if quiet and was_on:
-            hf_logging.enable_progress_bar()
-
-
-def wrap(module: nn.Module, tokenizer: Any = None) -> Model:
-    """Wrap a model already in memory: ``ii.wrap(hf_model, tokenizer)``."""
-    if isinstance(module, Model):
-        return module
-    if not isinstance(module, nn.Module):
-        raise InterventionError(f"ii.wrap expects a torch.nn.Module, got {type(module).__name__}")
-    return Model(module, tokenizer)

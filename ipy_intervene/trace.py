@@ -20,7 +20,8 @@ from ipy_intervene.compile import CompiledCell, compile_cell
 from ipy_intervene.errors import InterventionError
 from ipy_intervene.graph import InterventionGraph
 from ipy_intervene.interrupts import holding, uninterruptible
-from ipy_intervene.model import Model, wrap
+from ipy_intervene.loading import warn_if_training, wrap
+from ipy_intervene.model import Model
 from ipy_intervene.namespace import Bindings, bound_names
 from ipy_intervene.runtime import NO_INPUT, Outcome, run_cell
 from ipy_intervene.runtime.dry import run_dry
@@ -97,6 +98,7 @@ def run_compiled(model: Model, cell: CompiledCell, ns: dict, input: Any, *,
                  generate: int | None, grad: bool, dry_run: bool) -> TraceResult:
     """The pipeline after compiling: validate, run in ``ns`` itself, publish (or undo)."""
     __tracebackhide__ = True
+    warn_if_training(model)
     graph = cell.fresh_graph()
     with holding(), _UndoOnFailure(ns, bound_names(graph.source, cell.filename), cell) as undo:
         plan = validate(cell, model, graph)

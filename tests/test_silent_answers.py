@@ -57,3 +57,37 @@ def test_a_correct_model_kwarg_still_works(demo):
     ii.trace(demo, "logits = model.lm_head.output",
              {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, namespace=ns)
     assert ns["logits"].shape == (1, 15, 198)
+
+
+def _dropout_gpt2(demo):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(demo.tokenizer), n_positions=64, n_embd=32, n_layer=2,
+                     n_head=4, resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)
+    return GPT2LMHeadModel(cfg).train()
+
+
+def test_wrap_puts_a_training_model_in_eval_mode_and_says_so(demo):
+    module = _dropout_gpt2(demo)
+    with pytest.warns(UserWarning, match="eval mode"):
+        model = ii.wrap(module, demo.tokenizer)
+    assert not module.training
+    runs = [ii.trace(model, "l = model.lm_head.output", PROMPT, namespace={"model": model})
+            .names["l"] for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_a_model_switched_to_train_mode_later_gets_a_warning(demo):
+    module = _dropout_gpt2(demo)
+    with pytest.warns(UserWarning):
+        model = ii.wrap(module, demo.tokenizer)
+    module.train()
+    try:
+        with pytest.warns(UserWarning, match="train mode"):
+            ii.trace(model, "l = model.lm_head.output", PROMPT, namespace={"model": model})
+        with pytest.warns(UserWarning, match="train mode"):
+            ii.patch_sweep(model, PROMPT, CORRUPT, ii.logit_diff("Mary", "John"), layers=[0],
+                           positions=[10])
+    finally:
+        module.eval()

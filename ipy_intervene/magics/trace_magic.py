@@ -13,7 +13,8 @@ from torch import nn
 from ipy_intervene.compile import compile_cell
 from ipy_intervene.magics.command import TraceCommand
 from ipy_intervene.magics.evaluate import evaluate
-from ipy_intervene.model import Model, wrap
+from ipy_intervene.loading import wrap
+from ipy_intervene.model import Model
 from ipy_intervene.trace import NO_INPUT, TraceResult, run_compiled
 
 

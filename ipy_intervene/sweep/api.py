@@ -13,7 +13,8 @@ import torch
 from ipy_intervene.errors import InputError
 from ipy_intervene.hooks import entry_point
 from ipy_intervene.metrics import Metric, Prob, as_metric
-from ipy_intervene.model import Model, wrap
+from ipy_intervene.loading import warn_if_training, wrap
+from ipy_intervene.model import Model
 from ipy_intervene.sites import Adapter, SiteKind, adapter_for, get_path, site_kind
 from ipy_intervene.sweep import attribution, memory
 from ipy_intervene.sweep.inputs import (index_list, prepare_pair, subject_mask, subject_noise,
@@ -94,6 +95,7 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
     """
     start = time.perf_counter()
     model = wrap(model)
+    warn_if_training(model)
     _check_choice("method", method, METHODS)
     _check_choice("direction", direction, DIRECTIONS)
     adapter = adapter_for(model, adapter)
