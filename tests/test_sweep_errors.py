@@ -141,3 +141,14 @@ def test_causal_tracing_uses_an_adapter_given_by_hand(demo):
     finally:
         module.config.model_type = "gpt2"
     torch.testing.assert_close(result.raw, expected.raw)
+
+
+def test_tqdm_disable_turns_the_sweep_bar_off(monkeypatch):
+    from ipy_intervene.sweep import staircase
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert staircase.progress_disabled()
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    assert not staircase.progress_disabled()
+    monkeypatch.delenv("TQDM_DISABLE")
+    assert not staircase.progress_disabled()

@@ -29,3 +29,4 @@ def free_bytes(device: torch.device) -> int:
 def budget(device: torch.device, fraction: float) -> int:
     """``fraction`` of the free memory, in bytes (at least 64 MiB)."""
     return max(64 << 20, int(free_bytes(device) * fraction))
+
