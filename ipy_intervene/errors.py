@@ -51,3 +51,13 @@ class ValueMismatchError(InterventionError):
 
 class InputError(InterventionError):
     """The INPUT of a trace, or a sweep's prompts, cannot be turned into model inputs."""
+
+
+def cell_line(exc: BaseException, filename: str) -> int | None:
+    """The last line of the cell (by its filename) in ``exc``'s traceback, or None."""
+    line, tb = None, exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == filename:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line

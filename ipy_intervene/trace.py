@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Callable
 
 from ipy_intervene.compile import CompiledCell, compile_cell
-from ipy_intervene.errors import InterventionError
+from ipy_intervene.errors import InterventionError, cell_line
 from ipy_intervene.graph import InterventionGraph
 from ipy_intervene.interrupts import holding, uninterruptible
 from ipy_intervene.loading import warn_if_training, wrap
@@ -132,17 +131,6 @@ def _result(outcome: Outcome, names: dict[str, Any]) -> TraceResult:
     outcome.graph.published = [n for n in outcome.graph.published if n in names] + [
         n for n in names if n not in outcome.graph.published]
     return TraceResult(outcome.graph, names, outcome.output, outcome.steps, outcome.seconds)
-
-
-def cell_line(exc: BaseException, filename: str) -> int | None:
-    """The last line of the cell (by filename) in ``exc``'s traceback."""
-    line = None
-    tb: TracebackType | None = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename == filename:
-            line = tb.tb_lineno
-        tb = tb.tb_next
-    return line
 
 
 def _attach_line(exc: BaseException, cell: CompiledCell) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ipy_intervene.errors import cell_line
 from ipy_intervene.graph import InterventionGraph
 from ipy_intervene.runtime.run import NO_INPUT, run_cell
 from ipy_intervene.validate import HookPlan
@@ -40,18 +41,10 @@ def run_dry(model: Any, cell: Any, graph: InterventionGraph, plan: HookPlan, ns:
             run_cell(model, cell, graph, plan, ns, line_input=line_input, generate=generate,
                      grad=False, fake=True)
     except (DataDependentOutputException, DynamicOutputShapeException) as exc:
-        line = _cell_line(exc, cell.filename)
+        line = cell_line(exc, cell.filename)
         where = f"line {line}" if line is not None else "inside the model (e.g. generate's stop check)"
         return DryOutcome(graph, line, f"the dry run stopped at {where}: it needs a tensor's "
                                        "value, which fake tensors do not have; everything "
                                        "before it was checked")
     return DryOutcome(graph)
 
-
-def _cell_line(exc: BaseException, filename: str) -> int | None:
-    line, tb = None, exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename == filename:
-            line = tb.tb_lineno
-        tb = tb.tb_next
-    return line

@@ -136,8 +136,7 @@ class Run:
     # -- the forward -----------------------------------------------------------------------
 
     def forward(self, batch: Batch) -> Any:
-        root, kwargs = self.model.module, dict(batch.kwargs)
-        args = getattr(batch, "args", ())
+        root, kwargs, args = self.model.module, dict(batch.kwargs), batch.args
         self.sched.running = True
         try:
             if self.generate is None:
