@@ -58,6 +58,26 @@ def put_rows(old: Any, rows: slice, batch: int, new: Any, where: str) -> Any:
     return new
 
 
+def join_rows(parts: list[Any], template: Any, batch: int) -> Any:
+    """The inverse of taking each invoke's rows: ``parts`` (one per invoke, in batch order)
+    joined into a value shaped like ``template``. A leaf without a batch dimension is the one
+    an invoke replaced (the last), else the template's.
+
+    >>> x = torch.arange(4.)
+    >>> join_rows([x[:1], x[1:] * 2], x, 4)
+    tensor([0., 2., 4., 6.])
+    """
+    if isinstance(template, torch.Tensor) and template.dim() >= 1 and template.shape[0] == batch:
+        return torch.cat(parts)
+    if isinstance(template, (tuple, list)):
+        return type(template)(join_rows([p[i] for p in parts], t, batch)
+                              for i, t in enumerate(template))
+    if isinstance(template, dict):
+        return _same_mapping(template, {k: join_rows([p[k] for p in parts], template[k], batch)
+                                        for k in template})
+    return next((p for p in reversed(parts) if p is not template), template)
+
+
 def _put_tensor(old: torch.Tensor, rows: slice, batch: int, new: Any, where: str) -> torch.Tensor:
     full = covers(rows, batch) or old.dim() == 0 or old.shape[0] != batch
     expected = old.shape if full else old[rows].shape

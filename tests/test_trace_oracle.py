@@ -268,3 +268,30 @@ def test_stop_ends_the_forward_early(demo):
     finally:
         handle.remove()
     assert calls == [] and ns["h"].shape[1] == ids(demo, PROMPT).shape[1]
+
+
+def test_gradients_reach_every_invoke(arch_model):
+    """nnsight's attribution-patching habit: clean and corrupted invokes in one --grad trace;
+    the corrupted invoke's .grad equals autograd on the same batched forward by hand."""
+    arch, model = arch_model
+    ns = {"model": model, "clean": PROMPT, "corrupt": CORRUPT}
+    source = ("with tracer.invoke(clean):\n    a = {L}[1].output\n    a.retain_grad()\n"
+              "with tracer.invoke(corrupt):\n    b = {L}[1].output\n    b.retain_grad()\n"
+              "    logits = {U}.output\n"
+              "    (logits[:, -1, 5] - logits[:, -1, 6]).sum().backward()\n")
+    ii.trace(model, source.format(**paths(arch)), namespace=ns, grad=True)
+    seen = {}
+
+    def split(m, args, out):
+        seen["a"], seen["b"] = out[:1], out[1:]
+        for part in seen.values():
+            part.retain_grad()
+        return torch.cat([seen["a"], seen["b"]])
+
+    with hooks((layers(model, arch)[1], split)):
+        logits = model.module(model.tokenizer([PROMPT, CORRUPT], return_tensors="pt").input_ids).logits
+    (logits[1:, -1, 5] - logits[1:, -1, 6]).sum().backward()
+    model.module.zero_grad(set_to_none=True)
+    assert ns["b"].grad is not None and ns["b"].grad.abs().sum() > 0
+    assert torch.equal(ns["b"].grad, seen["b"].grad)
+    assert torch.equal(ns["a"].grad, seen["a"].grad)  # zeros: rows do not mix

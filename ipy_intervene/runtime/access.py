@@ -26,6 +26,18 @@ class Inputs:
 
     def __init__(self, args: tuple, kwargs: dict) -> None:
         self.args, self.kwargs, self.changed = args, kwargs, False
+        self.parts: Parts | None = None
+
+    def link(self, rows: list[slice] | None, batch: int) -> None:
+        """Split the input into each invoke's part (see :class:`Parts`)."""
+        key = input_key(self.args, self.kwargs)
+        if rows is not None and key is not None:
+            self.parts = Parts(self.first()[1], rows, batch)
+
+    def settle(self) -> None:
+        """Hand the forward the joined parts, if the input was split."""
+        if self.parts is not None:
+            self.set_first(self.first()[0], self.parts.joined())
 
     def first(self) -> tuple[int | str, Any]:
         key = input_key(self.args, self.kwargs)
@@ -44,10 +56,15 @@ class Inputs:
             sched.skips.setdefault(id(req.envoy.module), []).append((inv.rows, req.payload, req))
             sched.record(req, req.payload)
             return None
-        if req.attr == "inputs":
+        if req.attr == "inputs":  # the pair is served whole: join the parts first
+            self.settle()
+            self.parts = None
             return self._serve_pair(sched, inv, req)
+        if self.parts is not None:
+            return self.parts.serve(sched, inv, req)
         key, current = self.first()
-        return serve_value(sched, inv, req, current, lambda v: self.set_first(key, v))
+        return serve_value(sched, req, current, inv.rows, sched.batch.size,
+                           lambda v: self.set_first(key, v))
 
     def _serve_pair(self, sched: "Scheduler", inv: "Invoke", req: "Request") -> Any:
         batch, current = sched.batch.size, (self.args, self.kwargs)
@@ -69,19 +86,52 @@ class Output:
 
     def __init__(self, value: Any, is_root: bool) -> None:
         self.value, self.is_root, self.changed = value, is_root, False
+        self.parts: Parts | None = None
 
     def set(self, value: Any) -> None:
         self.value, self.changed = value, True
 
+    def link(self, rows: list[slice] | None, batch: int) -> None:
+        """Split the output into each invoke's part (see :class:`Parts`)."""
+        if rows is not None and not self.is_root:
+            self.parts = Parts(self.value, rows, batch)
+
+    def settle(self) -> None:
+        """Hand the forward the joined parts, if the output was split."""
+        if self.parts is not None:
+            self.set(self.parts.joined())
+
     def serve(self, sched: "Scheduler", inv: "Invoke", req: "Request") -> Any:
-        return serve_value(sched, inv, req, self.value, self.set)
+        if self.parts is not None:
+            return self.parts.serve(sched, inv, req)
+        return serve_value(sched, req, self.value, inv.rows, sched.batch.size, self.set)
 
 
-def serve_value(sched: "Scheduler", inv: "Invoke", req: "Request", current: Any,
+class Parts:
+    """A value split into each invoke's rows, for a ``--grad`` trace with several invokes.
+
+    Each invoke reads and changes a tensor of its own; the forward goes on with the parts
+    joined (``torch.cat``), so the gradient reaches what each invoke read. A row slice of
+    the batch would be a dead end for autograd: its ``.grad`` would stay ``None``.
+    """
+
+    def __init__(self, value: Any, rows: list[slice], batch: int) -> None:
+        self.template, self.batch = value, batch
+        self.parts = [values.take_rows(value, r, batch) for r in rows]
+
+    def serve(self, sched: "Scheduler", inv: "Invoke", req: "Request") -> Any:
+        size = inv.rows.stop - inv.rows.start
+        return serve_value(sched, req, self.parts[inv.index], slice(0, size), size,
+                           lambda v: self.parts.__setitem__(inv.index, v))
+
+    def joined(self) -> Any:
+        return values.join_rows(self.parts, self.template, self.batch)
+
+
+def serve_value(sched: "Scheduler", req: "Request", current: Any, rows: slice, batch: int,
                 setter: Callable[[Any], None]) -> Any:
-    """Read, assign, augment (``+=``) or edit in place (``[...] =``) this invoke's rows
+    """Read, assign, augment (``+=``) or edit in place (``[...] =``) ``rows`` of ``current``
     (``arrive``: the moment a change is about to be made; nothing to do yet)."""
-    batch, rows = sched.batch.size, inv.rows
     if req.access == "arrive":
         return None
     if req.access == "read":

@@ -60,9 +60,11 @@ class TraceHooks:
             sched.fired[(PRE, key)] = sched.step
             holder = Inputs(args, kwargs)
             sched.retained[(PRE, key)] = holder
+            holder.link(sched.rows_to_split(), sched.batch.size)
             if sched.wanted(PRE, key):
                 sched.serve(holder, PRE, key)
-                self._stop_if_asked()
+            holder.settle()
+            self._stop_if_asked()
             return (holder.args, holder.kwargs) if holder.changed else None
 
         return pre_hook
@@ -77,9 +79,11 @@ class TraceHooks:
             if key in sched.skips:  # skipped through an alias: the module ran, its output goes
                 holder.set(apply_skips(sched.skips.pop(key), output, sched.batch.size))
             sched.retained[(OUT, key)] = holder
+            holder.link(sched.rows_to_split(), sched.batch.size)
             if sched.wanted(OUT, key) or (is_root and sched.wants_logits()):
                 sched.serve(holder, OUT, key)
-                self._stop_if_asked()
+            holder.settle()
+            self._stop_if_asked()
             return holder.value if holder.changed else None
 
         return out_hook

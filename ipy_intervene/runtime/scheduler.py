@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import greenlet
+import torch
 
 from ipy_intervene import values
 from ipy_intervene.errors import InterventionError, SiteError
@@ -146,6 +147,13 @@ class Scheduler:
         raise SiteError(f"`{req.label}` has already run in this forward when this line asks to "
                         f"{change} it{before}: one forward cannot go back. Use the sites in the "
                         f"order the model runs them, or put them in two invokes", line=req.line)
+
+    def rows_to_split(self) -> list[slice] | None:
+        """Each invoke's rows, when a hooked value must be split into parts (autograd on and
+        several invokes: see :class:`~ipy_intervene.runtime.access.Parts`), else None."""
+        if len(self.invokes) > 1 and torch.is_grad_enabled():
+            return [inv.rows for inv in self.invokes]
+        return None
 
     def wanted(self, phase: str, key: int) -> bool:
         return any(inv.pending is not None and inv.pending.kind == "site"
