@@ -41,8 +41,30 @@ def encode_dict(x: dict, line: int | None) -> dict[str, torch.Tensor]:
     out = dict(x)
     out.update(encode_ids(torch.as_tensor(x["input_ids"]), line))
     if "attention_mask" in x:
-        out["attention_mask"] = torch.as_tensor(x["attention_mask"]).reshape(out["input_ids"].shape)
+        out["attention_mask"] = _mask_like(torch.as_tensor(x["attention_mask"]),
+                                           out["input_ids"], line)
     return out
+
+
+def _mask_like(mask: torch.Tensor, ids: torch.Tensor, line: int | None) -> torch.Tensor:
+    """The attention mask as [batch, seq] like the ids, or an error naming both shapes."""
+    if mask.numel() != ids.numel() or mask.shape[-1] != ids.shape[-1]:
+        raise InputError(f"the attention mask has shape {list(mask.shape)}, the token ids "
+                         f"{list(ids.shape)}: give one mask value (1 = attend, 0 = padding) "
+                         "per token", line=line)
+    return mask.reshape(ids.shape)
+
+
+def check_ids(ids: torch.Tensor, vocab_size: int | None, line: int | None) -> None:
+    """Token ids must index the embedding: 0 <= id < vocab_size."""
+    if vocab_size is None or ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise InputError(f"token id {bad} is outside this model's vocabulary (ids 0.."
+                         f"{vocab_size - 1}); token ids come from the model's own tokenizer "
+                         "(model.to_tokens(text))", line=line)
 
 
 class Batch:

@@ -22,12 +22,13 @@ from __future__ import annotations
 import ast
 import copy
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import CodeType
 from typing import Callable
 
 from ipy_intervene.errors import CellSyntaxError
 from ipy_intervene.graph import InterventionGraph
+from ipy_intervene.habits import site_roots
 from ipy_intervene.rewrite import _GraphBuilder
 from ipy_intervene.namespace import bound_names
 from ipy_intervene.syntax import (BRIDGE, INTERNAL_NAMES, SITE_ATTRS, TRACER, Part, bridge_call, format_path, locate,
@@ -58,6 +59,8 @@ class CompiledCell:
     filename: str
     site_parts: dict[int, tuple[Part, ...]]
     setup: CodeType | None = None  # evaluates each invoke's INPUT: ``__ii__.add_invoke(...)``
+    model_expr: str = "model"
+    other_roots: list[tuple[str, int]] = field(default_factory=list)  # habits.site_roots
 
     def fresh_graph(self) -> InterventionGraph:
         """A copy of the graph for one run to annotate."""
@@ -87,6 +90,7 @@ def _compile(source, model_expr, has_input, filename, transform_ast) -> Compiled
     tree = parse_cell(source, filename)
     if transform_ast is not None:
         tree = transform_ast(tree)
+    roots = site_roots(tree, model_expr)  # before the rewrite changes the tree
     model_node = _parse_model_expr(model_expr)
     before, invokes, after = split_invokes(tree, has_input)
     graph = InterventionGraph(source=source)
@@ -116,7 +120,7 @@ def _compile(source, model_expr, has_input, filename, transform_ast) -> Compiled
     builder.finish()
     setup = None if has_input else _setup_code(invokes, filename)
     return CompiledCell(graph, before_code, invoke_codes, after_code, filename, builder.parts,
-                        setup)
+                        setup, model_expr, roots)
 
 
 def _targets(loop: ast.For) -> set[str]:

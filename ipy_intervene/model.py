@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from ipy_intervene import active
-from ipy_intervene.batch import Batch, describe, encode_dict, encode_ids
+from ipy_intervene.batch import Batch, check_ids, describe, encode_dict, encode_ids
 from ipy_intervene.errors import InputError, MissingAttributeError, SiteError
+from ipy_intervene.habits import check_output_attentions, nnsight_hint
 from ipy_intervene.tokens import check_known, check_kwargs
 
 DEMO_DIR = Path(__file__).parent / "demo" / "weights"
@@ -76,6 +77,9 @@ class Envoy:
             raise MissingAttributeError(self._missing(name)) from None
 
     def _missing(self, name: str) -> str:
+        habit = nnsight_hint(name)
+        if habit is not None:
+            return habit
         children = list(self._module._modules)
         close = difflib.get_close_matches(name, children, n=1)
         hint = f" Did you mean `{close[0]}`?" if close else ""
@@ -124,31 +128,31 @@ class Envoy:
 
     @property
     def output(self) -> Any:
-        return _bridge("output").read(self, "output", None)
+        return _ask(self, "output", "read")
 
     @output.setter
     def output(self, value: Any) -> None:
-        _bridge("output").write(self, "output", value, None)
+        _ask(self, "output", "write", value)
 
     @property
     def input(self) -> Any:
-        return _bridge("input").read(self, "input", None)
+        return _ask(self, "input", "read")
 
     @input.setter
     def input(self, value: Any) -> None:
-        _bridge("input").write(self, "input", value, None)
+        _ask(self, "input", "write", value)
 
     @property
     def inputs(self) -> Any:
-        return _bridge("inputs").read(self, "inputs", None)
+        return _ask(self, "inputs", "read")
 
     @inputs.setter
     def inputs(self, value: Any) -> None:
-        _bridge("inputs").write(self, "inputs", value, None)
+        _ask(self, "inputs", "write", value)
 
     def skip(self, value: Any) -> None:
         """Do not run this module in the trace; ``value`` is its output."""
-        _bridge("skip").skip(self, value, None)
+        _ask(self, "skip", "skip", value)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the module ad hoc on a value (no hooks of ours fire); inside or outside traces."""
@@ -166,8 +170,12 @@ class Envoy:
             setattr(self._module, name, value)
 
 
-def _bridge(what: str):
-    return active.require_trace(f".{what}")
+def _ask(envoy: Envoy, attr: str, access: str, payload: Any = None) -> Any:
+    """A site used through an envoy the compiler could not see (a loop variable, a function's
+    argument): asked of the running trace, recorded as a site of line 0."""
+    __tracebackhide__ = True
+    what = ".skip()" if attr == "skip" else f".{attr}"
+    return active.require_trace(what).ask(envoy, attr, access, None, payload)
 
 
 class Model(Envoy):
@@ -189,12 +197,19 @@ class Model(Envoy):
         if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is None:
             tokenizer.pad_token = tokenizer.eos_token
 
-    def envoy_for(self, module: nn.Module) -> Envoy | None:
-        """The envoy of one of this model's modules (for cells that use the raw module)."""
+    def owns(self, module: nn.Module) -> bool:
+        """Whether ``module`` is one of this model's modules."""
+        return id(module) in self._module_names()
+
+    def _module_names(self) -> dict[int, str]:
         if self._names is None:
             names = {id(m): name for name, m in self._module.named_modules()}
             object.__setattr__(self, "_names", names)
-        name = self._names.get(id(module))
+        return self._names
+
+    def envoy_for(self, module: nn.Module) -> Envoy | None:
+        """The envoy of one of this model's modules (for cells that use the raw module)."""
+        name = self._module_names().get(id(module))
         if name is None:
             return None
         envoy: Envoy = self
@@ -219,8 +234,9 @@ class Model(Envoy):
     def __repr__(self) -> str:
         return repr(self._module)
 
-    def prepare(self, inputs: list[Any], *, line: int | None = None) -> "Batch":
-        """The inputs of all invokes as one batch.
+    def prepare(self, inputs: list[Any], *, line: int | None = None,
+                new_tokens: int = 0) -> "Batch":
+        """The inputs of all invokes as one batch (``new_tokens``: what generate adds).
 
         Token inputs (prompts, token ids, a dict with ``input_ids``) are tokenized and
         left-padded; tensor inputs of any other module (a tensor, a tuple of tensors, a dict
@@ -241,12 +257,22 @@ class Model(Envoy):
         encoded = [self._encode(x, line) for x in inputs]
         batch = Batch.concat(encoded, pad_id=self._pad_id(), device=self.device,
                              with_positions="position_ids" in self._forward_params)
+        check_ids(batch.kwargs["input_ids"], self.vocab_size, line)
         limit = self.max_length
-        if limit is not None and batch.length > limit:
-            raise InputError(f"the prompt is {batch.length} tokens long; this model has "
+        if limit is not None and batch.length + new_tokens > limit:
+            more = f" and generate adds {new_tokens}" if new_tokens else ""
+            raise InputError(f"the prompt is {batch.length} tokens long{more}; this model has "
                              f"{limit} positions. Shorten the prompt (or its batch's longest "
-                             "prompt)", line=line)
+                             f"prompt){' or generate fewer tokens' if new_tokens else ''}",
+                             line=line)
         return batch
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Rows of the input embedding: the token ids the model can read."""
+        get = getattr(self._module, "get_input_embeddings", None)
+        emb = get() if get is not None else None
+        return getattr(emb, "num_embeddings", None)
 
     @property
     def is_token_model(self) -> bool:
@@ -300,6 +326,7 @@ class Model(Envoy):
             x = [x]
         if isinstance(x, dict):
             check_kwargs(self._module.forward, x, type(self._module).__name__, line=line)
+            check_output_attentions(self._module, x, line)
             return encode_dict(x, line)
         if isinstance(x, torch.Tensor):
             return encode_ids(x, line)

@@ -3,8 +3,8 @@ into runnable code.
 
 :class:`_GraphBuilder` walks statements, adds a graph statement per statement, a region per
 block (``if``/``for``/``while``/``def``) and a :class:`Site` per module site it can see, and
-rewrites each site into a call on the runtime bridge ``__ii__``. :class:`_ExprRewriter` does
-the same for the sites inside one expression. ``compile.py`` drives both.
+rewrites each site into a call on the runtime bridge ``__ii__``; ``rewrite_expr.py`` does
+the same for the sites inside one expression. ``compile.py`` drives the walk.
 
 >>> import ast
 >>> graph = InterventionGraph(source="y = model.h[0].output")
@@ -22,7 +22,8 @@ from types import CodeType
 
 from ipy_intervene.errors import CellSyntaxError
 from ipy_intervene.graph import InterventionGraph, Site, Statement
-from ipy_intervene.syntax import (BRIDGE, INTERNAL_NAMES, SITE_ATTRS, TRACER, Part, all_defs, all_uses,
+from ipy_intervene.rewrite_expr import ExprRewriter
+from ipy_intervene.syntax import (INTERNAL_NAMES, SITE_ATTRS, TRACER, Part, all_defs, all_uses,
                                   bridge_call, compile_module, format_path, index_expr, locate, statement_names)
 
 _AUG_OPS = {ast.Add: "iadd", ast.Sub: "isub", ast.Mult: "imul", ast.Div: "itruediv",
@@ -297,7 +298,7 @@ class _GraphBuilder:
     # expressions
 
     def expr(self, node: ast.AST) -> ast.AST:
-        return _ExprRewriter(self).visit(node)
+        return ExprRewriter(self).visit(node)
 
     def chain(self, node: ast.AST) -> list[Part] | None:
         """The module path of an expression rooted at the model, else None."""
@@ -350,49 +351,3 @@ class _GraphBuilder:
     def _read_call(self, chain: ast.AST, attr: str, sid: int, node: ast.AST) -> ast.Call:
         return bridge_call("read", [self._chain_expr(chain), ast.Constant(attr),
                                      ast.Constant(sid)], node)
-
-
-class _ExprRewriter(ast.NodeTransformer):
-    def __init__(self, builder: _GraphBuilder) -> None:
-        self.b = builder
-
-    def visit_Name(self, node: ast.Name) -> ast.AST:
-        """``tracer`` is ``__ii__.tracer``: nothing named ``tracer`` enters the namespace."""
-        if node.id != TRACER:
-            return node
-        if not isinstance(node.ctx, ast.Load):
-            raise CellSyntaxError("`tracer` is the running trace in a %%trace cell; use another "
-                                  "name for your own variable", line=node.lineno)
-        bridge = locate(ast.Name(BRIDGE, ast.Load()), node)
-        return locate(ast.Attribute(value=bridge, attr="tracer", ctx=ast.Load()), node)
-
-    def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
-        if isinstance(node.ctx, ast.Load):
-            site = self.b._site_of(node)
-            if site is not None:
-                chain, attr = site
-                return self.b._read_call(chain, attr, self.b._add_site(chain, attr, "read", node),
-                                         node)
-            if (node.attr == "output" and isinstance(node.value, ast.Name)
-                    and node.value.id == TRACER):
-                sid = self.b._add_site(None, "model_output", "read", node)
-                return bridge_call("model_output", [ast.Constant(sid)], node)
-        return self.generic_visit(node)
-
-    def visit_Call(self, node: ast.Call) -> ast.AST:
-        func = node.func
-        if isinstance(func, ast.Attribute) and func.attr == "skip" and self.b.chain(func.value) is not None:
-            if len(node.args) != 1 or node.keywords:
-                raise CellSyntaxError("write a skip as `module.skip(value)`: one value, the "
-                                      "output the module would have produced", line=node.lineno)
-            sid = self.b._add_site(func.value, "skip", "skip", node)
-            return bridge_call("skip", [self.b._chain_expr(func.value), self.visit(node.args[0]),
-                                         ast.Constant(sid)], node)
-        chain = self.b.chain(func)
-        if chain:
-            sid = self.b._add_site(func, "call", "call", node)
-            call = bridge_call("call", [self.b._chain_expr(func), ast.Constant(sid)], node)
-            call.args += [self.visit(a) for a in node.args]
-            call.keywords = [self.visit(k) for k in node.keywords]
-            return call
-        return self.generic_visit(node)

@@ -47,11 +47,22 @@ def check_known(tokenizer: Any, texts: Iterable[str], ids: Any, *,
 def check_kwargs(forward: Any, keys: Iterable[str], owner: str, *,
                  line: int | None = None) -> None:
     """An :class:`InputError` for a key that is not a named parameter of ``forward``."""
-    named = [n for n, p in inspect.signature(forward).parameters.items()
-             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    params = inspect.signature(forward).parameters
+    named = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        named += _transformers_kwargs()
     for key in keys:
         if key not in named:
             close = difflib.get_close_matches(key, named, n=1)
             hint = f" Did you mean `{close[0]}`?" if close else ""
             raise InputError(f"`{key}` is not a parameter of {owner}.forward, so the model "
                              f"would ignore it.{hint}", line=line)
+
+
+def _transformers_kwargs() -> list[str]:
+    """The keywords a transformers model's ``**kwargs`` takes (``output_attentions``, ...)."""
+    try:
+        from transformers.utils.generic import TransformersKwargs
+    except ImportError:  # an older transformers: its forwards name these parameters
+        return []
+    return list(TransformersKwargs.__annotations__)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from ipy_intervene.compile import CompiledCell, compile_cell
 from ipy_intervene.errors import InterventionError, cell_line
 from ipy_intervene.graph import InterventionGraph
+from ipy_intervene.habits import check_other_models, explain
 from ipy_intervene.interrupts import holding, uninterruptible
 from ipy_intervene.loading import warn_if_training, wrap
 from ipy_intervene.model import Model
@@ -77,8 +78,8 @@ def _short(value: Any) -> str:
 
 
 def trace(model: Any, source: str, input: Any = NO_INPUT, *, namespace: dict | None = None,
-          model_name: str = "model", generate: int | None = None, grad: bool = False,
-          dry_run: bool = False, filename: str = "<trace>",
+          model_name: str = "model", generate: int | None = None, ignore_eos: bool = False,
+          grad: bool = False, dry_run: bool = False, filename: str = "<trace>",
           transform_ast: Callable[[ast.Module], ast.Module] | None = None) -> TraceResult:
     """Run trace-cell ``source`` against ``model``; publish the names it binds.
 
@@ -90,23 +91,35 @@ def trace(model: Any, source: str, input: Any = NO_INPUT, *, namespace: dict | N
     ns.setdefault(model_name, model)
     cell = compile_cell(source, model_expr=model_name, has_input=input is not NO_INPUT,
                         filename=filename, transform_ast=transform_ast)
-    return run_compiled(model, cell, ns, input, generate=generate, grad=grad, dry_run=dry_run)
+    return run_compiled(model, cell, ns, input, generate=generate, grad=grad, dry_run=dry_run,
+                        ignore_eos=ignore_eos)
 
 
 def run_compiled(model: Model, cell: CompiledCell, ns: dict, input: Any, *,
-                 generate: int | None, grad: bool, dry_run: bool) -> TraceResult:
+                 generate: int | None, grad: bool, dry_run: bool,
+                 ignore_eos: bool = False) -> TraceResult:
     """The pipeline after compiling: validate, run in ``ns`` itself, publish (or undo)."""
     __tracebackhide__ = True
     warn_if_training(model)
     graph = cell.fresh_graph()
-    with holding(), _UndoOnFailure(ns, bound_names(graph.source, cell.filename), cell) as undo:
-        plan = validate(cell, model, graph)
-        if dry_run:
-            dry = run_dry(model, cell, graph, plan, ns, line_input=input, generate=generate)
-            undo.restore()  # a dry run publishes nothing
-            return TraceResult(graph, dry_run=True, note=dry.note)
-        outcome = run_cell(model, cell, graph, plan, ns, line_input=input, generate=generate,
-                           grad=grad)
+    try:
+        with holding(), _UndoOnFailure(ns, bound_names(graph.source, cell.filename),
+                                       cell) as undo:
+            check_other_models(cell.other_roots, ns, model, cell.model_expr, Model)
+            plan = validate(cell, model, graph)
+            if dry_run:
+                dry = run_dry(model, cell, graph, plan, ns, line_input=input, generate=generate)
+                undo.restore()  # a dry run publishes nothing
+                return TraceResult(graph, dry_run=True, note=dry.note)
+            outcome = run_cell(model, cell, graph, plan, ns, line_input=input,
+                               generate=generate, grad=grad, ignore_eos=ignore_eos)
+    except Exception as exc:
+        better = explain(exc, grad=grad)
+        if better is None:
+            raise
+        better.at_line(cell_line(exc, cell.filename))
+        better.graph = getattr(exc, "graph", None)
+        raise better from exc
     return _result(outcome, undo.changed())
 
 

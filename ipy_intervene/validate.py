@@ -58,9 +58,22 @@ def validate(cell: CompiledCell, model: Model, graph: InterventionGraph | None =
             site.access = "plain"
         if site.attr in ("output", "input", "inputs", "skip"):
             for envoy in envoys:
+                check_called(envoy, site.attr, site.line)
                 plan.add(envoy, site.attr)
     check_order(cell)
     return plan
+
+
+def check_called(envoy: Envoy, attr: str, line: int | None = None) -> None:
+    """A ModuleList or ModuleDict is never called: it has no input or output of its own."""
+    module = envoy.module
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        first = f"[{next(iter(module.keys()))!r}]" if isinstance(module, nn.ModuleDict) else "[0]"
+        raise SiteError(
+            f"model.{envoy.path} is a {type(module).__name__}, which the model never calls (it "
+            f"calls each of its {len(module)} modules), so it has no .{attr}. Index it: "
+            f"`model.{envoy.path}{first}.{attr}`, or loop: "
+            f"`for layer in model.{envoy.path}: layer.{attr}`", line=line)
 
 
 def resolve(model: Model, parts: tuple[Part, ...], *, is_call: bool = False) -> list[Envoy]:

@@ -295,3 +295,23 @@ def test_gradients_reach_every_invoke(arch_model):
     assert ns["b"].grad is not None and ns["b"].grad.abs().sum() > 0
     assert torch.equal(ns["b"].grad, seen["b"].grad)
     assert torch.equal(ns["a"].grad, seen["a"].grad)  # zeros: rows do not mix
+
+
+@torch.no_grad()
+def test_sites_through_loop_variables_and_functions(arch_model):
+    """Envoys the compiler cannot see (a comprehension's variable, a function's argument)
+    read and write the same values as the sites it can."""
+    arch, model = arch_model
+    ns = {"model": model, "double": lambda layer: setattr(layer, "output", layer.output * 2)}
+    source = ("double({L}[0])\nacts = [layer.output for layer in {L}]\n"
+              "logits = {U}.output")
+    ii.trace(model, source.format(**paths(arch)), PROMPT, namespace=ns)
+    seen = []
+    blocks = layers(model, arch)
+    with hooks((blocks[0], lambda m, a, o: o * 2),
+               *[(b, lambda m, a, o: seen.append(o)) for b in blocks]):
+        logits = model.module(ids(model, PROMPT)).logits
+    assert len(ns["acts"]) == len(seen)
+    for ours, theirs in zip(ns["acts"], seen):
+        assert torch.equal(ours, theirs)
+    assert torch.equal(ns["logits"], logits)

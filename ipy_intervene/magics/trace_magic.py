@@ -34,6 +34,8 @@ class TraceMagics(Magics):
     @argument("input", nargs="?", help="a prompt, a list of prompts, token ids or a dict of "
                                        "model kwargs; omit it to use `with tracer.invoke(X):`")
     @argument("--generate", type=int, metavar="N", help="run generate with N new tokens")
+    @argument("--ignore-eos", action="store_true", help="with --generate: run all N steps "
+              "(end-of-text cannot be chosen before the last)")
     @argument("--grad", action="store_true", help="autograd on: .retain_grad(), .backward()")
     @argument("--graph", action="store_true", help="show the intervention graph after the run")
     @argument("--dry-run", action="store_true", help="run on fake tensors: shapes and indices "
@@ -83,6 +85,8 @@ class TraceMagics(Magics):
             input_ = evaluate(shell, command.input, "INPUT", "%%trace")
         if args.generate is not None and args.generate < 1:
             raise UsageError("%%trace: --generate N needs N >= 1 new tokens")
+        if args.ignore_eos and args.generate is None:
+            raise UsageError("%%trace: --ignore-eos goes with --generate N")
         try:
             result = self._run(model, command, cell, input_, args)
         except Exception as exc:
@@ -105,6 +109,7 @@ class TraceMagics(Magics):
                                 transform_ast=shell.transform_ast if shell.ast_transformers
                                 else None)
         result = run_compiled(model, compiled, shell.user_ns, input_, generate=args.generate,
+                              ignore_eos=args.ignore_eos,
                               grad=args.grad, dry_run=args.dry_run)
         shell.user_ns["_trace"] = result
         if args.out:

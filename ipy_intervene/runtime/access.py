@@ -15,6 +15,7 @@ import torch
 
 from ipy_intervene import values
 from ipy_intervene.errors import SiteError
+from ipy_intervene.habits import guard_pattern
 from ipy_intervene.hooks import input_key, replace_input
 
 if TYPE_CHECKING:
@@ -103,8 +104,10 @@ class Output:
 
     def serve(self, sched: "Scheduler", inv: "Invoke", req: "Request") -> Any:
         if self.parts is not None:
-            return self.parts.serve(sched, inv, req)
-        return serve_value(sched, req, self.value, inv.rows, sched.batch.size, self.set)
+            value = self.parts.serve(sched, inv, req)
+        else:
+            value = serve_value(sched, req, self.value, inv.rows, sched.batch.size, self.set)
+        return guard_pattern(value, req.envoy.module, req.label) if req.access == "read" else value
 
 
 class Parts:

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator
 
 from ipy_intervene import active
 from ipy_intervene.errors import InterventionError
+from ipy_intervene.habits import check_row0
 
 NAME = "__ii__"
 
@@ -44,6 +45,13 @@ class Facade:
         __tracebackhide__ = True
         run = active.require_trace(f".{attr}")
         return run.ask(envoy, attr, "read", sid if _own(run) else None, None)
+
+    def row0(self, value: Any, envoy: Any) -> Any:
+        """``envoy.output[0]``, unless that is a layer's batch row 0 by habit."""
+        __tracebackhide__ = True
+        module = getattr(envoy, "module", envoy)
+        check_row0(value, module, f"model.{getattr(envoy, 'path', '')}.output")
+        return value[0]
 
     def arrive(self, envoy: Any, attr: str, sid: int | None) -> None:
         """Wait until the forward reaches the site this line is about to change."""

@@ -23,7 +23,7 @@ from ipy_intervene.model import Envoy, Model
 from ipy_intervene.runtime import facade
 from ipy_intervene.runtime.hooks import StopForward, TraceHooks
 from ipy_intervene.runtime.scheduler import OUT, Request, Scheduler
-from ipy_intervene.validate import HookPlan
+from ipy_intervene.validate import HookPlan, check_called
 
 NO_INPUT = object()  # no INPUT on the magic line
 
@@ -44,10 +44,10 @@ class Run:
     """One running trace: what ``__ii__`` and ``tracer`` talk to."""
 
     def __init__(self, model: Model, cell: Any, graph: InterventionGraph, ns: dict,
-                 generate: int | None, session: HookSession) -> None:
+                 generate: int | None, session: HookSession, ignore_eos: bool = False) -> None:
         self.model, self.cell, self.graph, self.ns = model, cell, graph, ns
         self.filename = cell.filename
-        self.generate = generate
+        self.generate, self.ignore_eos = generate, ignore_eos
         self.sched = Scheduler(graph, generate)
         self.hooks = TraceHooks(session, self.sched, model.module)
         self.planned: list[tuple[int, Any, dict[str, Any] | None]] = []  # (block, INPUT, targets)
@@ -76,6 +76,11 @@ class Run:
             envoy = self.model.envoy_for(envoy) or envoy
         if not isinstance(envoy, Envoy):
             raise SiteError(f"`.{attr}` needs a module of the model; got {type(envoy).__name__}")
+        if not self.model.owns(envoy.module):
+            raise SiteError(f"`.{attr}` of a module that is not part of the model this cell "
+                            f"traces ({type(self.model.module).__name__}): use the traced "
+                            "model's modules, or trace the other model")
+        check_called(envoy, attr)
         return envoy
 
     def call(self, target: Any, sid: int | None, args: tuple, kwargs: dict) -> Any:
@@ -142,6 +147,8 @@ class Run:
             if self.generate is None:
                 return root(*args, **kwargs)
             kwargs.pop("position_ids", None)
+            if self.ignore_eos:  # end-of-text is forbidden until the last step
+                kwargs["min_new_tokens"] = self.generate
             return root.generate(*args, **kwargs, max_new_tokens=self.generate, do_sample=False,
                                  pad_token_id=self.model._pad_id())
         except StopForward:
@@ -152,7 +159,7 @@ class Run:
 
 def run_cell(model: Model, cell: Any, graph: InterventionGraph, plan: HookPlan, ns: dict, *,
              line_input: Any = NO_INPUT, generate: int | None = None,
-             grad: bool = False, fake: bool = False) -> Outcome:
+             grad: bool = False, fake: bool = False, ignore_eos: bool = False) -> Outcome:
     """Run a validated ``cell`` in namespace ``ns`` against one forward of ``model``.
 
     Names the cell binds go straight into ``ns`` (the caller undoes them if this raises).
@@ -169,7 +176,7 @@ def run_cell(model: Model, cell: Any, graph: InterventionGraph, plan: HookPlan, 
             session.set_aside_hooks(model.module)
         if grad:
             session.keep_grads(model.module)
-        run = Run(model, cell, graph, ns, generate, session)
+        run = Run(model, cell, graph, ns, generate, session, ignore_eos)
         try:
             with active.tracing(run):
                 output, batch = _interleave(run, cell, ns, line_input, plan, fake)
@@ -195,7 +202,8 @@ def _interleave(run: Run, cell: Any, ns: dict, line_input: Any, plan: HookPlan,
                                     line=cell.invokes[0].line)
     line = cell.invokes[0].line if line_input is NO_INPUT else None
     with _real_tensors() if fake else nullcontext():  # inputs are real even in a dry run
-        batch = run.model.prepare([x for _, x, _ in run.planned], line=line)
+        batch = run.model.prepare([x for _, x, _ in run.planned], line=line,
+                                  new_tokens=run.generate or 0)
     own: list[dict[str, Any]] = [{} for _ in run.planned]
     bodies = [(code, _body(cell.invokes[code], ns, targets, own[i]))
               for i, (code, _, targets) in enumerate(run.planned)]

@@ -246,6 +246,11 @@ class Scheduler:
             reason = f"tracer.stop() (line {self.stop_line}) ended the forward first"
         elif req.kind == "model_output":
             reason = "the forward ended without producing it"
+        elif req.step >= steps and self.generate is not None and steps < self.generate:
+            reason = (f"generation stopped at end-of-text, which the model chose at step "
+                      f"{steps - 1} of the {self.generate} asked for. To run all "
+                      f"{self.generate} steps, add --ignore-eos (`ii.trace(..., "
+                      "ignore_eos=True)`)")
         elif req.step >= steps:
             reason = (f"the run had {steps} step(s) (0..{steps - 1}); this asks for step "
                       f"{req.step}")

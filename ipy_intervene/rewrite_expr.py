@@ -1,0 +1,73 @@
+"""The rewriting of one expression: each module site in it becomes a call on the runtime
+bridge ``__ii__`` (``model.h[0].output`` -> ``__ii__.read(model.h[0], "output", site_id)``),
+recorded in the graph by the statement walk of ``rewrite.py``.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+from typing import TYPE_CHECKING
+
+from ipy_intervene.errors import CellSyntaxError
+from ipy_intervene.syntax import BRIDGE, TRACER, bridge_call, locate
+
+if TYPE_CHECKING:
+    from ipy_intervene.rewrite import _GraphBuilder
+
+
+class ExprRewriter(ast.NodeTransformer):
+    """Rewrites the sites inside one expression into calls on ``__ii__``."""
+
+    def __init__(self, builder: "_GraphBuilder") -> None:
+        self.b = builder
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        """``tracer`` is ``__ii__.tracer``: nothing named ``tracer`` enters the namespace."""
+        if node.id != TRACER:
+            return node
+        if not isinstance(node.ctx, ast.Load):
+            raise CellSyntaxError("`tracer` is the running trace in a %%trace cell; use another "
+                                  "name for your own variable", line=node.lineno)
+        bridge = locate(ast.Name(BRIDGE, ast.Load()), node)
+        return locate(ast.Attribute(value=bridge, attr="tracer", ctx=ast.Load()), node)
+
+    def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
+        if isinstance(node.ctx, ast.Load):
+            site = self.b._site_of(node)
+            if site is not None:
+                chain, attr = site
+                return self.b._read_call(chain, attr, self.b._add_site(chain, attr, "read", node),
+                                         node)
+            if (node.attr == "output" and isinstance(node.value, ast.Name)
+                    and node.value.id == TRACER):
+                sid = self.b._add_site(None, "model_output", "read", node)
+                return bridge_call("model_output", [ast.Constant(sid)], node)
+        return self.generic_visit(node)
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        func = node.func
+        if isinstance(func, ast.Attribute) and func.attr == "skip" and self.b.chain(func.value) is not None:
+            if len(node.args) != 1 or node.keywords:
+                raise CellSyntaxError("write a skip as `module.skip(value)`: one value, the "
+                                      "output the module would have produced", line=node.lineno)
+            sid = self.b._add_site(func.value, "skip", "skip", node)
+            return bridge_call("skip", [self.b._chain_expr(func.value), self.visit(node.args[0]),
+                                         ast.Constant(sid)], node)
+        chain = self.b.chain(func)
+        if chain:
+            sid = self.b._add_site(func, "call", "call", node)
+            call = bridge_call("call", [self.b._chain_expr(func), ast.Constant(sid)], node)
+            call.args += [self.visit(a) for a in node.args]
+            call.keywords = [self.visit(k) for k in node.keywords]
+            return call
+        return self.generic_visit(node)
+
+    def visit_Subscript(self, node: ast.Subscript) -> ast.AST:
+        """``layer.output[0]``: checked at run time (see :func:`habits.check_row0`)."""
+        site = self.b._site_of(node.value) if isinstance(node.ctx, ast.Load) else None
+        if (site is None or site[1] != "output" or not isinstance(node.slice, ast.Constant)
+                or type(node.slice.value) is not int or node.slice.value != 0):
+            return self.generic_visit(node)
+        envoy = self.b._chain_expr(copy.deepcopy(site[0]))
+        return bridge_call("row0", [self.visit(node.value), envoy], node)
