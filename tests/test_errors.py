@@ -88,6 +88,7 @@ def test_cross_invoke_wait_that_cannot_be_met_names_the_line(demo):
     with pytest.raises(InterventionError) as info:
         ii.trace(demo, source, namespace=ns)
     assert info.value.line == 2 and "cannot go back" in str(info.value)
+    assert "waiting for `late`" in str(info.value) and "(line 4)" in str(info.value)
     assert "late" not in ns and hook_count(demo.module) == 0
 
 

@@ -66,7 +66,8 @@ class Invoke:
     glet: greenlet.greenlet | None = None
     pending: Request | None = None
     step: int = 0
-    last: Request | None = None
+    last: Request | None = None     # the last site request answered
+    waited: Request | None = None   # the last request answered, when it was a names wait
 
 
 class Scheduler:
@@ -140,7 +141,11 @@ class Scheduler:
         if req.access == "read" and req.attr != "skip" and req.key in self.retained:
             return self.retained[req.key].serve(self, inv, req)
         before = ""
-        if inv.last is not None and inv.last.kind == "site":
+        if inv.waited is not None:
+            where = _binding_lines(self.graph, inv.waited.names, inv.waited.line)
+            before = (f" after waiting for {inv.waited.label}, which another invoke binds only "
+                      f"later in the forward{where}")
+        elif inv.last is not None and inv.last.kind == "site":
             where = f" (line {inv.last.line})" if inv.last.line else ""
             before = f" after `{inv.last.label}`{where}, which the model runs later"
         change = "change" if req.access != "read" else "read"
@@ -204,6 +209,7 @@ class Scheduler:
             inv.pending = self._resume(inv, None, exc.at_line(req.line))
             return
         inv.last = req if req.kind == "site" else inv.last
+        inv.waited = req if req.kind == "names" else None
         inv.pending = self._resume(inv, answer)
 
     def _answer(self, inv: Invoke, req: Request, holder: Any) -> Any:
@@ -238,9 +244,11 @@ class Scheduler:
 
     def unreached(self, req: Request) -> InterventionError:
         if req.kind == "names":
+            where = _binding_lines(self.graph, req.names, req.line)
             return InterventionError(
                 f"this line waits for {req.label} from another invoke, which binds it only "
-                f"later in the forward (or never): one forward cannot go back", line=req.line)
+                f"later in the forward (or never){where}: one forward cannot go back. Bind it "
+                "at an earlier site, or use it at a later one", line=req.line)
         steps = max(self.step + 1, 0)
         if self.stop_line is not None:
             reason = f"tracer.stop() (line {self.stop_line}) ended the forward first"
@@ -260,6 +268,11 @@ class Scheduler:
             reason = ("that module had already run when this line asked for it: one forward "
                       "cannot go back")
         return SiteError(f"`{req.label}` was never reached: {reason}", line=req.line)
+
+
+def _binding_lines(graph: InterventionGraph, names: tuple[str, ...], line: int | None) -> str:
+    lines = sorted({st.line for st in graph.statements if set(st.defs) & set(names)} - {line})
+    return f" (line {', '.join(map(str, lines))})" if lines else ""
 
 
 def _runner(body: Callable[[], Any]) -> Callable[..., Any]:
