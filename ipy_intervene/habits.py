@@ -109,15 +109,16 @@ def attention_implementation(module: nn.Module) -> str | None:
 
 def _no_patterns(impl: str | None) -> str:
     return (f"this model runs attention with {impl!r}, which does not compute attention "
-            "patterns. Load it with eager attention: `ii.load_model(path, "
-            "attn_implementation=\"eager\")`, or `model.module.set_attn_implementation(\"eager\")`")
+            "patterns. Read the site `<attention module>.pattern.output` (that forward then "
+            "runs the model's eager attention), or load the model with eager attention: "
+            "`ii.load_model(path, attn_implementation=\"eager\")`")
 
 
 def check_output_attentions(module: nn.Module, kwargs: dict, line: int | None) -> None:
     """``output_attentions=True`` on a model whose attention gives no patterns (it would
     return an empty tuple)."""
     impl = attention_implementation(module)
-    if kwargs.get("output_attentions") and impl not in (None, "eager"):
+    if kwargs.get("output_attentions") and impl not in (None, "eager", "ii_eager"):
         raise InputError(f"output_attentions=True would give no patterns: {_no_patterns(impl)}",
                          line=line)
 

@@ -67,6 +67,7 @@ class HookSession:
         self._grads: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self._grad_mode: bool | None = None
         self._set_aside: list[tuple[nn.Module, dict[str, Any]]] = []
+        self._attrs: list[tuple[Any, str, Any]] = []
         self._holding = holding()
         self._scope: Any = None
 
@@ -105,6 +106,9 @@ class HookSession:
         while self._set_aside:
             module, tables = self._set_aside.pop()
             module.__dict__.update(tables)
+        while self._attrs:
+            obj, name, previous = self._attrs.pop()
+            setattr(obj, name, previous)
         self._scope.__exit__(None, None, None)
         self._scope = None  # the scope's chain holds this session: no cycle left behind
 
@@ -141,6 +145,12 @@ class HookSession:
 
         module.forward = forward
         self._forwards.append((module, had, previous, forward))
+
+    @uninterruptible
+    def set_attr(self, obj: Any, name: str, value: Any) -> None:
+        """``obj.name = value`` for the session; the previous value comes back at its end."""
+        self._attrs.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
 
     @uninterruptible
     def keep_grads(self, module: nn.Module) -> None:

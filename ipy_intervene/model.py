@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ipy_intervene import active
+from ipy_intervene import active, attention
 from ipy_intervene.batch import Batch, check_ids, describe, encode_dict, encode_ids
 from ipy_intervene.errors import InputError, MissingAttributeError, SiteError
 from ipy_intervene.habits import check_output_attentions, nnsight_hint
@@ -57,10 +57,11 @@ class Envoy:
         """The underlying ``torch.nn.Module``."""
         return self._module
 
-    def _child(self, key: str | int, path: str) -> "Envoy":
+    def _child(self, key: str | int, path: str, module: nn.Module | None = None) -> "Envoy":
         envoy = self._children.get(key)
         if envoy is None:
-            module = self._module[key] if isinstance(key, int) else getattr(self._module, key)
+            if module is None:
+                module = self._module[key] if isinstance(key, int) else getattr(self._module, key)
             envoy = Envoy(module, path)
             self._children[key] = envoy
         return envoy
@@ -71,6 +72,9 @@ class Envoy:
         module = self._module
         if name in module._modules:
             return self._child(name, f"{self._path}.{name}" if self._path else name)
+        inner = attention.point(module, name)  # q, k, v, pattern, z of an attention module
+        if inner is not None:
+            return self._child(name, f"{self._path}.{name}", inner)
         try:
             return getattr(module, name)
         except AttributeError:
@@ -119,7 +123,9 @@ class Envoy:
             yield self[i]
 
     def __dir__(self) -> list[str]:
-        return sorted(set(self._module._modules) | {"output", "input", "inputs", "skip", "path"})
+        inner = set(attention.SITES) if attention.is_attention(self._module) else set()
+        return sorted(set(self._module._modules) | inner | {"output", "input", "inputs", "skip",
+                                                             "path"})
 
     def __repr__(self) -> str:
         return repr(self._module)
@@ -198,8 +204,12 @@ class Model(Envoy):
             tokenizer.pad_token = tokenizer.eos_token
 
     def owns(self, module: nn.Module) -> bool:
-        """Whether ``module`` is one of this model's modules."""
-        return id(module) in self._module_names()
+        """Whether ``module`` is one of this model's modules (or a site inside its attention)."""
+        names = self._module_names()
+        if id(module) in names:
+            return True
+        host = attention.owner(module) if isinstance(module, attention.HookPoint) else None
+        return host is not None and id(host) in names
 
     def _module_names(self) -> dict[int, str]:
         if self._names is None:
@@ -219,13 +229,11 @@ class Model(Envoy):
 
     @property
     def device(self) -> torch.device:
-        """Where inputs go: the device of the input embeddings (or the first parameter)."""
-        get = getattr(self._module, "get_input_embeddings", None)
-        emb = get() if get is not None else None
-        param = emb.weight if emb is not None else next(self._module.parameters(), None)
-        if param is None:  # a module without parameters: its buffers, else the CPU
-            param = next(self._module.buffers(), None)
-        return param.device if param is not None else torch.device("cpu")
+        """Where inputs go: the device of the input embeddings (or the first parameter), or,
+        for weights offloaded to ``meta`` by accelerate, the device the model runs on."""
+        from ipy_intervene.placement import input_device
+
+        return input_device(self._module)
 
     @property
     def config(self) -> Any:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ipy_intervene import attention
 from ipy_intervene.compile import CompiledCell, Part
 from ipy_intervene.errors import InterventionError, SiteError
 from ipy_intervene.graph import InterventionGraph, Site
@@ -29,6 +30,11 @@ class HookPlan:
     pre: dict[int, nn.Module] = field(default_factory=dict)
     out: dict[int, nn.Module] = field(default_factory=dict)
     skip: dict[int, nn.Module] = field(default_factory=dict)
+
+    def uses_attention_sites(self) -> bool:
+        """Whether the cell uses q, k, v, pattern or z of an attention module."""
+        return any(isinstance(m, attention.HookPoint)
+                   for table in (self.pre, self.out) for m in table.values())
 
     def add(self, envoy: Envoy, attr: str) -> None:
         table = self.pre if attr in INPUT_ATTRS else self.out
@@ -87,7 +93,8 @@ def resolve(model: Model, parts: tuple[Part, ...], *, is_call: bool = False) -> 
         nxt: list[Envoy] = []
         for envoy in envoys:
             if kind == "attr":
-                if value not in envoy.module._modules:
+                if (value not in envoy.module._modules
+                        and attention.point(envoy.module, value) is None):
                     if is_call:
                         return []
                     if hasattr(envoy.module, value):

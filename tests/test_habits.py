@@ -166,3 +166,30 @@ def test_grad_with_clean_and_corrupted_invokes_through_the_magic(shell, demo):
     demo.module.zero_grad(set_to_none=True)
     for ours, theirs in zip(grads, outs):  # the batch of two changes float order slightly
         torch.testing.assert_close(ours, theirs.grad, rtol=0, atol=1e-5)
+
+
+# -- token ids of answer words -----------------------------------------------------------------
+
+def test_token_id_is_the_id_the_prompt_uses_and_refuses_ambiguous_words(demo):
+    """`tokenizer.encode(" John")` starts with BOS on the demo (as on Llama): a metric built
+    the GPT-2 way would measure BOS. `model.token_id` is what the examples teach."""
+    assert demo.tokenizer.encode(" John")[0] == demo.tokenizer.bos_token_id
+    tokens = demo.to_str_tokens(PROMPT)
+    assert demo.to_tokens(PROMPT)[0, tokens.index("John")] == demo.token_id(" John")
+    with pytest.raises(InputError, match="2 tokens"):
+        demo.token_id("Mary John")
+
+
+def test_the_examples_take_answer_ids_from_model_token_id():
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    sources = re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), re.S)
+    for notebook in sorted((root / "examples").glob("*.ipynb")):
+        cells = json.loads(notebook.read_text())["cells"]
+        sources += ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+    code = "\n".join(sources)
+    assert "tokenizer.encode(" not in code and '["input_ids"][0]' not in code
+    assert "token_id(" in code

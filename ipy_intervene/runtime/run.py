@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 from torch import nn
 
-from ipy_intervene import active, values
+from ipy_intervene import active, attention, values
 from ipy_intervene.errors import InterventionError, SiteError
 from ipy_intervene.graph import InterventionGraph, Visit
 from ipy_intervene.hooks import HookSession
@@ -176,6 +176,8 @@ def run_cell(model: Model, cell: Any, graph: InterventionGraph, plan: HookPlan, 
             session.set_aside_hooks(model.module)
         if grad:
             session.keep_grads(model.module)
+        if plan.uses_attention_sites():
+            eager_with_sites(session, model.module)
         run = Run(model, cell, graph, ns, generate, session, ignore_eos)
         try:
             with active.tracing(run):
@@ -185,6 +187,14 @@ def run_cell(model: Model, cell: Any, graph: InterventionGraph, plan: HookPlan, 
     sched = run.sched
     return Outcome(graph, sched.final_output, batch, sched.step + 1,
                    time.perf_counter() - start, sched.stop_line)
+
+
+def eager_with_sites(session: HookSession, module: nn.Module) -> None:
+    """This forward's attention: the model's own eager function, with the hook points of
+    ``attention.py`` (patterns exist only there)."""
+    attention.register()
+    for config in attention.configs(module):
+        session.set_attr(config, "_attn_implementation", attention.KEY)
 
 
 def _interleave(run: Run, cell: Any, ns: dict, line_input: Any, plan: HookPlan,

@@ -1,0 +1,167 @@
+"""Sites inside attention (q, k, v, pattern, z) against an oracle: attention computed by hand
+in plain PyTorch, plugged in through transformers' public attention interface, on GPT-2, NeoX
+and Llama (GQA) shapes loaded with eager and with SDPA attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+import ipy_intervene as ii
+from ipy_intervene import attention
+from ipy_intervene.errors import SiteError, ValueMismatchError
+from conftest import CORRUPT, LAYERS, PROMPT, hook_count, tiny_model
+
+ATTN = {"gpt2": "attn", "neox": "attention", "llama": "self_attn"}
+LAYER = 1
+
+
+@pytest.fixture(params=[(a, impl) for a in LAYERS for impl in ("eager", "sdpa")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def case(request, demo):
+    arch, impl = request.param
+    module = tiny_model(arch, len(demo.tokenizer))
+    module.set_attn_implementation(impl)
+    return arch, ii.wrap(module, demo.tokenizer)
+
+
+def site(arch: str, name: str, layer: int = LAYER) -> str:
+    top, blocks = LAYERS[arch]
+    return f"model.{top}.{blocks}[{layer}].{ATTN[arch]}.{name}"
+
+
+def by_hand(seen: dict, edit=None):
+    """Attention as eager computes it, written out; records layer LAYER's values and applies
+    ``edit(name, value)`` to them."""
+    def attend(module, q, k, v, mask, scaling=None, dropout=0.0, **kwargs):
+        mine = module.layer_idx == LAYER
+        change = (lambda name, x: edit(name, x)) if mine and edit else (lambda name, x: x)
+        q, k, v = change("q", q), change("k", k), change("v", v)
+        repeat = q.shape[1] // k.shape[1]
+        keys, values = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
+        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+        scores = q @ keys.transpose(-1, -2) * scale + (0 if mask is None else mask)
+        pattern = change("pattern", scores.softmax(-1))
+        z = change("z", (pattern @ values).transpose(1, 2))
+        if mine:
+            seen.update(q=q, k=k, v=v, pattern=pattern, z=z)
+        return z, pattern
+
+    return attend
+
+
+def oracle(model: ii.Model, texts: list[str], edit=None) -> tuple[torch.Tensor, dict]:
+    seen: dict = {}
+    AttentionInterface.register("oracle", by_hand(seen, edit))
+    AttentionMaskInterface.register("oracle", eager_mask)
+    before = model.module.config._attn_implementation
+    model.module.set_attn_implementation("oracle")
+    try:
+        enc = model.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+        with torch.no_grad():
+            logits = model.module(**enc).logits
+    finally:
+        model.module.set_attn_implementation(before)
+    return logits, seen
+
+
+@torch.no_grad()
+def test_reads_equal_attention_by_hand(case):
+    arch, model = case
+    ns = {"model": model}
+    body = "\n".join(f"{n} = {site(arch, n)}.output" for n in attention.SITES)
+    ii.trace(model, body + "\nlogits = model.lm_head.output", PROMPT, namespace=ns)
+    logits, seen = oracle(model, [PROMPT])
+    for name in attention.SITES:
+        torch.testing.assert_close(ns[name], seen[name], rtol=0, atol=1e-5, msg=name)
+    torch.testing.assert_close(ns["logits"], logits, rtol=0, atol=1e-5)
+    assert ns["k"].shape[1] == (2 if arch == "llama" else 4)  # GQA: kv heads
+    assert model.module.config._attn_implementation == case[1].module.config._attn_implementation
+
+
+@torch.no_grad()
+def test_the_pattern_is_the_eager_models_own(case):
+    arch, model = case
+    ns = {"model": model}
+    ii.trace(model, f"p = {site(arch, 'pattern')}.output\nlogits = model.lm_head.output", PROMPT,
+             namespace=ns)
+    before = model.module.config._attn_implementation
+    model.module.set_attn_implementation("eager")
+    try:
+        out = model.module(model.to_tokens(PROMPT), output_attentions=True)
+    finally:
+        model.module.set_attn_implementation(before)
+    assert torch.equal(ns["p"], out.attentions[LAYER])
+    assert torch.equal(ns["logits"], out.logits)
+
+
+def _ablate_head(name, x):
+    x = x.clone()
+    if name == "pattern":
+        x[:, 1] = 0
+        x[:, 1, :, 0] = 1  # head 1 attends only to the first token
+    return x
+
+
+def _scale(target):
+    def edit(name, x):
+        if name != target:
+            return x
+        x = x.clone()
+        (x[:, :, 0] if name == "z" else x[:, 0]).mul_(2)
+        return x
+    return edit
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("cell, edit", [
+    ("{p}.output[:, 1] = 0\n{p}.output[:, 1, :, 0] = 1", _ablate_head),
+    ("{q}.output[:, 0] *= 2", _scale("q")),
+    ("{k}.output[:, 0] *= 2", _scale("k")),
+    ("{v}.output[:, 0] *= 2", _scale("v")),
+    ("{z}.output[:, :, 0] *= 2", _scale("z")),
+], ids=["pattern", "q", "k", "v", "z"])
+def test_writes_change_the_forward_as_by_hand(case, cell, edit):
+    arch, model = case
+    names = {n[0]: site(arch, n) for n in attention.SITES}
+    ns = {"model": model}
+    ii.trace(model, cell.format(**names) + "\nlogits = model.lm_head.output", PROMPT,
+             namespace=ns)
+    logits, _ = oracle(model, [PROMPT], edit)
+    plain, _ = oracle(model, [PROMPT])
+    assert (logits - plain).abs().max() > 1e-4  # the edit matters: 10x the tolerance
+    torch.testing.assert_close(ns["logits"], logits, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_patching_a_pattern_from_another_invoke(case):
+    arch, model = case
+    p = site(arch, "pattern")
+    ns = {"model": model, "clean": PROMPT, "corrupt": CORRUPT}
+    ii.trace(model, f"with tracer.invoke(clean):\n    saved = {p}.output\n"
+                    f"with tracer.invoke(corrupt):\n    {p}.output = saved\n"
+                    "    logits = model.lm_head.output", namespace=ns)
+    _, clean = oracle(model, [PROMPT])
+    logits, _ = oracle(model, [CORRUPT], lambda n, x: clean["pattern"] if n == "pattern" else x)
+    torch.testing.assert_close(ns["logits"], logits, rtol=0, atol=1e-5)
+
+
+def test_a_failing_cell_leaves_the_implementation_and_no_hook(demo):
+    ns = {"model": demo}
+    with pytest.raises(ValueMismatchError, match="does not broadcast"):
+        ii.trace(demo, "p = model.transformer.h[0].attn.pattern.output\n"
+                       "model.transformer.h[0].attn.pattern.output = p[:, :2]", PROMPT,
+                 namespace=ns)
+    assert demo.module.config._attn_implementation == "sdpa"
+    assert "p" not in ns and hook_count(demo.module) == 0
+    points = attention.point(demo.module.transformer.h[0].attn, "pattern")
+    assert hook_count(points) == 0
+
+
+def test_sites_only_exist_on_attention_modules(demo):
+    with pytest.raises(SiteError, match="`pattern` is not a module or attribute"):
+        ii.trace(demo, "p = model.transformer.h[0].mlp.pattern.output", PROMPT,
+                 namespace={"model": demo})
+    assert "pattern" in dir(demo.transformer.h[0].attn)
