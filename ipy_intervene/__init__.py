@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ipy_intervene.decompose import DecomposeResult, decompose
 from ipy_intervene.errors import InterventionError
 from ipy_intervene.lens import LensResult, lens
 from ipy_intervene.metrics import logit_diff, logprob, metric, prob
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = ["Adapter", "Envoy", "InterventionError", "LensResult", "Model", "SweepResult",
            "TraceResult", "adapter_for", "lens", "load_model", "logit_diff", "logprob", "metric", "patch_sweep", "prob",
            "trace", "wrap", "__version__"]
+__all__ += ["DecomposeResult", "decompose"]
 
 
 def load_ipython_extension(ipython: Any) -> None:
