@@ -23,6 +23,7 @@ from ipy_intervene import active, attention
 from ipy_intervene.batch import Batch, check_ids, describe, encode_dict, encode_ids
 from ipy_intervene.errors import InputError, MissingAttributeError, SiteError
 from ipy_intervene.habits import check_output_attentions, nnsight_hint
+from ipy_intervene.placement import input_device
 from ipy_intervene.tokens import check_known, check_kwargs
 
 DEMO_DIR = Path(__file__).parent / "demo" / "weights"
@@ -163,7 +164,8 @@ class Envoy:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the module ad hoc on a value (no hooks of ours fire); inside or outside traces."""
         module = self._module
-        device = next((p.device for p in module.parameters()), None)
+        has_weights = next(module.parameters(), None) is not None
+        device = input_device(module) if has_weights else None  # offloaded: where it runs
         if device is not None:
             args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
         with active.hook_scope(()):
