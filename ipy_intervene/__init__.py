@@ -15,6 +15,7 @@ from ipy_intervene.lens import LensResult, lens
 from ipy_intervene.metrics import logit_diff, logprob, metric, prob
 from ipy_intervene.loading import load_model, wrap
 from ipy_intervene.model import Envoy, Model
+from ipy_intervene.paths import path_patch
 from ipy_intervene.sites import Adapter, adapter_for
 from ipy_intervene.sweep import SweepResult, patch_sweep
 from ipy_intervene.trace import TraceResult, trace
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 __all__ = ["Adapter", "Envoy", "InterventionError", "LensResult", "Model", "SweepResult",
            "TraceResult", "adapter_for", "lens", "load_model", "logit_diff", "logprob", "metric", "patch_sweep", "prob",
            "trace", "wrap", "__version__"]
-__all__ += ["DecomposeResult", "decompose"]
+__all__ += ["DecomposeResult", "decompose", "path_patch"]
 
 
 def load_ipython_extension(ipython: Any) -> None:

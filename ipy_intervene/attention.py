@@ -87,6 +87,14 @@ def register() -> None:
     AttentionMaskInterface.register(KEY, eager_mask)
 
 
+def use_sites(session: Any, model: nn.Module) -> None:
+    """For the ``session`` (a :class:`~ipy_intervene.hooks.HookSession`), ``model``'s
+    attention is its own eager function with a hook point at each site."""
+    register()
+    for config in configs(model):
+        session.set_attr(config, "_attn_implementation", KEY)
+
+
 def attention_with_sites(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                          value: torch.Tensor, attention_mask: torch.Tensor | None,
                          **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -177,7 +177,7 @@ def run_cell(model: Model, cell: Any, graph: InterventionGraph, plan: HookPlan, 
         if grad:
             session.keep_grads(model.module)
         if plan.uses_attention_sites():
-            eager_with_sites(session, model.module)
+            attention.use_sites(session, model.module)
         run = Run(model, cell, graph, ns, generate, session, ignore_eos)
         try:
             with active.tracing(run):
@@ -187,14 +187,6 @@ def run_cell(model: Model, cell: Any, graph: InterventionGraph, plan: HookPlan, 
     sched = run.sched
     return Outcome(graph, sched.final_output, batch, sched.step + 1,
                    time.perf_counter() - start, sched.stop_line)
-
-
-def eager_with_sites(session: HookSession, module: nn.Module) -> None:
-    """This forward's attention: the model's own eager function, with the hook points of
-    ``attention.py`` (patterns exist only there)."""
-    attention.register()
-    for config in attention.configs(module):
-        session.set_attr(config, "_attn_implementation", attention.KEY)
 
 
 def _interleave(run: Run, cell: Any, ns: dict, line_input: Any, plan: HookPlan,
