@@ -57,11 +57,13 @@ def head_sweep(model: Any, clean: Any, corrupted: Any, metric: Any, *, site: str
     a, b = prepare_pair(model, clean, corrupted)
     base, source = (b, a) if direction == "denoising" else (a, b)
     bound = as_metric(metric).bind(model, a.size)
-    recorded, source_logits = _record(model.module, adapter, name, source.kwargs)
-    _, base_logits = _record(model.module, adapter, name, base.kwargs)
+    keep = logits_kwargs(model, metric)
+    recorded, source_logits = _record(model.module, adapter, name, {**source.kwargs, **keep})
+    _, base_logits = _record(model.module, adapter, name, {**base.kwargs, **keep})
     n_heads = recorded[0].shape[1]
     grid = _grid(adapter, n_heads, a.length, per_position, layers, positions, heads)
-    run = _Patches(model.module, adapter, name, base.kwargs, a.size, recorded, bound)
+    run = _Patches(model.module, adapter, name, {**base.kwargs, **keep}, a.size, recorded,
+                   bound)
     per_prompt = _sweep(run, grid.cells, batch_size).reshape(*grid.shape, a.size)
     clean_logits = source_logits if direction == "denoising" else base_logits
     corrupt_logits = base_logits if direction == "denoising" else source_logits
@@ -71,6 +73,14 @@ def head_sweep(model: Any, clean: Any, corrupted: Any, metric: Any, *, site: str
         (raw - lo) / (hi - lo), raw, per_prompt, hi, lo, grid.dims, grid.layers,
         grid.positions, grid.heads, token_labels(model, a), site, "activation", direction,
         repr(as_metric(metric)), time.perf_counter() - start)
+
+
+def logits_kwargs(model: Any, metric: Any) -> dict[str, int]:
+    """``logits_to_keep=1`` when the metric reads only the last position (the unembedding
+    of every position is a third of a GPT-2-small forward)."""
+    reads = as_metric(metric).positions
+    takes = "logits_to_keep" in getattr(model, "_forward_params", ())
+    return {"logits_to_keep": 1} if reads == (-1,) and takes else {}
 
 
 class _Grid:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ipy_intervene import attention
 from ipy_intervene.errors import InputError
+from ipy_intervene.head_sweep import logits_kwargs
 from ipy_intervene.hooks import HookSession, entry_point, tap
 from ipy_intervene.loading import warn_if_training, wrap
 from ipy_intervene.metrics import as_metric
@@ -58,9 +59,10 @@ def path_patch(model: Any, clean: Any, corrupted: Any, metric: Any, *,
     a, b = prepare_pair(model, clean, corrupted)
     where = _positions(positions, a.length)
     bound = as_metric(metric).bind(model, a.size)
-    clean_z, clean_logits = _record_z(model.module, adapter, a.kwargs)
-    corrupt_z, corrupt_logits = _record_z(model.module, adapter, b.kwargs)
-    run = _Paths(model.module, adapter, a.kwargs, a.size, where, clean_z, corrupt_z, bound,
+    keep = logits_kwargs(model, metric)
+    clean_z, clean_logits = _record_z(model.module, adapter, {**a.kwargs, **keep})
+    corrupt_z, corrupt_logits = _record_z(model.module, adapter, {**b.kwargs, **keep})
+    run = _Paths(model.module, adapter, {**a.kwargs, **keep}, a.size, where, clean_z, corrupt_z, bound,
                  heads, receiver_input)
     senders = [(layer, head) for layer in range(adapter.n_layers)
                for head in range(adapter.n_heads)]
