@@ -24,7 +24,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import ipy_intervene as ii
 from ipy_intervene import attention
-from ipy_intervene.head_sweep import head_sweep
+from ipy_intervene.sweep.heads import head_sweep
 from ipy_intervene.hooks import HookSession, tap
 
 

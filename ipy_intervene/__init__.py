@@ -15,7 +15,7 @@ from ipy_intervene.lens import LensResult, lens
 from ipy_intervene.metrics import logit_diff, logprob, metric, prob
 from ipy_intervene.loading import load_model, wrap
 from ipy_intervene.model import Envoy, Model
-from ipy_intervene.paths import path_patch
+from ipy_intervene.sweep.paths import path_patch
 from ipy_intervene.sites import Adapter, adapter_for
 from ipy_intervene.sweep import SweepResult, patch_sweep
 from ipy_intervene.trace import TraceResult, trace

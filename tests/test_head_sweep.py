@@ -11,7 +11,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import ipy_intervene as ii
 from ipy_intervene.errors import InputError
-from ipy_intervene.head_sweep import head_sweep
+from ipy_intervene.sweep.heads import head_sweep
 from conftest import ARCHS, CORRUPT, PROMPT, hook_count, tiny_model
 
 METRIC = ii.logit_diff("Mary", "John")
@@ -105,3 +105,30 @@ def test_gqa_keys_are_per_kv_head(demo):
 def test_an_unknown_attention_site_lists_them(demo):
     with pytest.raises(InputError, match="head_pattern_pos"):
         head_sweep(demo, PROMPT, CORRUPT, METRIC, site="head_o")
+
+
+# -- through ii.patch_sweep and %patch_sweep ---------------------------------------------------
+
+def test_patch_sweep_routes_attention_sites_lists_and_path_patching(demo):
+    one = ii.patch_sweep(demo, PROMPT, CORRUPT, METRIC, site="head_v")
+    assert torch.equal(one.raw, head_sweep(demo, PROMPT, CORRUPT, METRIC, site="head_v").raw)
+    both = ii.patch_sweep(demo, PROMPT, CORRUPT, METRIC, site=["attn_out", "mlp_out"])
+    assert list(both) == ["attn_out", "mlp_out"]
+    alone = ii.patch_sweep(demo, PROMPT, CORRUPT, METRIC, site="mlp_out")
+    torch.testing.assert_close(both["mlp_out"].raw, alone.raw, rtol=0, atol=1e-6)
+    path = ii.patch_sweep(demo, PROMPT, CORRUPT, METRIC, method="path", receivers=[(3, 0)])
+    assert torch.equal(path.raw, ii.path_patch(demo, PROMPT, CORRUPT, METRIC,
+                                               receivers=[(3, 0)]).raw)
+    with pytest.raises(InputError, match="method='activation'"):
+        ii.patch_sweep(demo, PROMPT, CORRUPT, METRIC, site="head_q", method="attribution")
+
+
+def test_the_magic_sweeps_several_sites_and_paths(shell):
+    shell.user_ns.update(clean=PROMPT, corrupt=CORRUPT)
+    base = '%patch_sweep model --clean clean --corrupted corrupt --metric logit_diff("Mary", "John")'
+    shell.run_cell(base + " --site resid_pre,head_pattern --quiet --out both")
+    both = shell.user_ns["both"]
+    assert set(both) == {"resid_pre", "head_pattern"} and both["head_pattern"].dims == ("layer", "head")
+    shell.run_cell(base + " --method path --receivers [(3, 0)] --receiver-input v --quiet")
+    assert shell.user_ns["_sweep"].method == "path"
+    assert shell.user_ns["_sweep"].extra["receiver_input"] == "v"

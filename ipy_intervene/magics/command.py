@@ -166,9 +166,15 @@ SWEEP_OPTIONS: dict[str, Option] = {o.name: o for o in (
            "(one answer, or one per prompt), or a callable from logits [batch, pos, vocab] to "
            "one number per prompt", "with --method noise, the probability of the clean prediction"),
     Option("site", WORD, "S", "resid_pre, resid_mid, resid_post, attn_out, mlp_out ([layer, "
-           "pos]); head_out ([layer, head]); head_out_pos ([layer, pos, head])", "resid_pre"),
+           "pos]); head_out, head_q, head_k, head_v, head_pattern ([layer, head]); "
+           "head_out_pos, head_q_pos, ... ([layer, pos, head]); several, comma-separated "
+           "(a dict of results)", "resid_pre"),
     Option("method", WORD, "M", "activation (exact), attribution ((clean - corrupted) . grad, "
-           "from two forwards and one backward) or noise (ROME causal tracing)", "activation"),
+           "from two forwards and one backward), noise (ROME causal tracing) or path (path "
+           "patching from every head to --receivers)", "activation"),
+    Option("receivers", EXPRESSION, "R", "with --method path: logits, or [(layer, head), ...] "
+           "whose --receiver-input is patched", "logits"),
+    Option("receiver_input", WORD, "Q", "with --method path: q, k or v", "q"),
     Option("direction", WORD, "D", "denoising (clean into corrupted) or noising (corrupted "
            "into clean)", "denoising"),
     Option("layers", EXPRESSION, "L", "the layers to sweep, e.g. range(2, 4)", "all"),

@@ -52,9 +52,11 @@ class SweepMagics(Magics):
         self.shell.user_ns["_sweep"] = result
         if out is not None:
             self.shell.user_ns[out] = result
-        if not quiet:
-            display(result)
-        mark_shown(result)  # so that Out[] does not show it again when this is the last line
+        shown = list(result.values()) if isinstance(result, dict) else [result]
+        for one in shown:  # several sites: one view each
+            if not quiet:
+                display(one)
+            mark_shown(one)  # so that Out[] does not show it again when this is the last line
         return result
 
     patch_sweep.__doc__ = manual(MAGIC, SUMMARY, SWEEP_OPTIONS, EXAMPLES)

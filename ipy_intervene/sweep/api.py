@@ -15,15 +15,17 @@ from ipy_intervene.hooks import entry_point
 from ipy_intervene.metrics import Metric, Prob, as_metric
 from ipy_intervene.loading import warn_if_training, wrap
 from ipy_intervene.model import Model
-from ipy_intervene.sites import Adapter, SiteKind, adapter_for, get_path, site_kind
+from ipy_intervene.sites import SITES, Adapter, SiteKind, adapter_for, get_path, site_kind
 from ipy_intervene.sweep import attribution, memory
+from ipy_intervene.sweep.heads import SITES as HEAD_SITES, head_sweep
+from ipy_intervene.sweep.paths import path_patch
 from ipy_intervene.sweep.inputs import (index_list, prepare_pair, subject_mask, subject_noise,
                                         token_labels)
 from ipy_intervene.sweep.record import record
 from ipy_intervene.sweep.result import SweepResult
 from ipy_intervene.sweep.staircase import Cell, Engine
 
-METHODS = ("activation", "attribution", "noise")
+METHODS = ("activation", "attribution", "noise", "path")
 DIRECTIONS = ("denoising", "noising")
 
 
@@ -73,7 +75,8 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
                 batch_size: int | None = None, memory_fraction: float = 0.25,
                 subject: Any = None, samples: int = 10, noise: float = 3.0,
                 noise_std: float | None = None, seed: int = 0, window: int = 1,
-                adapter: Adapter | None = None) -> SweepResult:
+                adapter: Adapter | None = None, receivers: Any = "logits",
+                receiver_input: str = "q") -> SweepResult | dict[str, SweepResult]:
     """Patch every (layer, position[, head]) of ``site`` and measure ``metric``.
 
     - ``method="activation"``: exact. Denoising (default) patches the clean activation into
@@ -84,6 +87,13 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
       ``clean`` with Gaussian noise (``noise`` x the std of the subject's token embeddings, or
       ``noise_std``) on the ``subject`` tokens, ``samples`` copies drawn with ``seed``; each cell
       restores the clean state (of ``window`` layers around it).
+    - ``method="path"``: path patching from every head to ``receivers`` (``"logits"``, or
+      (layer, head) pairs whose ``receiver_input`` ``q``/``k``/``v`` is patched); see
+      :func:`ii.path_patch`.
+
+    Sites inside attention, per head (activation patching): ``head_q``, ``head_k``,
+    ``head_v``, ``head_pattern`` and their ``_pos`` forms (see ``sweep/heads.py``). A list
+    of sites (or ``"resid_pre,attn_out,mlp_out"``) gives a dict of results, one per site.
 
     ``metric`` maps logits to one number per prompt: ``ii.logit_diff(correct, wrong)``,
     ``ii.prob(token)``, ``ii.logprob(token)`` or any callable. ``batch_size`` caps the number
@@ -94,9 +104,31 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
     1.0 where the patch restores the clean answer, 0.0 where it has no effect
     """
     start = time.perf_counter()
+    sites = site.split(",") if isinstance(site, str) else site
+    if not isinstance(sites, (list, tuple)):
+        raise InputError(f"site must be a name or a list of names; got {type(site).__name__}")
+    if len(sites) > 1 or not isinstance(site, str):
+        same = dict(method=method, direction=direction, layers=layers, positions=positions,
+                    heads=heads, batch_size=batch_size, memory_fraction=memory_fraction,
+                    subject=subject, samples=samples, noise=noise, noise_std=noise_std,
+                    seed=seed, window=window, adapter=adapter, receivers=receivers,
+                    receiver_input=receiver_input)
+        return {s.strip(): patch_sweep(model, clean, corrupted, metric, site=s.strip(), **same)
+                for s in sites}
+    _check_choice("method", method, METHODS)
+    if method == "path":
+        return path_patch(model, clean, corrupted, metric, receivers=receivers,
+                          receiver_input=receiver_input, positions=positions,
+                          batch_size=batch_size or 16)
+    if site in HEAD_SITES:
+        if method != "activation":
+            raise InputError(f"site {site!r} is swept with method='activation' (exact); "
+                             f"{method!r} covers the sites {', '.join(SITES)}")
+        return head_sweep(model, clean, corrupted, metric, site=site, direction=direction,
+                          layers=layers, positions=positions, heads=heads,
+                          batch_size=batch_size or 16)
     model = wrap(model)
     warn_if_training(model)
-    _check_choice("method", method, METHODS)
     _check_choice("direction", direction, DIRECTIONS)
     adapter = adapter_for(model, adapter)
     kind = site_kind(site)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ipy_intervene import attention
 from ipy_intervene.errors import InputError
-from ipy_intervene.head_sweep import logits_kwargs
+from ipy_intervene.sweep.heads import logits_kwargs
 from ipy_intervene.hooks import HookSession, entry_point, tap
 from ipy_intervene.loading import warn_if_training, wrap
 from ipy_intervene.metrics import as_metric
