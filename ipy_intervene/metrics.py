@@ -31,6 +31,16 @@ class Metric:
 
     positions: tuple[int, ...] | None = (-1,)
     name = "metric"
+    batch_mean = False  # set once the metric returned one number for a batch of prompts
+
+    def no_per_prompt(self) -> dict[str, str]:
+        """What a result says when per-prompt values do not exist (see ``batch_mean``)."""
+        if not self.batch_mean:
+            return {}
+        return {"no_per_prompt": (
+            f"metric `{self.name}` returned one number for the whole batch of prompts, so "
+            "per-prompt values do not exist (`values` and `raw` use the batch's number). "
+            "Return one value per prompt (for example, drop a final `.mean()`) to get them")}
 
     def bind(self, model: Any, n_prompts: int) -> Bound:
         raise NotImplementedError
@@ -59,7 +69,7 @@ class LogitDiff(_AnswerMetric):
         good, bad = (self._ids(model, a, n_prompts) for a in self.answers)
 
         def logit_diff(logits: torch.Tensor) -> torch.Tensor:
-            last, good_, bad_ = _tile(logits[:, -1], good, bad)
+            last, good_, bad_ = _tile(logits[:, -1].float(), good, bad)  # in float32
             return (last.gather(-1, good_[:, None]) - last.gather(-1, bad_[:, None]))[:, 0]
 
         return logit_diff
@@ -99,15 +109,22 @@ class Custom(Metric):
         fn, name = self.fn, self.name
 
         def custom(logits: torch.Tensor) -> torch.Tensor:
-            blocks = [_per_prompt(fn(block), name, n_prompts) for block in logits.split(n_prompts)]
+            blocks = [self._one_per_prompt(fn(block), name, n_prompts)
+                      for block in logits.split(n_prompts)]
             return torch.cat(blocks)
 
         return custom
 
 
+    def _one_per_prompt(self, value: Any, name: str, n_prompts: int) -> torch.Tensor:
+        if n_prompts > 1 and torch.as_tensor(value).dim() == 0:
+            self.batch_mean = True
+        return _per_prompt(value, name, n_prompts)
+
+
 def _per_prompt(value: Any, name: str, n_prompts: int) -> torch.Tensor:
     value = torch.as_tensor(value)
-    if value.dim() == 0:
+    if value.dim() == 0:  # one number for the batch: the same for every prompt
         value = value.expand(n_prompts)
     if value.shape != (n_prompts,):
         raise InputError(f"metric `{name}` returned shape {list(value.shape)}; expected one "

@@ -105,7 +105,7 @@ def patched_logits(module, arch, site, patches, kwargs, n_heads, noise=None):
             handles.append(target.register_forward_hook(hook))
     if noise is not None:
         embed = get(module, PARTS[arch]["embed"])
-        handles.append(embed.register_forward_hook(lambda m, a, out: out + noise))
+        handles.append(embed.register_forward_hook(lambda m, a, out: out + noise.to(out.dtype)))
     try:
         return module(**kwargs).logits
     finally:

@@ -292,12 +292,13 @@ def _result(model: Model, grid: Grid, run: Run, rows: torch.Tensor, site: str, m
     shape = grid.shape
     return SweepResult(
         values=values.view(shape), raw=raw.view(shape),
-        per_prompt=per_prompt.view(*shape, run.n_prompts), clean=clean, corrupted=corrupted,
+        prompt_values=per_prompt.view(*shape, run.n_prompts), clean=clean, corrupted=corrupted,
         dims=grid.dims, layers=grid.layers, positions=grid.positions, heads=grid.heads,
         tokens=run.labels, site=site, method=method,
         direction="causal tracing" if method == "noise" else direction,
         metric=repr(run.metric), seconds=seconds,
-        extra={"window": grid.window} if method == "noise" else {})
+        extra={**({"window": grid.window} if method == "noise" else {}),
+               **run.metric.no_per_prompt()})
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

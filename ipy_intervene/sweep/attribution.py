@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ipy_intervene.errors import InputError
+
 from ipy_intervene.sites import Adapter, get_path, split_heads
 from ipy_intervene.hooks import site_hooks
 from ipy_intervene.sweep.record import record
@@ -26,6 +28,7 @@ def sweep(model: Any, adapter: Adapter, grid: Any, run: Any) -> torch.Tensor:
         base = record(model, adapter, run.base_kwargs, kind=grid.kind, layers=layers,
                       positions=run.positions)
         scores = metric(base.logits)
+        _check_differentiable(scores, run.metric)
         grads = torch.autograd.grad(scores.sum(), [base.sites[l] for l in layers])
     scores = scores.detach()
     run.set_baselines(float(scores.mean()), float(metric(source.logits).mean()))
@@ -54,3 +57,14 @@ def _grad_root(model: Any, adapter: Adapter) -> tuple[Any, str, Any]:
     def root(x: torch.Tensor) -> torch.Tensor | None:
         return None if x.requires_grad else x.detach().requires_grad_()
     return get_path(model.module, adapter.embed), "module_out", root
+
+
+def _check_differentiable(scores: torch.Tensor, metric: Any) -> None:
+    """Attribution differentiates the metric: a float (``.item()``, ``float()``) or a tensor
+    cut from the graph (``.detach()``, ``torch.no_grad``) has no gradient to give."""
+    if not scores.requires_grad:
+        raise InputError(
+            f"method='attribution' differentiates the metric, but `{metric!r}` returned a "
+            "value without a gradient (a Python float, or a tensor computed with .item(), "
+            "float(), .detach() or under torch.no_grad). Return a tensor computed from the "
+            "logits")

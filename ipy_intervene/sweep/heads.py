@@ -56,7 +56,8 @@ def head_sweep(model: Any, clean: Any, corrupted: Any, metric: Any, *, site: str
     adapter = adapter_for(model)
     a, b = prepare_pair(model, clean, corrupted)
     base, source = (b, a) if direction == "denoising" else (a, b)
-    bound = as_metric(metric).bind(model, a.size)
+    metric = as_metric(metric)
+    bound = metric.bind(model, a.size)
     keep = logits_kwargs(model, metric)
     recorded, source_logits = _record(model.module, adapter, name, {**source.kwargs, **keep})
     _, base_logits = _record(model.module, adapter, name, {**base.kwargs, **keep})
@@ -72,7 +73,7 @@ def head_sweep(model: Any, clean: Any, corrupted: Any, metric: Any, *, site: str
     return SweepResult(
         (raw - lo) / (hi - lo), raw, per_prompt, hi, lo, grid.dims, grid.layers,
         grid.positions, grid.heads, token_labels(model, a), site, "activation", direction,
-        repr(as_metric(metric)), time.perf_counter() - start)
+        repr(metric), time.perf_counter() - start, extra=metric.no_per_prompt())
 
 
 def logits_kwargs(model: Any, metric: Any) -> dict[str, int]:
@@ -151,7 +152,7 @@ class _Patches:
                 rows = [(i, h, p) for i, (l, h, p) in enumerate(cells) if l == layer]
                 tap(session, _point(self.module, self.adapter, layer, self.name), False,
                     self._patch(layer, rows))
-            return self.bound(self.module(**kwargs).logits)
+            return self.bound(self.module(**kwargs).logits).float()
 
     def _patch(self, layer: int, rows: list[tuple[int, int, int | None]]):
         source, n = self.recorded[layer], self.n

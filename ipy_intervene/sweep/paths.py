@@ -58,7 +58,8 @@ def path_patch(model: Any, clean: Any, corrupted: Any, metric: Any, *,
     heads = _check_receivers(receivers, receiver_input, adapter)
     a, b = prepare_pair(model, clean, corrupted)
     where = _positions(positions, a.length)
-    bound = as_metric(metric).bind(model, a.size)
+    metric = as_metric(metric)
+    bound = metric.bind(model, a.size)
     keep = logits_kwargs(model, metric)
     clean_z, clean_logits = _record_z(model.module, adapter, {**a.kwargs, **keep})
     corrupt_z, corrupt_logits = _record_z(model.module, adapter, {**b.kwargs, **keep})
@@ -75,9 +76,10 @@ def path_patch(model: Any, clean: Any, corrupted: Any, metric: Any, *,
     return SweepResult(
         (raw - floor) / (base - floor), raw, per_prompt, base, floor, ("layer", "head"),
         list(range(adapter.n_layers)), where, list(range(adapter.n_heads)),
-        token_labels(model, a), f"path -> {target}", "path", "noising", repr(as_metric(metric)),
+        token_labels(model, a), f"path -> {target}", "path", "noising", repr(metric),
         time.perf_counter() - start, extra={"receivers": heads or "logits",
-                                            "receiver_input": receiver_input})
+                                            "receiver_input": receiver_input,
+                                            **metric.no_per_prompt()})
 
 
 def _sweep(run: "_Paths", senders: list[Head], batch_size: int) -> torch.Tensor:
@@ -114,10 +116,10 @@ class _Paths:
             received = self._keep_receiver_inputs(session) if self.heads else None
             logits = self.module(**kwargs).logits
         if received is None:
-            return self.bound(logits)
+            return self.bound(logits).float()
         with HookSession() as session:
             self._patch_receivers(session, received)
-            return self.bound(self.module(**kwargs).logits)
+            return self.bound(self.module(**kwargs).logits).float()
 
     def _freeze_all_but(self, session: HookSession, senders: list[Head]) -> None:
         for layer in range(self.adapter.n_layers):

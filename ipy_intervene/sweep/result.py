@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ipy_intervene.errors import InputError
+
 
 @dataclass
 class SweepResult:
@@ -22,7 +24,7 @@ class SweepResult:
 
     values: torch.Tensor
     raw: torch.Tensor
-    per_prompt: torch.Tensor          # raw, with a last dimension over prompts
+    prompt_values: torch.Tensor       # raw, with a last dimension over prompts (per_prompt)
     clean: float
     corrupted: float
     dims: tuple[str, ...]             # ("layer", "pos"), ("layer", "head") or all three
@@ -38,6 +40,15 @@ class SweepResult:
     extra: dict[str, Any] = field(default_factory=dict)
     patcher: Any = field(default=None, repr=False)   # exact patched runs on demand (views)
     _shown_in: Any = field(default=None, init=False, repr=False, compare=False)  # mark_shown
+
+    @property
+    def per_prompt(self) -> torch.Tensor:
+        """The metric per prompt: ``raw`` with a last dimension over prompts; an error when
+        the metric returned one number for the whole batch (it would repeat the mean)."""
+        reason = self.extra.get("no_per_prompt")
+        if reason:
+            raise InputError(reason)
+        return self.prompt_values
 
     def top(self, k: int = 3) -> list[dict[str, Any]]:
         """The ``k`` cells with the largest absolute effect, largest first."""

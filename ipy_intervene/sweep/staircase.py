@@ -86,7 +86,7 @@ class Engine:
                    disable=progress_disabled())
         try:
             for prefix, index in chunks:
-                out[index] = self._run_chunk(prefix, [cells[i] for i in index])
+                out[index] = self._run_chunk(prefix, [cells[i] for i in index]).float()
                 bar.update(len(index))
         finally:
             bar.close()
