@@ -144,3 +144,12 @@ def test_path_patching_on_the_demo_model_and_its_errors(demo):
     with pytest.raises(InputError, match="'q', 'k' or 'v'"):
         ii.path_patch(demo, PROMPT, CORRUPT, METRIC, receivers=[(3, 0)], receiver_input="o")
     assert demo.module.config._attn_implementation == "sdpa"
+
+
+def test_top_ranks_by_distance_from_the_unpatched_run(demo):
+    """Path patching and noising patch into the clean run: no effect is 1, not 0."""
+    r = ii.path_patch(demo, PROMPT, CORRUPT, METRIC, positions=[-1])
+    assert r.unpatched == 1.0
+    best = r.top(1)[0]
+    assert best["value"] == float(r.values.min())  # the largest drop, L1H3 on the demo model
+    assert (best["layer"], best["head"]) == (1, 3)

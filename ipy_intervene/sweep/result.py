@@ -50,9 +50,15 @@ class SweepResult:
             raise InputError(reason)
         return self.prompt_values
 
+    @property
+    def unpatched(self) -> float:
+        """The value of a cell whose patch changes nothing: 0 when patching into the
+        corrupted run, 1 when patching into the clean one (noising, path patching)."""
+        return 1.0 if self.direction == "noising" else 0.0
+
     def top(self, k: int = 3) -> list[dict[str, Any]]:
-        """The ``k`` cells with the largest absolute effect, largest first."""
-        flat = self.values.flatten().nan_to_num(0.0)
+        """The ``k`` cells with the largest effect (farthest from :attr:`unpatched`)."""
+        flat = (self.values.flatten() - self.unpatched).nan_to_num(0.0)
         order = flat.abs().argsort(descending=True)[:k]
         return [self._cell(int(i)) for i in order]
 
