@@ -16,16 +16,14 @@ and prints the speed-up of each (ours / naive in the same run) and the largest d
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
-
 import ipy_intervene as ii
 from ipy_intervene import attention
 from ipy_intervene.sweep.heads import head_sweep
 from ipy_intervene.hooks import HookSession, tap
+from shapes import arguments, gpt2_ioi
 
 
 def seconds(fn):
@@ -93,27 +91,14 @@ def naive_path_patch(model, clean, corrupt, metric) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--width", type=int, default=768)
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=15)
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.width // 64,
-                        vocab_size=50257)
-    model = ii.wrap(GPT2LMHeadModel(config).eval().to(device))
-    clean = torch.randint(0, 50257, (args.prompts, args.tokens), device=device)
-    corrupt = clean.clone()
-    corrupt[:, args.tokens // 2] = torch.randint(0, 50257, (args.prompts,), device=device)
-    good, bad = torch.randint(0, 50257, (2, args.prompts)).tolist()
-    metric = ii.logit_diff(good, bad)
+    args = arguments(__doc__.splitlines()[0]).parse_args()
+    setup = gpt2_ioi(args)
+    model, clean, corrupt, metric, device = (setup.model, setup.clean, setup.corrupt,
+                                             setup.metric, setup.device)
     bound = metric.bind(model, args.prompts)
     with torch.no_grad():
         model.module(clean)  # warm up
-    print(f"GPT-2 shape {args.layers} layers x {args.width}, {config.n_head} heads, batch "
+    print(f"GPT-2 shape {args.layers} layers x {args.width}, {model.config.n_head} heads, batch "
           f"{args.prompts} x {args.tokens} tokens, {device}, {torch.get_num_threads()} threads")
     for name, ours_fn, naive_fn in [
         ("head_pattern sweep", lambda: head_sweep(model, clean, corrupt, metric,

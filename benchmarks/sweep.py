@@ -19,17 +19,15 @@ next to its budget. Times are medians over ``--repeats``; the two sweeps must ag
 
 from __future__ import annotations
 
-import argparse
 import resource
 import statistics
 import time
 from typing import Callable
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
-
 import ipy_intervene as ii
 from ipy_intervene.sweep import memory
+from shapes import arguments, gpt2_ioi
 
 
 def sync(device: torch.device) -> None:
@@ -81,24 +79,12 @@ def floor_factor(n_layers: int, length: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--width", type=int, default=768)
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=15)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.width // 64,
-                        vocab_size=50257)
-    model = ii.wrap(GPT2LMHeadModel(config).eval().to(device))
-    clean = torch.randint(0, 50257, (args.prompts, args.tokens), device=device)
-    corrupt = clean.clone()
-    corrupt[:, args.tokens // 2] = torch.randint(0, 50257, (args.prompts,), device=device)
-    good, bad = torch.randint(0, 50257, (2, args.prompts)).tolist()
-    metric = ii.logit_diff(good, bad)
+    setup = gpt2_ioi(args)
+    model, clean, corrupt, metric, device = (setup.model, setup.clean, setup.corrupt,
+                                             setup.metric, setup.device)
     naive_metric = metric.bind(model, args.prompts)
     L, P = args.layers, args.tokens
 

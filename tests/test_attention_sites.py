@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import ipy_intervene as ii
 from ipy_intervene import attention
 from ipy_intervene.errors import SiteError, ValueMismatchError
+from attention_oracle import logits_by_hand
 from conftest import CORRUPT, LAYERS, PROMPT, hook_count, tiny_model
 
 ATTN = {"gpt2": "attn", "neox": "attention", "llama": "self_attn"}
@@ -32,39 +31,11 @@ def site(arch: str, name: str, layer: int = LAYER) -> str:
     return f"model.{top}.{blocks}[{layer}].{ATTN[arch]}.{name}"
 
 
-def by_hand(seen: dict, edit=None):
-    """Attention as eager computes it, written out; records layer LAYER's values and applies
-    ``edit(name, value)`` to them."""
-    def attend(module, q, k, v, mask, scaling=None, dropout=0.0, **kwargs):
-        mine = module.layer_idx == LAYER
-        change = (lambda name, x: edit(name, x)) if mine and edit else (lambda name, x: x)
-        q, k, v = change("q", q), change("k", k), change("v", v)
-        repeat = q.shape[1] // k.shape[1]
-        keys, values = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
-        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-        scores = q @ keys.transpose(-1, -2) * scale + (0 if mask is None else mask)
-        pattern = change("pattern", scores.softmax(-1))
-        z = change("z", (pattern @ values).transpose(1, 2))
-        if mine:
-            seen.update(q=q, k=k, v=v, pattern=pattern, z=z)
-        return z, pattern
-
-    return attend
-
-
 def oracle(model: ii.Model, texts: list[str], edit=None) -> tuple[torch.Tensor, dict]:
-    seen: dict = {}
-    AttentionInterface.register("oracle", by_hand(seen, edit))
-    AttentionMaskInterface.register("oracle", eager_mask)
-    before = model.module.config._attn_implementation
-    model.module.set_attn_implementation("oracle")
-    try:
-        enc = model.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
-        with torch.no_grad():
-            logits = model.module(**enc).logits
-    finally:
-        model.module.set_attn_implementation(before)
-    return logits, seen
+    """Logits with attention by hand; layer LAYER's values, changed by ``edit(name, x)``."""
+    patch = (lambda layer, name, x: edit(name, x) if layer == LAYER else x) if edit else None
+    logits, seen = logits_by_hand(model, texts, patch)
+    return logits, seen[LAYER]
 
 
 @torch.no_grad()

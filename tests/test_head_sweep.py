@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import ipy_intervene as ii
 from ipy_intervene.errors import InputError
 from ipy_intervene.sweep.heads import head_sweep
+from attention_oracle import logits_by_hand
 from conftest import ARCHS, CORRUPT, PROMPT, hook_count, tiny_model
 
 METRIC = ii.logit_diff("Mary", "John")
@@ -28,35 +27,8 @@ def sharp(request, demo):
     return ii.wrap(module, demo.tokenizer)
 
 
-def by_hand(seen: dict, patch=None):
-    """Eager attention written out; records every layer's q, k, v, pattern; ``patch(layer,
-    name, value)`` may replace one."""
-    def attend(module, q, k, v, mask, scaling=None, **kwargs):
-        layer = module.layer_idx
-        edit = (lambda name, x: patch(layer, name, x)) if patch else (lambda name, x: x)
-        q, k, v = edit("q", q), edit("k", k), edit("v", v)
-        repeat = q.shape[1] // k.shape[1]
-        keys, values = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
-        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-        pattern = edit("pattern", (q @ keys.transpose(-1, -2) * scale
-                                   + (0 if mask is None else mask)).softmax(-1))
-        seen[layer] = dict(q=q, k=k, v=v, pattern=pattern)
-        return (pattern @ values).transpose(1, 2), pattern
-
-    return attend
-
-
-@torch.no_grad()
 def run_by_hand(model, text, patch=None):
-    seen: dict = {}
-    AttentionInterface.register("by_hand", by_hand(seen, patch))
-    AttentionMaskInterface.register("by_hand", eager_mask)
-    before = model.module.config._attn_implementation
-    model.module.set_attn_implementation("by_hand")
-    try:
-        logits = model.module(model.to_tokens(text)).logits
-    finally:
-        model.module.set_attn_implementation(before)
+    logits, seen = logits_by_hand(model, [text], patch)
     return float(METRIC.bind(model, 1)(logits)), seen
 
 

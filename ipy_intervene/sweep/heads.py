@@ -7,7 +7,7 @@ Sites: ``head_q``, ``head_k``, ``head_v``, ``head_pattern`` (a head at every pos
 ``head_q_pos``, ``head_k_pos``, ``head_v_pos``, ``head_pattern_pos`` (one position; for the
 pattern, one query row). Keys and values are per kv head under grouped-query attention.
 
->>> r = head_sweep(model, clean, corrupt, ii.logit_diff("Mary", "John"), site="head_pattern")  # doctest: +SKIP
+>>> r = head_sweep(model, clean, corrupt, metric, site="head_pattern")  # doctest: +SKIP
 >>> r.values.shape                                                          # doctest: +SKIP
 torch.Size([4, 4])                                     # [layer, head]; clean = 1, corrupted = 0
 """
@@ -15,7 +15,7 @@ torch.Size([4, 4])                                     # [layer, head]; clean = 
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ def head_sweep(model: Any, clean: Any, corrupted: Any, metric: Any, *, site: str
     """Patch each head's ``site`` (see the module's docstring) from one run into the other:
     ``denoising`` (default) puts clean values into the corrupted run.
 
-    >>> head_sweep(model, clean, corrupt, ii.logit_diff("Mary", "John"), site="head_v")  # doctest: +SKIP
+    >>> head_sweep(model, clean, corrupt, metric, site="head_v")  # doctest: +SKIP
     """
     start = time.perf_counter()
     if site not in SITES:
@@ -65,7 +65,8 @@ def head_sweep(model: Any, clean: Any, corrupted: Any, metric: Any, *, site: str
     grid = _grid(adapter, n_heads, a.length, per_position, layers, positions, heads)
     run = _Patches(model.module, adapter, name, {**base.kwargs, **keep}, a.size, recorded,
                    bound)
-    per_prompt = _sweep(run, grid.cells, batch_size).reshape(*grid.shape, a.size)
+    per_prompt = in_chunks(run.chunk, grid.cells, batch_size, f"{site} sweep").reshape(
+        *grid.shape, a.size)
     clean_logits = source_logits if direction == "denoising" else base_logits
     corrupt_logits = base_logits if direction == "denoising" else source_logits
     hi, lo = float(bound(clean_logits).mean()), float(bound(corrupt_logits).mean())
@@ -113,7 +114,8 @@ def _grid(adapter: Adapter, n_heads: int, length: int, per_position: bool,
                  pick(heads, n_heads, "heads"), per_position)
 
 
-def _point(module: nn.Module, adapter: Adapter, layer: int, name: str) -> nn.Module:
+def attention_point(module: nn.Module, adapter: Adapter, layer: int, name: str) -> nn.Module:
+    """The hook point ``name`` (q, k, v, pattern, z) of layer ``layer``'s attention."""
     attn = get_path(adapter.block(module, layer), adapter.attn)
     point = attention.point(attn, name)
     if point is None:
@@ -128,7 +130,7 @@ def _record(module: nn.Module, adapter: Adapter, name: str,
     with HookSession() as session:
         attention.use_sites(session, module)
         for layer in range(adapter.n_layers):
-            tap(session, _point(module, adapter, layer, name), False,
+            tap(session, attention_point(module, adapter, layer, name), False,
                 lambda x, layer=layer: kept.__setitem__(layer, x.clone()))
         logits = module(**kwargs).logits
     return kept, logits
@@ -150,7 +152,7 @@ class _Patches:
             attention.use_sites(session, self.module)
             for layer in {c[0] for c in cells}:
                 rows = [(i, h, p) for i, (l, h, p) in enumerate(cells) if l == layer]
-                tap(session, _point(self.module, self.adapter, layer, self.name), False,
+                tap(session, attention_point(self.module, self.adapter, layer, self.name), False,
                     self._patch(layer, rows))
             return self.bound(self.module(**kwargs).logits).float()
 
@@ -168,14 +170,15 @@ class _Patches:
         return patch
 
 
-def _sweep(run: _Patches, cells: list[Cell], batch_size: int) -> torch.Tensor:
+def in_chunks(run: Callable[[list[Any]], torch.Tensor], items: list[Any], batch_size: int,
+              desc: str) -> torch.Tensor:
+    """``run`` on ``batch_size`` items at a time, concatenated, with a progress bar."""
     out = []
-    bar = tqdm(total=len(cells), desc="head sweep", delay=1.0, leave=False,
-               disable=progress_disabled())
+    bar = tqdm(total=len(items), desc=desc, delay=1.0, leave=False, disable=progress_disabled())
     try:
-        for i in range(0, len(cells), batch_size):
-            out.append(run.chunk(cells[i:i + batch_size]))
-            bar.update(len(cells[i:i + batch_size]))
+        for i in range(0, len(items), batch_size):
+            out.append(run(items[i:i + batch_size]))
+            bar.update(len(items[i:i + batch_size]))
     finally:
         bar.close()
     return torch.cat(out)

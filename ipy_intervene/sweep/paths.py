@@ -24,18 +24,16 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ipy_intervene import attention
 from ipy_intervene.errors import InputError
-from ipy_intervene.sweep.heads import logits_kwargs
+from ipy_intervene.sweep.heads import attention_point, in_chunks, logits_kwargs
 from ipy_intervene.hooks import HookSession, entry_point, tap
 from ipy_intervene.loading import warn_if_training, wrap
 from ipy_intervene.metrics import as_metric
 from ipy_intervene.sites import Adapter, adapter_for, get_path, split_heads
 from ipy_intervene.sweep.inputs import prepare_pair, token_labels
 from ipy_intervene.sweep.result import SweepResult
-from ipy_intervene.sweep.staircase import progress_disabled
 
 Head = tuple[int, int]
 
@@ -63,11 +61,12 @@ def path_patch(model: Any, clean: Any, corrupted: Any, metric: Any, *,
     keep = logits_kwargs(model, metric)
     clean_z, clean_logits = _record_z(model.module, adapter, {**a.kwargs, **keep})
     corrupt_z, corrupt_logits = _record_z(model.module, adapter, {**b.kwargs, **keep})
-    run = _Paths(model.module, adapter, {**a.kwargs, **keep}, a.size, where, clean_z, corrupt_z, bound,
+    run = _Paths(model.module, adapter, {**a.kwargs, **keep}, a.size, where, clean_z,
+                 corrupt_z, bound,
                  heads, receiver_input)
     senders = [(layer, head) for layer in range(adapter.n_layers)
                for head in range(adapter.n_heads)]
-    per_prompt = _sweep(run, senders, batch_size)
+    per_prompt = in_chunks(run.chunk, senders, batch_size, "path patching")
     per_prompt = per_prompt.reshape(adapter.n_layers, adapter.n_heads, a.size)
     raw = per_prompt.mean(-1)
     base, floor = float(bound(clean_logits).mean()), float(bound(corrupt_logits).mean())
@@ -80,20 +79,6 @@ def path_patch(model: Any, clean: Any, corrupted: Any, metric: Any, *,
         time.perf_counter() - start, extra={"receivers": heads or "logits",
                                             "receiver_input": receiver_input,
                                             **metric.no_per_prompt()})
-
-
-def _sweep(run: "_Paths", senders: list[Head], batch_size: int) -> torch.Tensor:
-    out = []
-    bar = tqdm(total=len(senders), desc="path patching", delay=1.0, leave=False,
-               disable=progress_disabled())
-    try:
-        for i in range(0, len(senders), batch_size):
-            chunk = senders[i:i + batch_size]
-            out.append(run.chunk(chunk))
-            bar.update(len(chunk))
-    finally:
-        bar.close()
-    return torch.cat(out)
 
 
 class _Paths:
@@ -143,7 +128,7 @@ class _Paths:
         attention.use_sites(session, self.module)
         kept: dict[int, torch.Tensor] = {}
         for layer in {l for l, _ in self.heads}:
-            point = _point(self.module, self.adapter, layer, self.input)
+            point = attention_point(self.module, self.adapter, layer, self.input)
             tap(session, point, False, lambda x, layer=layer: kept.__setitem__(layer, x.clone()))
         return kept
 
@@ -160,7 +145,8 @@ class _Paths:
                     new[:, h, pos.to(x.device)] = kept[:, h, pos.to(x.device)]
                 return new
 
-            tap(session, _point(self.module, self.adapter, layer, self.input), False, patch)
+            point = attention_point(self.module, self.adapter, layer, self.input)
+            tap(session, point, False, patch)
 
 
 def _input_heads(heads: list[int], have: int, n_heads: int) -> list[int]:
@@ -182,15 +168,6 @@ def _record_z(module: nn.Module, adapter: Adapter,
 
 def _out_projection(module: nn.Module, adapter: Adapter, layer: int) -> nn.Module:
     return get_path(adapter.block(module, layer), adapter.head_proj)
-
-
-def _point(module: nn.Module, adapter: Adapter, layer: int, name: str) -> nn.Module:
-    attn = get_path(adapter.block(module, layer), adapter.attn)
-    point = attention.point(attn, name)
-    if point is None:
-        raise InputError(f"path patching to receivers needs attention sites, which "
-                         f"{type(attn).__name__} does not have")
-    return point
 
 
 def _tiled(kwargs: dict, times: int, n: int) -> dict:
