@@ -62,8 +62,7 @@ def path_patch(model: Any, clean: Any, corrupted: Any, metric: Any, *,
     clean_z, clean_logits = _record_z(model.module, adapter, {**a.kwargs, **keep})
     corrupt_z, corrupt_logits = _record_z(model.module, adapter, {**b.kwargs, **keep})
     run = _Paths(model.module, adapter, {**a.kwargs, **keep}, a.size, where, clean_z,
-                 corrupt_z, bound,
-                 heads, receiver_input)
+                 corrupt_z, bound, heads, receiver_input)
     senders = [(layer, head) for layer in range(adapter.n_layers)
                for head in range(adapter.n_heads)]
     per_prompt = in_chunks(run.chunk, senders, batch_size, "path patching")
