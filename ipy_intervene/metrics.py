@@ -107,6 +107,7 @@ class Custom(Metric):
 
     def bind(self, model: Any, n_prompts: int) -> Bound:
         fn, name = self.fn, self.name
+        self.batch_mean = False  # found again by each sweep: it depends on n_prompts
 
         def custom(logits: torch.Tensor) -> torch.Tensor:
             blocks = [self._one_per_prompt(fn(block), name, n_prompts)
@@ -114,7 +115,6 @@ class Custom(Metric):
             return torch.cat(blocks)
 
         return custom
-
 
     def _one_per_prompt(self, value: Any, name: str, n_prompts: int) -> torch.Tensor:
         if n_prompts > 1 and torch.as_tensor(value).dim() == 0:

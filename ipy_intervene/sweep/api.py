@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ipy_intervene.errors import InputError
+from ipy_intervene.errors import InputError, SiteError
 from ipy_intervene.hooks import entry_point
 from ipy_intervene.metrics import Metric, Prob, as_metric
 from ipy_intervene.loading import warn_if_training, wrap
@@ -93,43 +93,43 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
 
     Sites inside attention, per head (activation patching): ``head_q``, ``head_k``,
     ``head_v``, ``head_pattern`` and their ``_pos`` forms (see ``sweep/heads.py``). A list
-    of sites (or ``"resid_pre,attn_out,mlp_out"``) gives a dict of results, one per site.
+    of sites (or ``"resid_pre,attn_out,mlp_out"``) gives a dict of results, one per site;
+    every name is checked before the first sweep runs.
 
     ``metric`` maps logits to one number per prompt: ``ii.logit_diff(correct, wrong)``,
     ``ii.prob(token)``, ``ii.logprob(token)`` or any callable. ``batch_size`` caps the number
     of grid cells run together (default: as many as fit in ``memory_fraction`` of free memory).
+    Results are float32 whatever the model's dtype (see :class:`SweepResult`).
 
     >>> r = patch_sweep(model, clean, corrupted, ii.logit_diff("Mary", "John"))  # doctest: +SKIP
     >>> r.values[layer, pos]       # doctest: +SKIP
     1.0 where the patch restores the clean answer, 0.0 where it has no effect
     """
     start = time.perf_counter()
-    sites = site.split(",") if isinstance(site, str) else site
-    if not isinstance(sites, (list, tuple)):
-        raise InputError(f"site must be a name or a list of names; got {type(site).__name__}")
+    _check_choice("method", method, METHODS)
+    _check_choice("direction", direction, DIRECTIONS)
+    sites = _site_names(site)
     if len(sites) > 1 or not isinstance(site, str):
+        _check_sites(model, sites, method, adapter)
         same = dict(method=method, direction=direction, layers=layers, positions=positions,
                     heads=heads, batch_size=batch_size, memory_fraction=memory_fraction,
                     subject=subject, samples=samples, noise=noise, noise_std=noise_std,
                     seed=seed, window=window, adapter=adapter, receivers=receivers,
                     receiver_input=receiver_input)
-        return {s.strip(): patch_sweep(model, clean, corrupted, metric, site=s.strip(), **same)
-                for s in sites}
-    _check_choice("method", method, METHODS)
+        return {s: patch_sweep(model, clean, corrupted, metric, site=s, **same) for s in sites}
+    site = sites[0]
     if method == "path":
         return path_patch(model, clean, corrupted, metric, receivers=receivers,
                           receiver_input=receiver_input, positions=positions,
                           batch_size=batch_size or 16)
     if site in HEAD_SITES:
         if method != "activation":
-            raise InputError(f"site {site!r} is swept with method='activation' (exact); "
-                             f"{method!r} covers the sites {', '.join(SITES)}")
+            raise _head_site_error(site, method)
         return head_sweep(model, clean, corrupted, metric, site=site, direction=direction,
                           layers=layers, positions=positions, heads=heads,
                           batch_size=batch_size or 16)
     model = wrap(model)
     warn_if_training(model)
-    _check_choice("direction", direction, DIRECTIONS)
     adapter = adapter_for(model, adapter)
     kind = site_kind(site)
     adapter.module(model.module, site, 0)  # a clear error for sites the architecture lacks
@@ -299,6 +299,47 @@ def _result(model: Model, grid: Grid, run: Run, rows: torch.Tensor, site: str, m
         metric=repr(run.metric), seconds=seconds,
         extra={**({"window": grid.window} if method == "noise" else {}),
                **run.metric.no_per_prompt()})
+
+
+def _site_names(site: Any) -> list[str]:
+    """The site names of ``site``: a name, names joined by commas, or a list of names (in
+    order, each once), all checked before anything runs."""
+    names = [n for n in site.split(",") if n.strip()] if isinstance(site, str) else site
+    if not isinstance(names, (list, tuple)):
+        raise InputError(f"site must be a site name or a list of names; got "
+                         f"{type(site).__name__}. {_SITES_HINT}")
+    strange = [name for name in names if not isinstance(name, str)]
+    if strange:
+        raise InputError(f"site={site!r}: {strange[0]!r} is not a site name. {_SITES_HINT}")
+    names = list(dict.fromkeys(name.strip() for name in names))
+    if not names:
+        raise InputError(f"site={site!r} names no site. {_SITES_HINT}")
+    for name in names:
+        if name not in SITES and name not in HEAD_SITES:
+            raise SiteError(f"unknown site {name!r}; sweep sites: "
+                            f"{', '.join([*SITES, *HEAD_SITES])}")
+    return names
+
+
+_SITES_HINT = ("One site: site='resid_pre'; several, one result each (a dict by site): "
+               "site=['resid_pre', 'mlp_out'] or site='resid_pre,mlp_out'")
+
+
+def _check_sites(model: Any, sites: list[str], method: str, adapter: Adapter | None) -> None:
+    """Fail before the first of several sweeps, not after sweeping the others, when one site
+    does not exist in the model (resid_mid with a parallel residual) or for the method."""
+    model = wrap(model)
+    found = adapter_for(model, adapter)
+    for name in sites:
+        if name in SITES:
+            found.module(model.module, name, 0)
+        elif method not in ("activation", "path"):
+            raise _head_site_error(name, method)
+
+
+def _head_site_error(site: str, method: str) -> InputError:
+    return InputError(f"site {site!r} is swept with method='activation' (exact); "
+                      f"{method!r} covers the sites {', '.join(SITES)}")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -181,4 +181,4 @@ def in_chunks(run: Callable[[list[Any]], torch.Tensor], items: list[Any], batch_
             bar.update(len(items[i:i + batch_size]))
     finally:
         bar.close()
-    return torch.cat(out)
+    return torch.cat(out).float().cpu()  # results are float32 on the CPU, like the others

@@ -20,7 +20,14 @@ from ipy_intervene.errors import InputError
 @dataclass
 class SweepResult:
     """What a sweep measured. ``values`` is normalised (clean = 1, corrupted = 0); ``raw`` is
-    the metric itself (mean over prompts, and over noise samples for causal tracing)."""
+    the metric itself (mean over prompts, and over noise samples for causal tracing);
+    ``per_prompt`` is ``raw`` before the mean over prompts.
+
+    ``values``, ``raw`` and ``per_prompt`` are float32 CPU tensors whatever the model's dtype:
+    the built-in metrics read bfloat16/float16 logits in float32, and a callable metric runs
+    in the model's dtype and its numbers are then stored in float32 (``clean`` and
+    ``corrupted`` are Python floats).
+    """
 
     values: torch.Tensor
     raw: torch.Tensor
