@@ -1,4 +1,4 @@
-"""Sites inside attention: each head's ``q``, ``k``, ``v``, ``pattern`` and ``z``, on every
+"""Sites inside attention: each head's ``q``, ``k``, ``v``, ``pattern``, ``z`` and ``result``, on every
 model whose attention goes through transformers' attention interface (GPT-2, GPT-NeoX/Pythia,
 Llama, Mistral, Qwen2, ...), whatever implementation it was loaded with.
 
@@ -9,12 +9,16 @@ assigning or editing it in place changes the forward. Shapes (transformers' own 
     k, v     [batch, kv_head, key, d_head]    GQA: query head h reads kv head h // (head / kv_head)
     pattern  [batch, head, query, key]        softmax probabilities
     z        [batch, query, head, d_head]     each head's mix of values (the out-projection's input)
+    result   [batch, query, head, d_model]    what each head writes into the residual stream
+                                              through the out-projection (its bias not included)
 
 Patterns exist only in eager attention, so a forward whose cell uses one of these sites runs
 the model's own eager attention function, through :func:`attention_with_sites`, registered in
 transformers as ``"ii_eager"``; eager and SDPA agree to float precision, and the other sites
 of that forward are the eager model's. A changed pattern mixes the values again, exactly as
-eager attention does after its softmax.
+eager attention does after its softmax. ``result`` is computed only when a cell uses it; a
+changed ``result`` adds its change, summed over heads, to the out-projection's output (so
+the positions and heads left alone keep their exact values).
 
 >>> import ipy_intervene as ii
 >>> model = ii.load_model("demo")
@@ -31,11 +35,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-SITES = ("q", "k", "v", "pattern", "z")
+from ipy_intervene.errors import SiteError
+
+SITES = ("q", "k", "v", "pattern", "z", "result")
+OUT_PROJECTIONS = ("c_proj", "o_proj", "dense", "out_proj")
 KEY = "ii_eager"
 
 _points: "weakref.WeakKeyDictionary[nn.Module, dict[str, HookPoint]]" = (
     weakref.WeakKeyDictionary())
+_result_change: "weakref.WeakKeyDictionary[nn.Module, torch.Tensor]" = (
+    weakref.WeakKeyDictionary())  # out-projection -> what a changed `result` adds to it
 
 
 class HookPoint(nn.Module):
@@ -93,6 +102,10 @@ def use_sites(session: Any, model: nn.Module) -> None:
     register()
     for config in configs(model):
         session.set_attr(config, "_attn_implementation", KEY)
+    for module in model.modules():
+        proj = out_projection(module) if is_attention(module) else None
+        if proj is not None:
+            session.post(proj, _add_result_change)
 
 
 def attention_with_sites(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -109,7 +122,56 @@ def attention_with_sites(module: nn.Module, query: torch.Tensor, key: torch.Tens
     changed = table["pattern"](pattern)
     if changed is not pattern or pattern._version != version:
         z = mix(changed, value)
-    return table["z"](z), changed
+    z = table["z"](z)
+    if _used(table["result"]):
+        _head_results(module, table["result"], z)
+    return z, changed
+
+
+def _used(point: HookPoint) -> bool:
+    return bool(point._forward_hooks or point._forward_pre_hooks)
+
+
+def _head_results(module: nn.Module, point: HookPoint, z: torch.Tensor) -> None:
+    """Run ``result`` through its hook point; remember the change a hook made to it."""
+    proj = out_projection(module)
+    if proj is None or proj.weight.is_meta:
+        raise SiteError(f"`result` needs the out-projection weights of {type(module).__name__} "
+                        f"(a child named one of {', '.join(OUT_PROJECTIONS)}, in memory: not "
+                        "offloaded); read `z` and apply the projection yourself")
+    result = head_results(proj, z)
+    version = result._version
+    seen = result.clone()
+    changed = point(result)
+    if changed is not result or result._version != version:
+        _result_change[proj] = (changed - seen).sum(2)
+
+
+def _add_result_change(proj: nn.Module, args: Any, output: torch.Tensor) -> Any:
+    change = _result_change.pop(proj, None)
+    return None if change is None else output + change.to(output.dtype)
+
+
+def out_projection(module: nn.Module) -> nn.Module | None:
+    """The attention module's out-projection (``c_proj``, ``o_proj``, ``dense``, ...)."""
+    for name in OUT_PROJECTIONS:
+        proj = getattr(module, name, None)
+        if isinstance(proj, nn.Module):
+            return proj
+    return None
+
+
+def head_results(proj: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Each head's write through the out-projection, without its bias: ``z [batch, query,
+    head, d_head]`` -> ``[batch, query, head, d_model]``. Linear and GPT-2's Conv1D."""
+    weight = proj.weight
+    if type(proj).__name__ == "Conv1D":
+        weight = weight.T                                   # Conv1D keeps [in, out]
+    elif not isinstance(proj, nn.Linear):
+        raise SiteError(f"`result` reads nn.Linear and Conv1D out-projections, not "
+                        f"{type(proj).__name__}; read `z` and apply the projection yourself")
+    per_head = weight.view(weight.shape[0], z.shape[2], z.shape[3])   # [d_model, head, d_head]
+    return torch.einsum("bqhd,ohd->bqho", z.to(weight.dtype), per_head)
 
 
 def mix(pattern: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

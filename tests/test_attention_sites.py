@@ -15,6 +15,7 @@ from conftest import CORRUPT, LAYERS, PROMPT, hook_count, tiny_model
 
 ATTN = {"gpt2": "attn", "neox": "attention", "llama": "self_attn"}
 LAYER = 1
+BY_HAND = ("q", "k", "v", "pattern", "z")  # what the oracle's attention computes; `result` below
 
 
 @pytest.fixture(params=[(a, impl) for a in LAYERS for impl in ("eager", "sdpa")],
@@ -42,10 +43,10 @@ def oracle(model: ii.Model, texts: list[str], edit=None) -> tuple[torch.Tensor, 
 def test_reads_equal_attention_by_hand(case):
     arch, model = case
     ns = {"model": model}
-    body = "\n".join(f"{n} = {site(arch, n)}.output" for n in attention.SITES)
+    body = "\n".join(f"{n} = {site(arch, n)}.output" for n in BY_HAND)
     ii.trace(model, body + "\nlogits = model.lm_head.output", PROMPT, namespace=ns)
     logits, seen = oracle(model, [PROMPT])
-    for name in attention.SITES:
+    for name in BY_HAND:
         torch.testing.assert_close(ns[name], seen[name], rtol=0, atol=1e-5, msg=name)
     torch.testing.assert_close(ns["logits"], logits, rtol=0, atol=1e-5)
     assert ns["k"].shape[1] == (2 if arch == "llama" else 4)  # GQA: kv heads
@@ -136,3 +137,63 @@ def test_sites_only_exist_on_attention_modules(demo):
         ii.trace(demo, "p = model.transformer.h[0].mlp.pattern.output", PROMPT,
                  namespace={"model": demo})
     assert "pattern" in dir(demo.transformer.h[0].attn)
+
+
+PROJ = {"gpt2": "c_proj", "neox": "dense", "llama": "o_proj"}
+
+
+def _per_head_write(proj, z_flat: torch.Tensor, head: int, n_heads: int) -> torch.Tensor:
+    """Head ``head``'s write through the out-projection, from the projection's input."""
+    d = z_flat.shape[-1] // n_heads
+    x = z_flat[..., head * d:(head + 1) * d]
+    if type(proj).__name__ == "Conv1D":
+        return x @ proj.weight[head * d:(head + 1) * d]
+    return x @ proj.weight[:, head * d:(head + 1) * d].T
+
+
+def _proj(model, arch: str):
+    top, blocks = LAYERS[arch]
+    attn = getattr(getattr(model.module, top), blocks)[LAYER]
+    return getattr(getattr(attn, ATTN[arch]), PROJ[arch])
+
+
+@torch.no_grad()
+def test_result_is_each_heads_write_through_the_out_projection(case):
+    arch, model = case
+    proj_site = f"{site(arch, '')[:-1]}.{PROJ[arch]}"
+    ns = {"model": model}
+    ii.trace(model, f"r = {site(arch, 'result')}.output\nz_in = {proj_site}.input\n"
+                    f"out = {proj_site}.output", PROMPT, namespace=ns)
+    proj, n_heads = _proj(model, arch), ns["r"].shape[2]
+    for head in range(n_heads):
+        torch.testing.assert_close(ns["r"][:, :, head],
+                                   _per_head_write(proj, ns["z_in"], head, n_heads),
+                                   rtol=0, atol=1e-5)
+    bias = proj.bias if proj.bias is not None else 0
+    torch.testing.assert_close(ns["r"].sum(2) + bias, ns["out"], rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_writing_result_equals_a_plain_hook_on_the_out_projection(case):
+    arch, model = case
+    ns = {"model": model}
+    ii.trace(model, f"{site(arch, 'result')}.output[:, -1, 1] *= 3\n"
+                    "logits = model.lm_head.output", PROMPT, namespace=ns)
+    proj = _proj(model, arch)
+    n_heads = model.module.config.num_attention_heads
+
+    def triple_head_1(module, args, output):
+        extra = 2 * _per_head_write(module, args[0], 1, n_heads)
+        output = output.clone()
+        output[:, -1] += extra[:, -1]
+        return output
+
+    handle = proj.register_forward_hook(triple_head_1)
+    try:
+        expected = model.module(**model.prepare([PROMPT]).kwargs).logits
+    finally:
+        handle.remove()
+    plain = model.module(**model.prepare([PROMPT]).kwargs).logits
+    assert (expected - plain).abs().max() > 1e-4
+    torch.testing.assert_close(ns["logits"], expected, rtol=0, atol=1e-5)
+    assert hook_count(proj) == 0
