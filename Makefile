@@ -19,9 +19,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
+# The whole tour, in the README's order, as one offline page
+TOUR := quickstart ioi_activation_patching ioi_circuit attribution_patching causal_tracing \
+        generation_steering logit_lens
+
 demo: $(STAMP)
-	$(BIN)/python -m ipy_intervene.report examples/quickstart.ipynb \
-	    examples/ioi_activation_patching.ipynb --out build/demo.html
+	$(BIN)/python -m ipy_intervene.report $(TOUR:%=examples/%.ipynb) --out build/demo.html
 
 # Debian's chromium for the real-browser tests (Playwright drives it; no `playwright install`)
 $(CHROMIUM):
