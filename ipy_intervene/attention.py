@@ -161,10 +161,12 @@ def out_projection(module: nn.Module) -> nn.Module | None:
     return None
 
 
-def head_results(proj: nn.Module, z: torch.Tensor) -> torch.Tensor:
+def head_results(proj: nn.Module, z: torch.Tensor,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
     """Each head's write through the out-projection, without its bias: ``z [batch, query,
-    head, d_head]`` -> ``[batch, query, head, d_model]``. Linear and GPT-2's Conv1D."""
-    weight = proj.weight
+    head, d_head]`` -> ``[batch, query, head, d_model]``, in ``dtype`` (default: the
+    weights'). Linear and GPT-2's Conv1D."""
+    weight = proj.weight if dtype is None else proj.weight.to(dtype)
     if type(proj).__name__ == "Conv1D":
         weight = weight.T                                   # Conv1D keeps [in, out]
     elif not isinstance(proj, nn.Linear):

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ipy_intervene.errors import InputError
+from ipy_intervene.attention import head_results
+from ipy_intervene.errors import InputError, SiteError
 from ipy_intervene.hooks import entry_point, site_hooks
 from ipy_intervene.loading import warn_if_training, wrap
 from ipy_intervene.metrics import LogitDiff, Metric
@@ -246,18 +247,13 @@ def _parts(model: Model, adapter: Adapter, seen: dict[str, Any]) -> tuple[list[s
 def _head_vectors(proj: nn.Module, z: torch.Tensor,
                   n_heads: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each head's write into the residual stream ``[heads, d_model]`` and the bias."""
-    weight, bias = _weights(proj, "attention out-projection")
-    if isinstance(proj, nn.Linear):
-        out_in = weight                                     # nn.Linear: [out, in]
-    elif type(proj).__name__ == "Conv1D":
-        out_in = weight.T                                   # GPT-2's Conv1D: [in, out]
-    else:
-        raise InputError(f"the attention out-projection is a {type(proj).__name__}; "
-                         "decompose reads nn.Linear and GPT-2's Conv1D weights")
-    per_head = split_heads(out_in.float(), n_heads)         # [out, heads, d_head]
-    zs = split_heads(z.to(weight.device, torch.float32), n_heads)
-    heads = torch.einsum("hd,ohd->ho", zs, per_head)
-    return heads.double().cpu(), None if bias is None else bias.double().cpu()
+    _, bias = _weights(proj, "attention out-projection")
+    zs = split_heads(z.to(proj.weight.device, torch.float32), n_heads)
+    try:
+        heads = head_results(proj, zs[None, None], dtype=torch.float32)[0, 0]
+    except SiteError as e:
+        raise InputError(f"decompose: {e.detail}") from None
+    return heads.detach().double().cpu(), None if bias is None else bias.double().cpu()
 
 
 def _final_norm(norm: nn.Module) -> tuple[bool, float, Any, Any]:
