@@ -5,9 +5,11 @@ Built-ins read the last position only, so sweeps compute the unembedding there a
     ii.patch_sweep(model, clean, corrupted, ii.logit_diff("Mary", "John"))
     ii.patch_sweep(model, clean, corrupted, ii.prob(["Mary", "John"]))   # one answer per prompt
 
-Any callable ``f(logits) -> Tensor[batch]`` works too; it receives the logits of all positions
-``[batch, seq, vocab]`` (decorate it with ``@ii.metric(positions=[-1])`` to receive only
-those positions, which is faster).
+Any callable ``f(logits) -> Tensor[batch]`` works too, as fast: sweeps find the positions it
+reads from the clean run (its gradient, checked by poisoning the other positions; see
+``ipy_intervene/sweep/reads.py``) and compute logits only there. ``@ii.metric(positions=[-1])``
+declares them instead (the metric then receives only those positions), and
+``@ii.metric(positions="all")`` gives it every position without looking.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Metric:
     """
 
     positions: tuple[int, ...] | None = (-1,)
+    detect = False      # True: the positions are found from the clean logits (a plain callable)
     name = "metric"
     batch_mean = False  # set once the metric returned one number for a batch of prompts
 
@@ -97,12 +100,21 @@ class LogProb(Prob):
 
 
 class Custom(Metric):
-    """A user's callable, called on one block of prompts at a time (its own batch)."""
+    """A user's callable, called on one block of prompts at a time (its own batch).
+
+    ``positions``: the logit positions it reads (it then receives only those), ``"all"``, or
+    ``"auto"``/None (found by each sweep from the clean logits).
+    """
 
     def __init__(self, fn: Callable[[torch.Tensor], Any],
-                 positions: Sequence[int] | None = None) -> None:
+                 positions: Sequence[int] | str | None = "auto") -> None:
         self.fn = fn
-        self.positions = tuple(positions) if positions is not None else None
+        if isinstance(positions, str) and positions not in ("auto", "all"):
+            raise InputError(f"positions={positions!r}: give a list of logit positions, "
+                             "'all' or 'auto'")
+        self.detect = positions is None or positions == "auto"
+        self.positions = None if isinstance(positions, str) or positions is None else tuple(
+            int(p) for p in positions)
         self.name = getattr(fn, "__name__", type(fn).__name__)
 
     def bind(self, model: Any, n_prompts: int) -> Bound:
@@ -154,8 +166,10 @@ def logprob(token: Answer) -> Metric:
     return LogProb(token)
 
 
-def metric(fn: Callable | None = None, *, positions: Sequence[int] | None = None) -> Any:
-    """Make a callable a metric; ``positions`` says which logit positions it reads.
+def metric(fn: Callable | None = None, *,
+           positions: Sequence[int] | str | None = "auto") -> Any:
+    """Make a callable a metric; ``positions`` says which logit positions it reads (default:
+    found by each sweep; ``"all"``: every position, without looking).
 
     >>> @metric(positions=[-1])
     ... def top_logit(logits):

@@ -20,13 +20,12 @@ from ipy_intervene.sweep.record import record
 def sweep(model: Any, adapter: Adapter, grid: Any, run: Any) -> torch.Tensor:
     """``[n_cells, prompts]``: the metric each prompt is estimated to reach under each patch."""
     layers = grid.patched_layers()
+    recorded = {}
+    for name in ("base", "source") if run.base_is_clean else ("source", "base"):
+        recorded[name] = _record(model, adapter, grid, run, name, layers)
+    base, source = recorded["base"], recorded["source"]
     metric = run.bound(model)
-    with torch.no_grad():
-        source = record(model, adapter, run.source_kwargs, kind=grid.kind, layers=layers,
-                        positions=run.positions)
-    with torch.enable_grad(), site_hooks([_grad_root(model, adapter)]):
-        base = record(model, adapter, run.base_kwargs, kind=grid.kind, layers=layers,
-                      positions=run.positions)
+    with torch.enable_grad():
         scores = metric(base.logits)
         _check_differentiable(scores, run.metric)
         grads = torch.autograd.grad(scores.sum(), [base.sites[l] for l in layers])
@@ -36,6 +35,18 @@ def sweep(model: Any, adapter: Adapter, grid: Any, run: Any) -> torch.Tensor:
                for l, g in zip(layers, grads)}
     rows = [effects[layer] for layer in grid.layers]
     return scores[None] + torch.cat(rows).float()
+
+
+def _record(model: Any, adapter: Adapter, grid: Any, run: Any, name: str,
+            layers: list[int]) -> Any:
+    """The source run (no grad) or the base run (with grad); the first recorded, the clean
+    one, finds the positions the metric reads (``run.settle``)."""
+    grad = name == "base"
+    with torch.set_grad_enabled(grad), site_hooks([_grad_root(model, adapter)] if grad else []):
+        recorded = record(model, adapter, getattr(run, f"{name}_kwargs"), kind=grid.kind,
+                          layers=layers, positions=run.positions)
+        run.settle(model, recorded)
+    return recorded
 
 
 def _effect(source: torch.Tensor, base: torch.Tensor, grad: torch.Tensor, grid: Any,

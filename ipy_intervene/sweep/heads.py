@@ -28,6 +28,7 @@ from ipy_intervene.loading import warn_if_training, wrap
 from ipy_intervene.metrics import as_metric
 from ipy_intervene.sites import Adapter, adapter_for, get_path
 from ipy_intervene.sweep.inputs import prepare_pair, token_labels
+from ipy_intervene.sweep.reads import OnLogits
 from ipy_intervene.sweep.result import SweepResult
 from ipy_intervene.sweep.staircase import progress_disabled
 
@@ -55,34 +56,27 @@ def head_sweep(model: Any, clean: Any, corrupted: Any, metric: Any, *, site: str
     warn_if_training(model)
     adapter = adapter_for(model)
     a, b = prepare_pair(model, clean, corrupted)
-    base, source = (b, a) if direction == "denoising" else (a, b)
     metric = as_metric(metric)
-    bound = metric.bind(model, a.size)
-    keep = logits_kwargs(model, metric)
-    recorded, source_logits = _record(model.module, adapter, name, {**source.kwargs, **keep})
-    _, base_logits = _record(model.module, adapter, name, {**base.kwargs, **keep})
+    bound = OnLogits(model, metric, a.size, a.length)
+    runs = {}
+    for which, batch in (("clean", a), ("corrupted", b)):  # clean first: it finds the reads
+        runs[which] = _record(model.module, adapter, name, {**batch.kwargs, **bound.keep})
+        bound.settle(runs[which][1])
+    (recorded, _), base = (runs["clean"], b) if direction == "denoising" else (
+        runs["corrupted"], a)
     n_heads = recorded[0].shape[1]
     grid = _grid(adapter, n_heads, a.length, per_position, layers, positions, heads)
-    run = _Patches(model.module, adapter, name, {**base.kwargs, **keep}, a.size, recorded,
-                   bound)
+    run = _Patches(model.module, adapter, name, {**base.kwargs, **bound.keep}, a.size,
+                   recorded, bound)
     per_prompt = in_chunks(run.chunk, grid.cells, batch_size, f"{site} sweep").reshape(
         *grid.shape, a.size)
-    clean_logits = source_logits if direction == "denoising" else base_logits
-    corrupt_logits = base_logits if direction == "denoising" else source_logits
-    hi, lo = float(bound(clean_logits).mean()), float(bound(corrupt_logits).mean())
+    hi, lo = (float(bound(runs[which][1]).mean()) for which in ("clean", "corrupted"))
     raw = per_prompt.mean(-1)
     return SweepResult(
         (raw - lo) / (hi - lo), raw, per_prompt, hi, lo, grid.dims, grid.layers,
         grid.positions, grid.heads, token_labels(model, a), site, "activation", direction,
-        repr(metric), time.perf_counter() - start, extra=metric.no_per_prompt())
-
-
-def logits_kwargs(model: Any, metric: Any) -> dict[str, int]:
-    """``logits_to_keep=1`` when the metric reads only the last position (the unembedding
-    of every position is a third of a GPT-2-small forward)."""
-    reads = as_metric(metric).positions
-    takes = "logits_to_keep" in getattr(model, "_forward_params", ())
-    return {"logits_to_keep": 1} if reads == (-1,) and takes else {}
+        repr(metric), time.perf_counter() - start,
+        extra={"metric_positions": bound.reads.describe(), **metric.no_per_prompt()})
 
 
 class _Grid:

@@ -27,12 +27,13 @@ from torch import nn
 
 from ipy_intervene import attention
 from ipy_intervene.errors import InputError
-from ipy_intervene.sweep.heads import attention_point, in_chunks, logits_kwargs
+from ipy_intervene.sweep.heads import attention_point, in_chunks
 from ipy_intervene.hooks import HookSession, entry_point, tap
 from ipy_intervene.loading import warn_if_training, wrap
 from ipy_intervene.metrics import as_metric
 from ipy_intervene.sites import Adapter, adapter_for, get_path, split_heads
 from ipy_intervene.sweep.inputs import prepare_pair, token_labels
+from ipy_intervene.sweep.reads import OnLogits
 from ipy_intervene.sweep.result import SweepResult
 
 Head = tuple[int, int]
@@ -57,11 +58,11 @@ def path_patch(model: Any, clean: Any, corrupted: Any, metric: Any, *,
     a, b = prepare_pair(model, clean, corrupted)
     where = _positions(positions, a.length)
     metric = as_metric(metric)
-    bound = metric.bind(model, a.size)
-    keep = logits_kwargs(model, metric)
-    clean_z, clean_logits = _record_z(model.module, adapter, {**a.kwargs, **keep})
-    corrupt_z, corrupt_logits = _record_z(model.module, adapter, {**b.kwargs, **keep})
-    run = _Paths(model.module, adapter, {**a.kwargs, **keep}, a.size, where, clean_z,
+    bound = OnLogits(model, metric, a.size, a.length)
+    clean_z, clean_logits = _record_z(model.module, adapter, {**a.kwargs, **bound.keep})
+    bound.settle(clean_logits)  # the clean run, at every position: finds what the metric reads
+    corrupt_z, corrupt_logits = _record_z(model.module, adapter, {**b.kwargs, **bound.keep})
+    run = _Paths(model.module, adapter, {**a.kwargs, **bound.keep}, a.size, where, clean_z,
                  corrupt_z, bound, heads, receiver_input)
     senders = [(layer, head) for layer in range(adapter.n_layers)
                for head in range(adapter.n_heads)]
@@ -77,6 +78,7 @@ def path_patch(model: Any, clean: Any, corrupted: Any, metric: Any, *,
         token_labels(model, a), f"path -> {target}", "path", "noising", repr(metric),
         time.perf_counter() - start, extra={"receivers": heads or "logits",
                                             "receiver_input": receiver_input,
+                                            "metric_positions": bound.reads.describe(),
                                             **metric.no_per_prompt()})
 
 

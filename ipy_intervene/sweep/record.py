@@ -27,13 +27,13 @@ class Recording:
 
 
 def record(model: Any, adapter: Adapter, kwargs: dict[str, Any], *, kind: SiteKind,
-           layers: list[int], positions: list[int], stream: bool = False,
+           layers: list[int], positions: list[int] | None, stream: bool = False,
            noise: torch.Tensor | None = None) -> Recording:
     """Run the model once on ``kwargs`` and keep what the sweep needs.
 
-    ``positions`` are the (non-negative) logit positions to keep; ``stream`` also keeps the
-    residual stream and the attention keys/values of every layer; ``noise`` is added to the
-    token embeddings (causal tracing).
+    ``positions`` are the (non-negative) logit positions to keep (None: all); ``stream`` also
+    keeps the residual stream and the attention keys/values of every layer; ``noise`` is
+    added to the token embeddings (causal tracing).
     """
     module = model.module
     rec = Recording(logits=torch.empty(0))
@@ -53,7 +53,8 @@ def record(model: Any, adapter: Adapter, kwargs: dict[str, Any], *, kind: SiteKi
     with site_hooks(hooks):
         out = module(**kwargs, use_cache=stream, past_key_values=cache,
                      **_logits_kwargs(model, positions, kwargs["input_ids"].shape[1]))
-    rec.logits = _select(out.logits, positions, kwargs["input_ids"].shape[1])
+    length = kwargs["input_ids"].shape[1]
+    rec.logits = out.logits if positions is None else _select(out.logits, positions, length)
     if stream:
         rec.keys = [layer.keys for layer in cache.layers]
         rec.values = [layer.values for layer in cache.layers]
@@ -66,8 +67,8 @@ def _keep(store: Any, index: int):
     return keep
 
 
-def _logits_kwargs(model: Any, positions: list[int], length: int) -> dict[str, Any]:
-    if "logits_to_keep" not in model._forward_params:
+def _logits_kwargs(model: Any, positions: list[int] | None, length: int) -> dict[str, Any]:
+    if positions is None or "logits_to_keep" not in model._forward_params:
         return {}
     first = min(positions)
     return {"logits_to_keep": length - first}

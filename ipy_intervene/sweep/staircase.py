@@ -66,6 +66,7 @@ class Engine:
     n_prompts: int
     cells_per_chunk: int | None = None   # overrides the budget
     _callers: dict[int, BlockCaller] = field(default_factory=dict)
+    _same: dict[int, torch.Tensor] | None = None   # layer -> where source equals base
 
     @property
     def rows(self) -> int:
@@ -143,15 +144,45 @@ class Engine:
         return self.metric(self._patched_logits(prefix, cells)).view(len(cells), self.rows)
 
     def _patched_logits(self, prefix: int, cells: list[Cell]) -> torch.Tensor:
-        """Logits of each cell's block of rows, in the order of ``cells``."""
-        if max(self.positions) < prefix:  # the metric reads only positions before the patch
+        """Logits of each cell's block of rows, in the order of ``cells``. A cell that writes
+        exactly (bit for bit) the values already there is the base run: its recorded logits."""
+        moving = [i for i, cell in enumerate(cells) if not self.untouched(cell)]
+        if max(self.positions) < prefix or not moving:  # nothing the metric reads can change
             return self.base.logits.repeat(len(cells), 1, 1)
-        order = sorted(range(len(cells)), key=lambda i: self.joins_at(cells[i]))
+        order = sorted(moving, key=lambda i: self.joins_at(cells[i]))
         logits = self._staircase(prefix, [cells[i] for i in order])
-        if order == sorted(order):
+        if order == list(range(len(cells))):
             return logits
-        blocks = logits.view(len(cells), self.rows, *logits.shape[1:])
-        return blocks[torch.tensor(order).argsort()].flatten(0, 1)
+        out = self.base.logits.repeat(len(cells), 1, 1)
+        blocks = out.view(len(cells), self.rows, *out.shape[1:])
+        blocks[torch.tensor(order, device=out.device)] = logits.view(
+            len(order), self.rows, *logits.shape[1:]).to(out.dtype)
+        return out
+
+    def untouched(self, cell: Cell) -> bool:
+        """True when the cell's patch writes, in every row, the value already there."""
+        if self._same is None:
+            self._same = {layer: self._same_bits(layer) for layer in self.source.sites
+                          if layer in self.base.sites}
+        for layer in cell.layers:
+            same = self._same.get(layer)
+            if same is None:
+                return False
+            same = same if cell.pos is None else same[cell.pos]
+            same = same if cell.head is None else same[..., cell.head]
+            if not bool(same.all()):
+                return False
+        return True
+
+    def _same_bits(self, layer: int) -> torch.Tensor:
+        """``[P]`` (``[P, heads]`` for head sites): source equals base there, in every row."""
+        base = self.base.sites[layer]
+        source = self.source.sites[layer].to(base.device)
+        source = source[torch.arange(base.shape[0], device=base.device) % source.shape[0]]
+        if self.kind.per_head:
+            base, source = (split_heads(x, self.adapter.n_heads) for x in (base, source))
+        equal = _bits(base) == _bits(source.to(base.dtype))
+        return equal.flatten(start_dim=3 if self.kind.per_head else 2).all(-1).all(0).cpu()
 
     def _staircase(self, prefix: int, cells: list[Cell]) -> torch.Tensor:
         """Run cells sorted by the point where they join: each block of rows joins there."""
@@ -213,6 +244,12 @@ class Engine:
             return fresh
         early = self.base.logits[:, [i for i, p in enumerate(self.positions) if p < prefix]]
         return torch.cat([early.repeat(n_cells, 1, 1), fresh], 1)
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of ``x`` (``0.0`` and ``-0.0`` differ, NaN equals itself)."""
+    return x.contiguous().view({1: torch.int8, 2: torch.int16, 4: torch.int32,
+                                8: torch.int64}[x.element_size()])
 
 
 def progress_disabled() -> bool:
