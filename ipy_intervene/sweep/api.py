@@ -16,16 +16,17 @@ from ipy_intervene.metrics import Metric, Prob, as_metric
 from ipy_intervene.loading import warn_if_training, wrap
 from ipy_intervene.model import Model
 from ipy_intervene.sites import SITES, Adapter, SiteKind, adapter_for, get_path, site_kind
-from ipy_intervene.sweep import attribution, memory
+from ipy_intervene.sweep import atp_star, attribution, memory
 from ipy_intervene.sweep.heads import SITES as HEAD_SITES, head_sweep
 from ipy_intervene.sweep.paths import path_patch
 from ipy_intervene.sweep.inputs import (index_list, prepare_pair, subject_mask, subject_noise,
                                         token_labels)
+from ipy_intervene.sweep.reads import Reads, declared_reads, find_reads
 from ipy_intervene.sweep.record import record
 from ipy_intervene.sweep.result import SweepResult
 from ipy_intervene.sweep.staircase import Cell, Engine
 
-METHODS = ("activation", "attribution", "noise", "path")
+METHODS = ("activation", "attribution", "atp*", "noise", "path")
 DIRECTIONS = ("denoising", "noising")
 
 
@@ -83,6 +84,10 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
       the corrupted run; ``direction="noising"`` patches the corrupted one into the clean run.
     - ``method="attribution"``: the first-order estimate ``(clean - corrupted) . grad`` of the
       same effect, from one clean forward, one corrupted forward and one backward.
+    - ``method="atp*"``: AtP* (Kramar et al. 2024): attribution patching with the QK fix
+      (patterns under patched queries/keys recomputed exactly) and GradDrop, on
+      ``attn_out``, ``mlp_out``, ``head_out(_pos)`` and ``head_q/k/v(_pos)``; see
+      ``sweep/atp_star.py`` for its cost and ``ii.screen_and_verify`` to check it exactly.
     - ``method="noise"``: ROME causal tracing. ``corrupted`` is not used: the corrupted run is
       ``clean`` with Gaussian noise (``noise`` x the std of the subject's token embeddings, or
       ``noise_std``) on the ``subject`` tokens, ``samples`` copies drawn with ``seed``; each cell
@@ -118,6 +123,10 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
                     receiver_input=receiver_input)
         return {s: patch_sweep(model, clean, corrupted, metric, site=s, **same) for s in sites}
     site = sites[0]
+    if method == "atp*":
+        return atp_star.sweep(model, clean, corrupted, metric, site=site, layers=layers,
+                              positions=positions, heads=heads, direction=direction,
+                              batch_size=batch_size)
     if method == "path":
         return path_patch(model, clean, corrupted, metric, receivers=receivers,
                           receiver_input=receiver_input, positions=positions,
@@ -198,7 +207,7 @@ class Run:
     base_kwargs: dict[str, Any]
     source_kwargs: dict[str, Any]
     metric: Metric
-    positions: list[int]
+    reads: Reads | None                      # None: found from the clean run (see settle)
     n_prompts: int
     labels: list[str]
     base_is_clean: bool = False              # noising: corrupted values into the clean run
@@ -209,8 +218,22 @@ class Run:
     def length(self) -> int:
         return int(self.base_kwargs["input_ids"].shape[1])
 
+    @property
+    def positions(self) -> list[int] | None:
+        """The logit positions the metric reads (None: not known before the clean run)."""
+        return None if self.reads is None else list(self.reads.positions)
+
     def bound(self, model: Model) -> Any:
-        return self.metric.bind(model, self.n_prompts)
+        """The metric on logits at ``positions`` ``[rows, k, vocab]``."""
+        return self.reads.feed(self.metric.bind(model, self.n_prompts))
+
+    def settle(self, model: Model, clean: Any) -> None:
+        """Find the metric's positions from the clean run's recording (made with every
+        position's logits: ``positions`` was None) and keep its logits there only."""
+        if self.reads is None:
+            self.reads = find_reads(self.metric, self.metric.bind(model, self.n_prompts),
+                                    clean.logits)
+            clean.logits = clean.logits[:, self.positions]
 
     def set_baselines(self, base: float, source: float) -> None:
         """Record the metric of the base and source runs as (clean, corrupted)."""
@@ -230,7 +253,7 @@ def _prepare(model: Model, adapter: Adapter, clean: Any, corrupted: Any, metric:
     a, b = prepare_pair(model, clean, corrupted)
     metric = as_metric(metric)
     base, source = (b, a) if direction == "denoising" else (a, b)
-    return Run(base.kwargs, source.kwargs, metric, _metric_positions(metric, a.length), a.size,
+    return Run(base.kwargs, source.kwargs, metric, declared_reads(metric, a.length), a.size,
                token_labels(model, a), base_is_clean=direction == "noising")
 
 
@@ -250,24 +273,23 @@ def _prepare_noise(model: Model, adapter: Adapter, clean: Any, metric: Any, subj
     metric = as_metric(metric)
     base = {k: v.repeat(samples, *([1] * (v.dim() - 1))) for k, v in batch.kwargs.items()}
     noise_rows = subject_noise(mask, embeddings.shape[-1], samples, std, seed)
-    return Run(base, batch.kwargs, metric, _metric_positions(metric, batch.length), batch.size,
+    return Run(base, batch.kwargs, metric, declared_reads(metric, batch.length), batch.size,
                token_labels(model, batch), noise=noise_rows.to(embeddings.device, embeddings.dtype))
-
-
-def _metric_positions(metric: Metric, length: int) -> list[int]:
-    if metric.positions is None:
-        return list(range(length))
-    return sorted({p % length for p in metric.positions})
 
 
 def _engine(model: Model, adapter: Adapter, grid: Grid, run: Run, batch_size: int | None,
             memory_fraction: float) -> Engine:
-    """The recorded source and base runs, ready to patch (sets the run's baselines)."""
+    """The recorded source and base runs, ready to patch (sets the run's baselines). The
+    clean one is recorded first: it finds the positions the metric reads (``Run.settle``)."""
     with torch.no_grad():
-        source = record(model, adapter, run.source_kwargs, kind=grid.kind,
-                        layers=grid.patched_layers(), positions=run.positions)
-        base = record(model, adapter, run.base_kwargs, kind=grid.kind, layers=[],
-                      positions=run.positions, stream=True, noise=run.noise)
+        recorded: dict[str, Any] = {}
+        for name in ("base", "source") if run.base_is_clean else ("source", "base"):
+            recorded[name] = record(
+                model, adapter, getattr(run, f"{name}_kwargs"), kind=grid.kind,
+                layers=grid.patched_layers(), positions=run.positions, stream=name == "base",
+                noise=run.noise if name == "base" else None)
+            run.settle(model, recorded[name])
+        base, source = recorded["base"], recorded["source"]
         engine = Engine(model, adapter, grid.kind, run.base_kwargs, base, source, run.bound(model),
                         run.positions, memory.budget(model.device, memory_fraction),
                         run.n_prompts, cells_per_chunk=batch_size)
@@ -298,7 +320,7 @@ def _result(model: Model, grid: Grid, run: Run, rows: torch.Tensor, site: str, m
         direction="causal tracing" if method == "noise" else direction,
         metric=repr(run.metric), seconds=seconds,
         extra={**({"window": grid.window} if method == "noise" else {}),
-               **run.metric.no_per_prompt()})
+               "metric_positions": run.reads.describe(), **run.metric.no_per_prompt()})
 
 
 def _site_names(site: Any) -> list[str]:
@@ -331,9 +353,11 @@ def _check_sites(model: Any, sites: list[str], method: str, adapter: Adapter | N
     model = wrap(model)
     found = adapter_for(model, adapter)
     for name in sites:
+        if method == "atp*" and name not in atp_star.SITES:
+            raise SiteError(f"AtP* sweeps the sites {', '.join(atp_star.SITES)}; got {name!r}")
         if name in SITES:
             found.module(model.module, name, 0)
-        elif method not in ("activation", "path"):
+        elif method not in ("activation", "path", "atp*"):
             raise _head_site_error(name, method)
 
 
