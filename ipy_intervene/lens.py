@@ -11,7 +11,7 @@ unembedding.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -21,6 +21,7 @@ from ipy_intervene.loading import wrap
 from ipy_intervene.model import Model
 from ipy_intervene.sites import adapter_for, get_path
 from ipy_intervene.hooks import entry_point, site_hooks
+from ipy_intervene.provenance import input_ids_of
 from ipy_intervene.sweep.inputs import first_prompt_tokens, numbered
 
 
@@ -54,28 +55,47 @@ class LensResult:
 
 
 @entry_point
-def lens(model: Any, source: Any, *, tokens: Sequence[str] | None = None,
-         prompt: int = 0) -> LensResult:
+def lens(model: Any, source: Any, *, tokens: Any = None, prompt: int = 0) -> LensResult:
     """Logit lens of a prompt (runs one forward), or of residual streams a ``%%trace`` cell
     published: a list of tensors ``[batch, pos, d]``, one per layer.
 
-    >>> ii.lens(model, acts, tokens=model.to_str_tokens(prompt))      # doctest: +SKIP
+    Positions are labelled with their tokens: the prompt's, the tokens of the trace that
+    published the streams, or ``tokens=`` (strings, token ids or the prompt text). When the
+    tokens cannot be known exactly the labels are ``pos 0``, ``pos 1``, ... (never a guess).
+
+    >>> ii.lens(model, acts)                                           # doctest: +SKIP
+    >>> ii.lens(model, [h0, h1], tokens=prompt)                        # doctest: +SKIP
     """
     model = wrap(model)
     adapter = adapter_for(model)
     with torch.no_grad():
         if isinstance(source, (list, tuple)) and source and isinstance(source[0], torch.Tensor):
             streams = list(source)
-            labels = list(tokens) if tokens is not None else [str(i) for i in
-                                                               range(streams[0].shape[-2])]
+            labels = _stream_labels(model, streams, tokens, prompt)
         else:
             streams, batch = _streams(model, adapter, source)
-            labels = first_prompt_tokens(model, batch)
+            labels = numbered(first_prompt_tokens(model, batch))
         probs = torch.stack([_decode(model, adapter, h, prompt) for h in streams])
     if len(labels) != probs.shape[1]:
-        raise InputError(f"{len(labels)} token labels for {probs.shape[1]} positions")
+        raise InputError(f"{len(labels)} token labels for {probs.shape[1]} positions: give "
+                         "tokens= for the prompt the streams were computed from")
     decode = model.tokenizer.decode if model.tokenizer is not None else str
-    return LensResult(probs, numbered(labels), list(range(len(streams))), decode)
+    return LensResult(probs, labels, list(range(len(streams))), decode)
+
+
+def _stream_labels(model: Model, streams: list[torch.Tensor], tokens: Any,
+                   prompt: int) -> list[str]:
+    """Labels of published streams' positions: given, known from their trace, or ``pos i``."""
+    if tokens is not None:
+        if isinstance(tokens, (str, torch.Tensor)) and model.tokenizer is not None:
+            return numbered(model.to_str_tokens(tokens))
+        return numbered([str(t) for t in tokens])
+    known = [input_ids_of(h) for h in streams]
+    first = known[0]
+    if first is not None and all(ids is first for ids in known) and prompt < first.shape[0] \
+            and model.tokenizer is not None:
+        return numbered(model.to_str_tokens(first[prompt]))
+    return [f"pos {i}" for i in range(streams[0].shape[-2])]
 
 
 def _streams(model: Model, adapter: Any, prompt: Any) -> tuple[list[torch.Tensor], Batch]:

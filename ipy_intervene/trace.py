@@ -23,6 +23,7 @@ from ipy_intervene.interrupts import holding, uninterruptible
 from ipy_intervene.loading import warn_if_training, wrap
 from ipy_intervene.model import Model
 from ipy_intervene.namespace import Bindings, bound_names
+from ipy_intervene.provenance import remember
 from ipy_intervene.runtime import NO_INPUT, Outcome, run_cell
 from ipy_intervene.runtime.dry import run_dry
 from ipy_intervene.validate import validate
@@ -143,6 +144,9 @@ class _UndoOnFailure(Bindings):
 def _result(outcome: Outcome, names: dict[str, Any]) -> TraceResult:
     outcome.graph.published = [n for n in outcome.graph.published if n in names] + [
         n for n in names if n not in outcome.graph.published]
+    ids = outcome.batch.kwargs.get("input_ids") if outcome.batch is not None else None
+    if ids is not None:
+        remember(names, ids)  # views label these tensors' positions with their tokens
     return TraceResult(outcome.graph, names, outcome.output, outcome.steps, outcome.seconds)
 
 

@@ -143,3 +143,152 @@ def test_exported_html_renders_the_heatmap_offline(browser, tmp_path):
     page.screenshot(path=str(tmp_path / "export.png"), full_page=False)
     assert not errors, errors
     page.close()
+
+
+# -- every view at two widths: edge clicks, layout, screenshots (issue 14) -----------------
+
+VIEWS_SETUP = """%load_ext ipy_intervene
+import ipy_intervene as ii
+model = ii.load_model("demo")
+clean = "When Mary and John went to the store , John gave a drink to"
+corrupt = "When Mary and John went to the store , Mary gave a drink to"
+metric = ii.logit_diff("Mary", "John")
+long = " ".join([clean + " Mary ."] * 3) + " " + clean
+long_corrupt = " ".join([clean + " Mary ."] * 3) + " " + corrupt"""
+VIEWS = {  # name: the cell whose output is the view
+    "resid_pre": "ii.patch_sweep(model, clean, corrupt, metric)",
+    "head_out_pos": "ii.patch_sweep(model, clean, corrupt, metric, site='head_out_pos')",
+    "head_out": "ii.patch_sweep(model, clean, corrupt, metric, site='head_out')",
+    "attribution": "ii.patch_sweep(model, clean, corrupt, metric, method='attribution')",
+    "causal_tracing": "ii.patch_sweep(model, clean, method='noise', subject='Mary', window=3)",
+    "long_prompt": "ii.patch_sweep(model, long, long_corrupt, metric, layers=[0, 3])",
+    "lens": "ii.lens(model, clean)",
+    "lens_long": "ii.lens(model, long)",
+}
+GEOMETRY = """(gd) => {
+    const fl = gd._fullLayout, box = gd.getBoundingClientRect();
+    const rects = [...gd.querySelectorAll('.nsewdrag, .colorbar, .xtick, .ytick, .g-y2title')]
+        .map(e => { const r = e.getBoundingClientRect();
+                    return [e.getAttribute('class'), r.left - box.left, r.top - box.top,
+                            r.width, r.height].map(v => typeof v === 'number' ? Math.round(v) : v); });
+    return {width: box.width, fullWidth: fl.width, height: fl.height,
+            x: [fl.xaxis._offset, fl.xaxis._length, fl.xaxis.range],
+            y: [fl.yaxis._offset, fl.yaxis._length, fl.yaxis.range],
+            rows: fl.yaxis._categories.length, columns: gd.data[0].x.length,
+            ticks: gd.querySelectorAll('.xtick').length, rects};
+}"""
+
+
+def put_notebook(lab: str, name: str, cells: list[str]) -> None:
+    """Write a notebook into the lab's root through the contents API."""
+    import json
+
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    body = json.dumps({"type": "notebook", "content": json.loads(nbformat.writes(nb))})
+    request = urllib.request.Request(f"{lab}/api/contents/{name}?token={TOKEN}",
+                                     data=body.encode(), method="PUT",
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=30)
+
+
+def open_and_run(page, lab: str, name: str, views: int) -> None:
+    """Open a notebook without the side bar, run it and wait for ``views`` plotly views."""
+    page.goto(f"{lab}/lab/tree/{name}?token={TOKEN}&reset")
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']",
+                           timeout=90_000, state="attached")
+    page.keyboard.press("Control+b")  # the file browser off: the notebook takes the width
+    for attempt in range(2):
+        page.wait_for_timeout(3000)
+        run_all_cells(page)
+        try:
+            page.wait_for_function(
+                f"() => [...document.querySelectorAll('.jupyter-widgets .js-plotly-plot')]"
+                f".filter(gd => gd._fullLayout && gd.data && gd.data.length).length >= {views}",
+                timeout=180_000)
+            break
+        except playwright.TimeoutError:
+            if attempt:
+                raise
+    page.wait_for_timeout(2000)
+
+
+def plot(page, index: int):
+    return page.locator(".jupyter-widgets .js-plotly-plot").nth(index)
+
+
+def click_cell(page, gd, where: tuple[float, float]) -> None:
+    box = gd.bounding_box()
+    page.mouse.click(box["x"] + where[0], box["y"] + where[1])
+
+
+def cell_centre(gd, row: int, col: int) -> tuple[float, float]:
+    return tuple(gd.evaluate("""(gd, rc) => {
+        const fl = gd._fullLayout;
+        return [fl.xaxis._offset + fl.xaxis.l2p(rc[1]), fl.yaxis._offset + fl.yaxis.l2p(rc[0])];
+    }""", [row, col]))
+
+
+def selected(gd) -> list:
+    return gd.evaluate("(gd) => [gd.data[1].x[0], gd.data[1].y[0]]")
+
+
+@pytest.mark.parametrize("width", [800, 1600])
+def test_every_view_fills_the_width_and_holds_still_when_edge_cells_are_clicked(
+        lab, browser, width):
+    name = f"views_{width}.ipynb"
+    put_notebook(lab, name, [VIEWS_SETUP, *VIEWS.values()])
+    page = browser.new_page(viewport={"width": width, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error"
+            and "Error" in m.text and "plotly" not in m.text.lower() else None)
+    open_and_run(page, lab, name, len(VIEWS))
+    (ROOT / "build").mkdir(exist_ok=True)
+    for index, view in enumerate(VIEWS):
+        gd = plot(page, index)
+        gd.scroll_into_view_if_needed()
+        page.wait_for_timeout(300)
+        before = gd.evaluate(GEOMETRY)
+        area = gd.evaluate("(gd) => gd.closest('.jp-OutputArea-output').clientWidth")
+        assert before["rows"] in (2, 4), (view, before)  # every layer row is drawn
+        assert before["columns"] >= 4 and before["ticks"] >= 4, (view, before)
+        assert abs(before["fullWidth"] - before["width"]) < 2, (view, before)  # autosize
+        assert before["width"] > 0.9 * area, (view, before, area)             # fills it
+        _no_overlap(view, before["rects"])
+        rows, cols = before["rows"], before["columns"]
+        corners = [(0, 0), (0, cols - 1), (rows - 1, 0), (rows - 1, cols - 1)]
+        targets = {rc: cell_centre(gd, *rc) for rc in corners}
+        labels = gd.evaluate("(gd) => [gd.data[0].x, gd.data[0].y]")
+        for rc in corners + corners:  # each edge cell twice, at the first layout's pixels
+            click_cell(page, gd, targets[rc])
+            want = [labels[0][rc[1]], labels[1][rc[0]]]
+            page.wait_for_function("([gd, want]) => gd.data[1].x[0] === want[0] && "
+                                   "gd.data[1].y[0] === want[1]",
+                                   arg=[gd.element_handle(), want], timeout=30_000)
+            assert selected(gd) == want, (view, rc)
+            page.wait_for_timeout(150)
+            after = gd.evaluate(GEOMETRY)
+            moved = [(a, b) for a, b in zip(before["rects"], after["rects"])
+                     if a[0] != "xtick" and a != b]
+            assert (after["x"], after["y"], after["height"]) == \
+                (before["x"], before["y"], before["height"]) and not moved, (view, rc, moved)
+        view_box = gd.element_handle().evaluate_handle(
+            "(gd) => gd.closest('.jp-OutputArea-output')").as_element()
+        view_box.screenshot(path=str(ROOT / "build" / f"view_{view}_{width}.png"))
+    assert not errors, errors
+    page.close()
+
+
+def _no_overlap(view: str, rects: list) -> None:
+    """The colour bar covers no tick label (the line plot's layer labels included)."""
+    bars = [r for r in rects if "colorbar" in r[0]]
+    ticks = [r for r in rects if r[0] in ("xtick", "ytick") and r[3] and r[4]]
+    for bar in bars:
+        for tick in ticks:
+            apart = (bar[1] >= tick[1] + tick[3] or tick[1] >= bar[1] + bar[3]
+                     or bar[2] >= tick[2] + tick[4] or tick[2] >= bar[2] + bar[4])
+            assert apart, (view, bar, tick)

@@ -207,6 +207,9 @@ def ioi_circuit() -> list:
              '    weight, key = pattern[head, -1].max(-1)\n'
              '    print(f"L1H{head}: last token -> {tokens[key]!r} ({int(key)}), {float(weight):.2f}")',
              metadata=CHECK),
+        md("The attention view: layer and head pickers, the picked head's token-by-token "
+           "pattern (query rows, key columns) and every head of the layer beside it."),
+        code('ii.attention_patterns(model, clean).show(layer=1, head=3)'),
         md("## Queries, keys, values or patterns?\n\nThe same head sweep, patching one input "
            "of each head at a time (four sweeps, one call):"),
         code(sweep + ' --site head_q,head_k,head_v,head_pattern --out parts --quiet'),

@@ -90,12 +90,11 @@ class ScreenResult:
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         from ipy_intervene.widgets.heatmap import static_html
+        from ipy_intervene.widgets.static import images
 
-        try:
-            picture = static_html(self.figure())
-        except ImportError:                    # no plotly: the table alone
-            picture = ""
-        return {"text/plain": repr(self), "text/html": picture + self.table_html()}
+        fig = self.figure()
+        return {"text/plain": repr(self), "text/html": static_html(fig) + self.table_html(),
+                **images(fig)}
 
 
 def screen_and_verify(model: Any, clean: Any, corrupted: Any, metric: Any, *, site: str,

@@ -2,13 +2,12 @@
 
 
 def offline(fig):
-    """Show any plotly figure as self-contained HTML (works offline and in exports).
+    """Show any plotly figure as self-contained HTML (works offline and in exports) with its
+    SVG image (shown where only images are: a code-hosting preview, an offline export).
 
     >>> from ipy_intervene.widgets import offline
     >>> offline(fig)                       # doctest: +SKIP
     """
-    from IPython.display import HTML
+    from ipy_intervene.widgets.static import StaticFigure
 
-    from ipy_intervene.widgets.heatmap import static_html
-
-    return HTML(static_html(fig))
+    return StaticFigure(fig)

@@ -85,8 +85,10 @@ class DecomposeView:
                 f"{self.result.total:+.4f}</td></tr></table>")
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        from ipy_intervene.widgets.static import images
+
         return {"text/html": static_html(self.figure) + self.table_html(),
-                "text/plain": self.result.text(self.k)}
+                **images(self.figure), "text/plain": self.result.text(self.k)}
 
     def __repr__(self) -> str:
         return f"DecomposeView({self.result!r})"
