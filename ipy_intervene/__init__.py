@@ -15,16 +15,29 @@ from ipy_intervene.lens import LensResult, lens
 from ipy_intervene.metrics import logit_diff, logprob, metric, prob
 from ipy_intervene.loading import load_model, wrap
 from ipy_intervene.model import Envoy, Model
+from ipy_intervene.patterns import PatternResult, attention_patterns
 from ipy_intervene.sweep.paths import path_patch
 from ipy_intervene.sites import Adapter, adapter_for
 from ipy_intervene.sweep import SweepResult, patch_sweep
+from ipy_intervene.sweep.screen import ScreenResult, screen_and_verify
 from ipy_intervene.trace import TraceResult, trace
 
 __version__ = "0.1.0"
 __all__ = ["Adapter", "Envoy", "InterventionError", "LensResult", "Model", "SweepResult",
            "TraceResult", "adapter_for", "lens", "load_model", "logit_diff", "logprob", "metric", "patch_sweep", "prob",
            "trace", "wrap", "__version__"]
-__all__ += ["DecomposeResult", "decompose", "path_patch"]
+__all__ += ["DecomposeResult", "PatternResult", "ScreenResult", "attention_patterns", "decompose",
+            "debug", "path_patch", "screen_and_verify"]
+
+
+def debug(on: bool = True) -> None:
+    """Full tracebacks (internal frames included) for errors raised by the magics.
+
+    >>> ii.debug(True)          # doctest: +SKIP
+    """
+    from ipy_intervene.magics.tracebacks import debug as set_debug
+
+    set_debug(on)
 
 
 def load_ipython_extension(ipython: Any) -> None:

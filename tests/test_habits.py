@@ -27,10 +27,10 @@ def run(shell, cell: str, error: type[Exception], match: str) -> Exception:
 
 
 @pytest.mark.parametrize("body, match", [
-    ("h = model.transformer.h[0].output.save()", r"line 1: `\.save\(\)` is nnsight's.*Drop"),
-    ("h = model.transformer.h[0].output\nx = h.value", r"line 2: `\.value` is nnsight's"),
+    ("h = model.transformer.h[0].output.save()", r"line 2: `\.save\(\)` is nnsight's.*Drop"),
+    ("h = model.transformer.h[0].output\nx = h.value", r"line 3: `\.value` is nnsight's"),
     ("with model.trace(clean):\n    h = model.transformer.h[0].output",
-     r"line 1: `with model.trace\(\.\.\.\)` is nnsight's.*%%trace model PROMPT"),
+     r"line 2: `with model.trace\(\.\.\.\)` is nnsight's.*%%trace model PROMPT"),
 ])
 def test_nnsight_habits_say_what_to_write_here(shell, body, match):
     shell.user_ns["clean"] = PROMPT
@@ -40,14 +40,14 @@ def test_nnsight_habits_say_what_to_write_here(shell, body, match):
 def test_backward_without_grad_says_add_grad(shell):
     cell = "%%trace model clean\nlogits = model.lm_head.output\nlogits[0, -1, 5].backward()\n"
     shell.user_ns["clean"] = PROMPT
-    error = run(shell, cell, InterventionError, r"line 2: backward\(\) needs autograd.*--grad")
+    error = run(shell, cell, InterventionError, r"line 3: backward\(\) needs autograd.*--grad")
     assert "does not require grad" in str(error.__cause__)
 
 
 def test_a_layers_output_0_is_refused_not_batch_row_0(shell):
     shell.user_ns["clean"] = PROMPT
     run(shell, "%%trace model clean\nh = model.transformer.h[0].output[0]\n", SiteError,
-        r"line 1: `model.transformer.h\[0\].output` is the hidden states.*\[1, 15, 128\]"
+        r"line 2: `model.transformer.h\[0\].output` is the hidden states.*\[1, 15, 128\]"
         r".*batch row 0")
     # [0] where it is right: the attention's (output, weights) pair, and logits' row 0
     shell.run_cell("%%trace model clean\na = model.transformer.h[0].attn.output[0]\n"
@@ -59,7 +59,7 @@ def test_a_layers_output_0_is_refused_not_batch_row_0(shell):
 def test_a_module_list_as_a_site_says_index_it(shell):
     shell.user_ns["clean"] = PROMPT
     run(shell, "%%trace model clean\nh = model.transformer.h.output\n", SiteError,
-        r"line 1: model.transformer.h is a ModuleList.*`model.transformer.h\[0\].output`")
+        r"line 2: model.transformer.h is a ModuleList.*`model.transformer.h\[0\].output`")
 
 
 def test_a_module_list_reached_through_a_function_says_index_it(shell):
@@ -71,7 +71,7 @@ def test_a_module_list_reached_through_a_function_says_index_it(shell):
 def test_another_models_sites_name_both_models(shell, demo):
     shell.user_ns.update(clean=PROMPT, m2=ii.load_model("demo"))
     run(shell, "%%trace m2 clean\nh = model.transformer.h[0].output\n", SiteError,
-        r"line 1: this cell traces `m2`, but this line uses `model`, another model")
+        r"line 2: this cell traces `m2`, but this line uses `model`, another model")
     assert hook_count(shell.user_ns["m2"].module) == 0
 
 
@@ -98,7 +98,7 @@ def test_end_of_text_before_the_steps_asked_for_is_named(shell):
     cell = ("%%trace model ended --generate 5{}\nnorms = []\nfor step in tracer.steps():\n"
             "    norms.append(model.transformer.h[0].output.norm())\n")
     run(shell, cell.format(""), SiteError,
-        r"line 3: .*never reached: generation stopped at end-of-text, which the model chose at "
+        r"line 4: .*never reached: generation stopped at end-of-text, which the model chose at "
         r"step 1 of the 5 asked for.*--ignore-eos")
     shell.run_cell(cell.format(" --ignore-eos"))
     assert len(shell.user_ns["norms"]) == 5 and shell.user_ns["_trace"].steps == 5
@@ -120,7 +120,7 @@ def test_a_pattern_that_sdpa_does_not_compute_is_an_error_not_none(shell, demo):
     assert demo.module.config._attn_implementation == "sdpa"
     shell.user_ns["clean"] = PROMPT
     run(shell, "%%trace model clean\nw = model.transformer.h[0].attn.output[1]\n", SiteError,
-        r"line 1: .*attn.output\[1\]` \(the attention pattern\) is None.*'sdpa'.*"
+        r"line 2: .*attn.output\[1\]` \(the attention pattern\) is None.*'sdpa'.*"
         r"attn_implementation=\"eager\"")
     ids = demo.to_tokens(PROMPT)
     shell.user_ns["x"] = {"input_ids": ids, "output_attentions": True}

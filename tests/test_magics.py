@@ -70,12 +70,12 @@ def test_inner_line_magics_keep_working(shell):
 def test_error_traceback_points_at_the_cell_line(shell):
     with pytest.raises(SiteError) as info:
         shell.run_cell(f'%%trace model "{PROMPT}"\nx = 1\nh = model.transformer.h[7].output\n')
-    assert info.value.line == 2 and "has 4 layers" in str(info.value)
+    assert info.value.line == 3 and "has 4 layers" in str(info.value)
     with pytest.raises(ZeroDivisionError) as info:
         shell.run_cell(f'%%trace model "{PROMPT}"\nh = model.transformer.h[0].output\n1 / 0\n')
     exc = info.value
     text = "".join(shell.InteractiveTB.structured_traceback(type(exc), exc, exc.__traceback__))
-    assert re.search(r"Cell In\[\d+\], line 2", _plain(text)), _plain(text)
+    assert re.search(r"Cell In\[\d+\], line 3", _plain(text)), _plain(text)
     assert "1 / 0" in _plain(text)
     assert "h" not in shell.user_ns and hook_count(shell.user_ns["model"].module) == 0
 
@@ -136,3 +136,57 @@ def test_graph_of_a_failing_cell_marks_the_failing_line(shell):
     dot = bundle.get("image/svg+xml") or bundle["text/html"]
     assert "#d93025" in dot  # the red pen of the failing statement
     assert "a" not in shell.user_ns and "b" not in shell.user_ns
+
+
+def _shown(shell, cell: str) -> list[str]:
+    """The traceback lines IPython shows for the cell's error (its `showtraceback` path)."""
+    with pytest.raises(Exception) as info:
+        shell.run_cell(cell)
+    exc = info.value
+    assert hasattr(exc, "_render_traceback_"), "the magic must attach its short traceback"
+    return exc._render_traceback_()
+
+
+def test_a_failing_cell_shows_its_own_line_and_the_message_only(shell):
+    shell.user_ns["torch"] = torch
+    lines = _shown(shell, f'%%trace model "{PROMPT}"\nh = model.transformer.h[2].output\n'
+                          "model.transformer.h[3].mlp.output[:, -1] = torch.zeros(3)\n")
+    text = "\n".join(lines)
+    assert len(lines) <= 6, text
+    assert re.search(r"Cell In\[\d+\], line 3", text), text    # the editor's line: magic = 1
+    assert "----> 3 model.transformer.h[3].mlp.output[:, -1] = torch.zeros(3)" in text
+    assert "ValueMismatchError: line 3:" in text and "[1, 128]" in text
+    assert "site-packages" not in text and "ipy_intervene/" not in text
+    assert hook_count(shell.user_ns["model"].module) == 0 and "h" not in shell.user_ns
+
+
+def test_a_users_own_exception_shows_the_line_it_was_raised_on(shell):
+    text = "\n".join(_shown(shell, f'%%trace model "{PROMPT}"\n'
+                                   "h = model.transformer.h[0].output\nx = h.foo\n"))
+    assert "----> 3 x = h.foo" in text and "AttributeError" in text
+    assert "nothing was published" in text and "site-packages" not in text
+
+
+def test_a_sweep_error_is_its_message_without_the_engines_frames(shell):
+    text = "\n".join(_shown(shell, '%patch_sweep model --clean "When Mary" --corrupted '
+                                   '"When Mary and" --metric logit_diff("Mary", "John")'))
+    assert "different token lengths" in text and "site-packages" not in text
+
+
+def test_debug_brings_the_full_traceback_back(shell):
+    import ipy_intervene as ii
+
+    ii.debug(True)
+    try:
+        with pytest.raises(ZeroDivisionError) as info:
+            shell.run_cell(f'%%trace model "{PROMPT}"\n1 / 0\n')
+        assert not hasattr(info.value, "_render_traceback_")
+    finally:
+        ii.debug(False)
+
+
+def test_trace_help_shows_the_cell_magic_usage(shell):
+    from ipy_intervene.magics.trace_magic import TraceMagics
+
+    doc = TraceMagics.trace.__doc__
+    assert "  %%trace [--generate N]" in doc and "``" not in doc

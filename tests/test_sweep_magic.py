@@ -58,7 +58,8 @@ def test_quiet_shows_nothing_and_methods_pass_through(sweep_shell):
         del sweep_shell.display_pub.publish
     assert shown == []
     assert sweep_shell.user_ns["traced"].method == "noise"
-    assert sweep_shell.user_ns["traced"].extra == {"window": 3}
+    extra = sweep_shell.user_ns["traced"].extra
+    assert extra["window"] == 3 and extra["metric_positions"] == "declared: [14]"
 
 
 @pytest.mark.parametrize("line,message", [

@@ -15,6 +15,7 @@ from ipy_intervene import metrics
 from ipy_intervene.magics.command import SWEEP_OPTIONS, SweepCommand, manual
 from ipy_intervene.magics.evaluate import evaluate
 from ipy_intervene.magics.trace_magic import as_model
+from ipy_intervene.magics.tracebacks import shorten, title_of
 from ipy_intervene.sweep import SweepResult, patch_sweep
 from ipy_intervene.sweep.result import mark_shown
 
@@ -48,7 +49,11 @@ class SweepMagics(Magics):
         model = as_model(self._eval(command.model, "MODEL"), command.model, MAGIC)
         values = command.values(self._eval)
         out, quiet = values.pop("out", None), values.pop("quiet", False)
-        result = patch_sweep(model, values.pop("clean"), **values)
+        try:
+            result = patch_sweep(model, values.pop("clean"), **values)
+        except Exception as exc:
+            shorten(exc, None, title_of(self.shell))  # our message, not the engine's frames
+            raise
         self.shell.user_ns["_sweep"] = result
         if out is not None:
             self.shell.user_ns[out] = result

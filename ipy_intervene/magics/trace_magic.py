@@ -13,6 +13,7 @@ from torch import nn
 from ipy_intervene.compile import compile_cell
 from ipy_intervene.magics.command import TraceCommand
 from ipy_intervene.magics.evaluate import evaluate
+from ipy_intervene.magics.tracebacks import shorten, title_of
 from ipy_intervene.loading import wrap
 from ipy_intervene.model import Model
 from ipy_intervene.trace import NO_INPUT, TraceResult, run_compiled
@@ -87,9 +88,11 @@ class TraceMagics(Magics):
             raise UsageError("%%trace: --generate N needs N >= 1 new tokens")
         if args.ignore_eos and args.generate is None:
             raise UsageError("%%trace: --ignore-eos goes with --generate N")
+        source, filename = self._cache(f"%%trace {line}", cell)
         try:
-            result = self._run(model, command, cell, input_, args)
+            result = self._run(model, command, source, filename, input_, args)
         except Exception as exc:
+            shorten(exc, filename, title_of(shell))
             graph = getattr(exc, "graph", None)
             if args.graph and not args.quiet and graph is not None:
                 from ipy_intervene.widgets.graph_view import GraphView
@@ -98,12 +101,22 @@ class TraceMagics(Magics):
             raise
         self._show(result, args)
 
-    def _run(self, model: Model, command: TraceCommand, cell: str, input_: Any,
-             args: Any) -> TraceResult:
+    trace.__doc__ = (trace.__doc__ or "").replace("  %trace ", "  %%trace ", 1).replace(
+        "``", "`")  # magic_arguments writes a cell magic's usage as a line magic's
+
+    def _cache(self, magic_line: str, cell: str) -> tuple[str, str]:
+        """The cell's Python and its file name for tracebacks, numbered as in the editor:
+        the magic line is line 1 (compiled as a blank line), the cell's first line is 2."""
+        source = self.shell.transform_cell(cell)
+        filename = self.shell.compile.cache(f"{magic_line}\n{source}",
+                                            self.shell.execution_count,
+                                            raw_code=f"{magic_line}\n{cell}")
+        return "\n" + source, filename
+
+    def _run(self, model: Model, command: TraceCommand, source: str, filename: str,
+             input_: Any, args: Any) -> TraceResult:
         __tracebackhide__ = True
         shell = self.shell
-        source = shell.transform_cell(cell)
-        filename = shell.compile.cache(source, shell.execution_count, raw_code=cell)
         compiled = compile_cell(source, model_expr=command.model,
                                 has_input=input_ is not NO_INPUT, filename=filename,
                                 transform_ast=shell.transform_ast if shell.ast_transformers
