@@ -33,8 +33,9 @@ from ipy_intervene.validate import validate
 class TraceResult:
     """What a trace ran and produced. ``%%trace`` stores it in ``_trace`` (and ``--out``).
 
-    ``names``: the names the cell published, ``output``: logits (or generated token ids),
-    ``graph``: the intervention graph annotated with what ran.
+    ``names``: the names the cell published, ``output``: logits (or, with ``--generate``, the
+    prompt's token ids followed by the generated ones; ``new_tokens`` has the generated ones
+    alone), ``graph``: the intervention graph annotated with what ran.
     """
 
     graph: InterventionGraph
@@ -44,6 +45,19 @@ class TraceResult:
     seconds: float = 0.0
     dry_run: bool = False
     note: str = ""
+    prompt_length: int | None = None   # with --generate: positions of the (padded) prompt
+
+    @property
+    def new_tokens(self) -> Any:
+        """The generated token ids ``[batch, steps]``, without the prompt (``--generate``).
+
+        >>> model.tokenizer.decode(_trace.new_tokens[0])        # doctest: +SKIP
+        'Mary . <|endoftext|>'
+        """
+        if self.prompt_length is None:
+            raise InterventionError("new_tokens: this trace did not generate; run it with "
+                                    "--generate N (or ii.trace(..., generate=N))")
+        return self.output[:, self.prompt_length:]
 
     def show_graph(self):
         """The intervention graph as a view (SVG when pygraphviz is installed, else DOT)."""
@@ -121,7 +135,7 @@ def run_compiled(model: Model, cell: CompiledCell, ns: dict, input: Any, *,
         better.at_line(cell_line(exc, cell.filename))
         better.graph = getattr(exc, "graph", None)
         raise better from exc
-    return _result(outcome, undo.changed())
+    return _result(outcome, undo.changed(), generate)
 
 
 class _UndoOnFailure(Bindings):
@@ -141,13 +155,14 @@ class _UndoOnFailure(Bindings):
             _attach_line(exc, self.cell)
 
 
-def _result(outcome: Outcome, names: dict[str, Any]) -> TraceResult:
+def _result(outcome: Outcome, names: dict[str, Any], generate: int | None) -> TraceResult:
     outcome.graph.published = [n for n in outcome.graph.published if n in names] + [
         n for n in names if n not in outcome.graph.published]
     ids = outcome.batch.kwargs.get("input_ids") if outcome.batch is not None else None
     if ids is not None:
         remember(names, ids)  # views label these tensors' positions with their tokens
-    return TraceResult(outcome.graph, names, outcome.output, outcome.steps, outcome.seconds)
+    return TraceResult(outcome.graph, names, outcome.output, outcome.steps, outcome.seconds,
+                       prompt_length=outcome.batch.length if generate else None)
 
 
 def _attach_line(exc: BaseException, cell: CompiledCell) -> None:
