@@ -98,3 +98,14 @@ def test_sweep_command_keeps_expressions_whole():
                            "quiet": ""}
     with pytest.raises(UsageError, match="given twice"):
         SweepCommand.parse("m --site a --site b")
+
+
+def test_method_atp_star_is_the_python_apis_atp_star(sweep_shell, demo):
+    import ipy_intervene as ii
+    from ipy_intervene.sweep.atp_star import sweep as atp_star
+
+    sweep_shell.run_cell(LINE + " --site head_q --method atp* --quiet --out star")
+    got = sweep_shell.user_ns["star"]
+    want = atp_star(demo, PROMPT, CORRUPT, ii.logit_diff("Mary", "John"), site="head_q")
+    assert got.method == "atp*" and got.dims == ("layer", "head")
+    assert torch.equal(got.values, want.values) and torch.equal(got.raw, want.raw)

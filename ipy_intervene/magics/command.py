@@ -170,8 +170,9 @@ SWEEP_OPTIONS: dict[str, Option] = {o.name: o for o in (
            "head_out_pos, head_q_pos, ... ([layer, pos, head]); several, comma-separated "
            "(a dict of results)", "resid_pre"),
     Option("method", WORD, "M", "activation (exact), attribution ((clean - corrupted) . grad, "
-           "from two forwards and one backward), noise (ROME causal tracing) or path (path "
-           "patching from every head to --receivers)", "activation"),
+           "from two forwards and one backward), atp* (AtP*: attribution with the QK fix and "
+           "GradDrop), noise (ROME causal tracing) or path (path patching from every head to "
+           "--receivers)", "activation"),
     Option("receivers", EXPRESSION, "R", "with --method path: logits, or [(layer, head), ...] "
            "whose --receiver-input is patched", "logits"),
     Option("receiver_input", WORD, "Q", "with --method path: q, k or v", "q"),
