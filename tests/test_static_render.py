@@ -51,8 +51,10 @@ def test_every_view_of_a_committed_example_has_a_static_picture(path):
         if svg is not None:
             svg = "".join(svg) if isinstance(svg, list) else svg
             root = ET.fromstring(svg)                      # well-formed
-            marks = [e for e in root.iter() if e.tag in (f"{SVG}rect", f"{SVG}path")]
-            labels = [e for e in root.iter() if e.tag == f"{SVG}text" and (e.text or "").strip()]
+            marks = [e for e in root.iter() if e.tag in {f"{SVG}{t}" for t in (
+                "rect", "path", "circle", "polyline")}]
+            labels = [e for e in root.iter()
+                      if e.tag == f"{SVG}text" and "".join(e.itertext()).strip()]
             assert len(marks) >= 4 and len(labels) >= 4, (path.name, len(marks), len(labels))
     shown = static_only(nb)
     assert shown.count("image/svg+xml") + shown.count("image/png") >= len(figures)

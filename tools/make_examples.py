@@ -147,13 +147,14 @@ def generation_steering() -> list:
              '    h_clean = model.transformer.h[2].output[0, -1]\n'
              'with tracer.invoke(corrupt):\n    h_corrupt = model.transformer.h[2].output[0, -1]'),
         code('steer = h_corrupt - h_clean'),
-        code('%%trace model clean --generate 4\nfor step in tracer.steps():\n    pass\n'
-             'plain = tracer.output'),
-        code('%%trace model clean --generate 4\nfor step in tracer.steps():\n'
-             '    if step == 0:\n        model.transformer.h[2].output[:, -1] += steer\n'
-             'steered = tracer.output'),
-        code('print("plain:  ", model.tokenizer.decode(plain[0, -4:]))\n'
-             'print("steered:", model.tokenizer.decode(steered[0, -4:]))', metadata=CHECK),
+        md("`tracer.output` is the prompt followed by the new tokens; the `TraceResult`'s "
+           "`new_tokens` are the generated ones alone (generation stops at end-of-text)."),
+        code('%%trace model clean --generate 4 --out plain\nfor step in tracer.steps():\n'
+             '    pass'),
+        code('%%trace model clean --generate 4 --out steered\nfor step in tracer.steps():\n'
+             '    if step == 0:\n        model.transformer.h[2].output[:, -1] += steer'),
+        code('print("plain:  ", model.tokenizer.decode(plain.new_tokens[0]))\n'
+             'print("steered:", model.tokenizer.decode(steered.new_tokens[0]))', metadata=CHECK),
     ]
 
 
