@@ -32,20 +32,9 @@ import torch
 
 import ipy_intervene as ii
 from shapes import gpt2_ioi
-from sweep import floor_factor, sync
+from sweep import floor_factor, sync, timed
 
 SHAPES = ((12, 768, 8, 15), (12, 768, 8, 40), (24, 1024, 4, 15))
-
-
-def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
 
 
 @torch.no_grad()

@@ -16,6 +16,8 @@ import os
 import traceback
 from typing import Any
 
+from ipy_intervene.errors import cell_line
+
 _debug = os.environ.get("IPY_INTERVENE_DEBUG", "") not in ("", "0")
 HINT = "(ii.debug(True) shows the full traceback)"
 
@@ -60,14 +62,7 @@ def _failing_line(exc: BaseException, filename: str | None) -> int | None:
     line = getattr(exc, "line", None)
     if isinstance(line, int):
         return line
-    if filename is None:
-        return None
-    found, tb = None, exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename == filename:
-            found = tb.tb_lineno
-        tb = tb.tb_next
-    return found
+    return None if filename is None else cell_line(exc, filename)
 
 
 def title_of(shell: Any) -> str:

@@ -151,9 +151,14 @@ def _running_cell() -> Any:
 
 
 def _describe(cell: dict[str, Any]) -> str:
-    where = [f"L{cell['layer']}"]
+    return f"{where(cell)}: {cell['value']:.3g}"
+
+
+def where(cell: dict[str, Any]) -> str:
+    """``L1 John (10) H3``: a cell of ``top()`` by its layer, token and head."""
+    parts = [f"L{cell['layer']}"]
     if "token" in cell:
-        where.append(cell["token"])
+        parts.append(cell["token"])
     if "head" in cell:
-        where.append(f"H{cell['head']}")
-    return f"{' '.join(where)}: {cell['value']:.3g}"
+        parts.append(f"H{cell['head']}")
+    return " ".join(parts)

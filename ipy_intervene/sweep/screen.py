@@ -22,7 +22,7 @@ import torch
 from ipy_intervene.errors import InputError
 from ipy_intervene.sweep.api import patch_sweep
 from ipy_intervene.sweep.atp_star import sweep as atp_star_sweep
-from ipy_intervene.sweep.result import SweepResult
+from ipy_intervene.sweep.result import SweepResult, where
 
 METHODS = ("atp*", "attribution")
 
@@ -53,7 +53,7 @@ class ScreenResult:
     def __repr__(self) -> str:
         caught = "" if self.caught is None else f"; caught {self.caught}/{self.top} of the " \
                                                 "exact top"
-        best = ", ".join(f"{_where(c)}: {c['screen']:.3g} -> {c['exact']:.3g}"
+        best = ", ".join(f"{where(c)}: {c['screen']:.3g} -> {c['exact']:.3g}"
                          for c in self.cells[:3])
         return (f"ScreenResult({self.screen.method} screen of {self.screen.site}, "
                 f"{self.screen.values.numel()} cells, {len(self.cells)} verified exactly"
@@ -63,7 +63,7 @@ class ScreenResult:
         """The verified cells: where, the screen's value, the exact value."""
         head = "".join(f"<th>{h}</th>" for h in ("rank", "cell", "screen", "exact"))
         rows = "".join(
-            f"<tr><td>{i + 1}</td><td>{html.escape(_where(c))}</td>"
+            f"<tr><td>{i + 1}</td><td>{html.escape(where(c))}</td>"
             f"<td>{c['screen']:.3f}</td><td>{c['exact']:.3f}</td></tr>"
             for i, c in enumerate(self.cells))
         caught = "" if self.caught is None else \
@@ -207,12 +207,3 @@ def _labels(result: SweepResult, index: tuple[int, ...]) -> dict[str, Any]:
     cell = result._cell_at(index)
     cell.pop("value")
     return cell
-
-
-def _where(cell: dict[str, Any]) -> str:
-    parts = [f"L{cell['layer']}"]
-    if "token" in cell:
-        parts.append(cell["token"])
-    if "head" in cell:
-        parts.append(f"H{cell['head']}")
-    return " ".join(parts)

@@ -67,6 +67,7 @@ class Engine:
     cells_per_chunk: int | None = None   # overrides the budget
     _callers: dict[int, BlockCaller] = field(default_factory=dict)
     _same: dict[int, torch.Tensor] | None = None   # layer -> where source equals base
+    chunking: dict[str, Any] = field(default_factory=dict)  # how the last run was cut
 
     @property
     def rows(self) -> int:
@@ -83,6 +84,7 @@ class Engine:
         """The metric of every row under each cell's patch: ``[len(cells), rows]``."""
         out = torch.empty(len(cells), self.rows, device=self.base.logits.device)
         chunks = list(self._chunks(cells))
+        self.chunking = self._describe(chunks)
         bar = tqdm(total=len(cells), desc=desc, delay=1.0, leave=False,
                    disable=progress_disabled())
         try:
@@ -115,6 +117,16 @@ class Engine:
                 1, self.budget // (self.rows * self._bytes_per_row(prefix)))
             for start in range(0, len(index), size):
                 yield prefix, index[start: start + size]
+
+    def _describe(self, chunks: list[tuple[int, list[int]]]) -> dict[str, Any]:
+        """How a run was cut: for ``result.extra["chunking"]`` and the memory benchmark."""
+        estimates = [len(index) * self.rows * self._bytes_per_row(prefix)
+                     for prefix, index in chunks]
+        return {"chunks": len(chunks), "cells_per_chunk": max((len(i) for _, i in chunks),
+                                                               default=0),
+                "rows_per_cell": self.rows, "budget_mib": round(self.budget / 2**20, 1),
+                "estimated_peak_mib": round(max(estimates, default=0) / 2**20, 1),
+                "set_by": "batch_size" if self.cells_per_chunk else "memory budget"}
 
     def _bytes_per_row(self, prefix: int) -> int:
         config = self.model.config
