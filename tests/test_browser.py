@@ -292,3 +292,65 @@ def _no_overlap(view: str, rects: list) -> None:
             apart = (bar[1] >= tick[1] + tick[3] or tick[1] >= bar[1] + bar[3]
                      or bar[2] >= tick[2] + tick[4] or tick[2] >= bar[2] + bar[4])
             assert apart, (view, bar, tick)
+
+
+# -- the analysis views: attention patterns, decomposition, screen, graph (issues 13-15) -----
+
+ANALYSIS = [  # cells after VIEWS_SETUP; the attention view is the only widget among them
+    "ii.attention_patterns(model, clean).show(layer=1, head=3)",
+    "ii.decompose(model, clean, metric)",
+    "ii.screen_and_verify(model, clean, corrupt, metric, site='head_out', top=3)",
+    "%%trace model clean --graph\nh = model.transformer.h[1].output\n"
+    "model.transformer.h[2].mlp.output[:, -1] = 0",
+]
+
+
+def title(gd) -> str:
+    return gd.evaluate("(gd) => gd.layout.title.text || gd.layout.title")
+
+
+def test_analysis_views_render_and_the_attention_view_follows_clicks(lab, browser):
+    for width in (800, 1600):
+        name = f"analysis_{width}.ipynb"
+        put_notebook(lab, name, [VIEWS_SETUP, *ANALYSIS])
+        page = browser.new_page(viewport={"width": width, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        open_and_run(page, lab, name, 2)                    # the head and the layer's heads
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.jp-OutputArea-output .js-plotly-plot')]"
+            ".filter(gd => gd._fullLayout && gd.data && gd.data.length).length >= 4",
+            timeout=120_000)                                 # + decomposition and screen
+        page.wait_for_selector(".jp-OutputArea-output svg .node", timeout=60_000)  # graph
+        main, heads = plot(page, 0), plot(page, 1)
+        main.scroll_into_view_if_needed()
+        assert "L1H3" in title(main)
+        before = main.evaluate(GEOMETRY)
+        area = main.evaluate("(gd) => gd.closest('.jp-OutputArea-output').clientWidth")
+        assert before["width"] > 0.9 * area and before["rows"] == before["columns"] == 15
+        assert main.evaluate("(gd) => [...gd.querySelectorAll('.ytick text')].every("
+                             "t => !(t.getAttribute('transform') || '').includes('rotate'))")
+        n = before["rows"]
+        for rc in ((0, 0), (n - 1, 0), (n - 1, n - 1)):  # edge cells the query can see
+            target = cell_centre(main, *rc)
+            click_cell(page, main, target)
+            tokens = main.evaluate("(gd, rc) => [gd.data[0].y[rc[0]], gd.data[0].x[rc[1]]]",
+                                   list(rc))
+            page.wait_for_function(  # the HTML widget replaces its table: look it up anew
+                "(want) => document.querySelector('.jupyter-widgets .ii-attention-detail')"
+                ".innerText.includes(want)", arg=f"{tokens[0]} → {tokens[1]}:", timeout=60_000)
+            after = main.evaluate(GEOMETRY)
+            assert (after["x"], after["y"], after["height"]) == \
+                (before["x"], before["y"], before["height"]), rc
+        heads.scroll_into_view_if_needed()
+        click_cell(page, heads, cell_centre(heads, 2, 2 * (n + 1) + 2))  # a cell of head 2
+        page.wait_for_function("(gd) => (gd.layout.title.text || '').includes('L1H2')",
+                               arg=main.element_handle(), timeout=30_000)
+        for index, view in enumerate(("attention", "decompose", "screen")):
+            gd = page.locator(".jp-OutputArea-output .js-plotly-plot").nth(
+                index + 1 if index else 0)
+            box = gd.element_handle().evaluate_handle(
+                "(gd) => gd.closest('.jp-OutputArea-output')").as_element()
+            box.screenshot(path=str(ROOT / "build" / f"view_{view}_{width}.png"))
+        assert not errors, errors
+        page.close()

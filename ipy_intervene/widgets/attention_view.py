@@ -144,7 +144,7 @@ class AttentionView:
             title={"text": self._title(), "x": 0, "xanchor": "left", "font": {"size": 14}},
             xaxis={**grid.category_axis(keys, title="key"), "side": "bottom",
                    "constrain": "domain"},
-            yaxis={**grid.category_axis(queries, title="query"),
+            yaxis={**grid.category_axis(queries, title="query"), "tickangle": 0,  # level rows
                    "range": [len(queries) - 0.5, -0.5], "scaleanchor": "x",
                    "constrain": "domain"},
             height=grid.MARGIN["t"] + grid.bottom_margin(keys) + max(rows, 160),
