@@ -19,6 +19,7 @@ from ipy_intervene.patterns import PatternResult, attention_patterns
 from ipy_intervene.sweep.paths import path_patch
 from ipy_intervene.sites import Adapter, adapter_for
 from ipy_intervene.sweep import SweepResult, patch_sweep
+from ipy_intervene.sweep.cluster import RayCluster
 from ipy_intervene.sweep.screen import ScreenResult, screen_and_verify
 from ipy_intervene.trace import TraceResult, trace
 
@@ -26,7 +27,7 @@ __version__ = "0.1.0"
 __all__ = ["Adapter", "Envoy", "InterventionError", "LensResult", "Model", "SweepResult",
            "TraceResult", "adapter_for", "lens", "load_model", "logit_diff", "logprob", "metric", "patch_sweep", "prob",
            "trace", "wrap", "__version__"]
-__all__ += ["DecomposeResult", "PatternResult", "ScreenResult", "attention_patterns", "decompose",
+__all__ += ["DecomposeResult", "PatternResult", "RayCluster", "ScreenResult", "attention_patterns", "decompose",
             "debug", "path_patch", "screen_and_verify"]
 
 

@@ -16,7 +16,7 @@ from ipy_intervene.metrics import Metric, Prob, as_metric
 from ipy_intervene.loading import warn_if_training, wrap
 from ipy_intervene.model import Model
 from ipy_intervene.sites import SITES, Adapter, SiteKind, adapter_for, get_path, site_kind
-from ipy_intervene.sweep import atp_star, attribution, memory
+from ipy_intervene.sweep import atp_star, attribution, cluster as clusters, memory
 from ipy_intervene.sweep.heads import SITES as HEAD_SITES, head_sweep
 from ipy_intervene.sweep.paths import path_patch
 from ipy_intervene.sweep.inputs import (index_list, prepare_pair, subject_mask, subject_noise,
@@ -77,7 +77,8 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
                 subject: Any = None, samples: int = 10, noise: float = 3.0,
                 noise_std: float | None = None, seed: int = 0, window: int = 1,
                 adapter: Adapter | None = None, receivers: Any = "logits",
-                receiver_input: str = "q") -> SweepResult | dict[str, SweepResult]:
+                receiver_input: str = "q", cluster: Any = None
+                ) -> SweepResult | dict[str, SweepResult]:
     """Patch every (layer, position[, head]) of ``site`` and measure ``metric``.
 
     - ``method="activation"``: exact. Denoising (default) patches the clean activation into
@@ -105,6 +106,9 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
     ``ii.prob(token)``, ``ii.logprob(token)`` or any callable. ``batch_size`` caps the number
     of grid cells run together (default: as many as fit in ``memory_fraction`` of free memory).
     Results are float32 whatever the model's dtype (see :class:`SweepResult`).
+    ``cluster=ii.RayCluster(...)`` (or ``True``: a local Ray, 2 actors) runs the chunks of
+    cells on Ray actors, bit-identical to the local sweep with the same ``batch_size``
+    (methods ``activation`` and ``noise``, module sites; see ``sweep/cluster.py``).
 
     >>> r = patch_sweep(model, clean, corrupted, ii.logit_diff("Mary", "John"))  # doctest: +SKIP
     >>> r.values[layer, pos]       # doctest: +SKIP
@@ -114,13 +118,14 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
     _check_choice("method", method, METHODS)
     _check_choice("direction", direction, DIRECTIONS)
     sites = _site_names(site)
+    cluster = clusters.as_cluster(cluster, method, sites)
     if len(sites) > 1 or not isinstance(site, str):
         _check_sites(model, sites, method, adapter)
         same = dict(method=method, direction=direction, layers=layers, positions=positions,
                     heads=heads, batch_size=batch_size, memory_fraction=memory_fraction,
                     subject=subject, samples=samples, noise=noise, noise_std=noise_std,
                     seed=seed, window=window, adapter=adapter, receivers=receivers,
-                    receiver_input=receiver_input)
+                    receiver_input=receiver_input, cluster=cluster)
         return {s: patch_sweep(model, clean, corrupted, metric, site=s, **same) for s in sites}
     site = sites[0]
     if method == "atp*":
@@ -152,6 +157,9 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
     patcher = Patcher(model, adapter, grid, run, memory_fraction)
     if method == "attribution":
         raw_rows = attribution.sweep(model, adapter, grid, run)
+    elif cluster is not None:
+        raw_rows = clusters.run(cluster, patcher.engine(batch_size), run, grid.cells(),
+                                desc=f"{site} sweep")
     else:
         raw_rows = patcher.engine(batch_size).run(grid.cells(), desc=f"{site} sweep")
     result = _result(model, grid, run, raw_rows, site, method, direction,
