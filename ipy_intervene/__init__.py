@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ipy_intervene.circuit import (Circuit, EdgeResult, VerifyResult, edge_attribution,
+                                   verify_circuit)
 from ipy_intervene.decompose import DecomposeResult, decompose
 from ipy_intervene.errors import InterventionError
 from ipy_intervene.lens import LensResult, lens
@@ -27,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = ["Adapter", "Envoy", "InterventionError", "LensResult", "Model", "SweepResult",
            "TraceResult", "adapter_for", "lens", "load_model", "logit_diff", "logprob", "metric", "patch_sweep", "prob",
            "trace", "wrap", "__version__"]
+__all__ += ["Circuit", "EdgeResult", "VerifyResult", "edge_attribution", "verify_circuit"]
 __all__ += ["DecomposeResult", "PatternResult", "RayCluster", "ScreenResult", "attention_patterns", "decompose",
             "debug", "path_patch", "screen_and_verify"]
 
