@@ -18,6 +18,7 @@ import torch
 
 from ipy_intervene.hooks import HookSession
 from ipy_intervene.sites import Adapter, get_path
+from ipy_intervene.sweep.record import cache_kwarg
 
 
 class _Captured(Exception):
@@ -88,7 +89,7 @@ class BlockCaller:
         call = {k: _repeat(v[:, p:] if k in ("input_ids", "position_ids") else v, copies)
                 for k, v in kwargs.items()}
         if p:
-            call["past_key_values"] = DynamicCache(ddp_cache_data=[
+            call[cache_kwarg(model.module.base_model)] = DynamicCache(ddp_cache_data=[
                 (_repeat(k[:, :, :p], copies), _repeat(v[:, :, :p], copies))
                 for k, v in zip(self.base.keys, self.base.values)])
         call["use_cache"] = bool(p)

@@ -6,6 +6,7 @@ these recordings instead of recomputing what a patch cannot change.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +52,7 @@ def record(model: Any, adapter: Adapter, kwargs: dict[str, Any], *, kind: SiteKi
 
     cache = DynamicCache() if stream else None
     with site_hooks(hooks):
-        out = module(**kwargs, use_cache=stream, past_key_values=cache,
+        out = module(**kwargs, use_cache=stream, **{cache_kwarg(module): cache},
                      **_logits_kwargs(model, positions, kwargs["input_ids"].shape[1]))
     length = kwargs["input_ids"].shape[1]
     rec.logits = out.logits if positions is None else _select(out.logits, positions, length)
@@ -59,6 +60,13 @@ def record(model: Any, adapter: Adapter, kwargs: dict[str, Any], *, kind: SiteKi
         rec.keys = [layer.keys for layer in cache.layers]
         rec.values = [layer.values for layer in cache.layers]
     return rec
+
+
+def cache_kwarg(module: Any) -> str:
+    """The name a forward takes its key/value cache by: ``cache`` (transformers >= 5.2x, which
+    warns on the old name) or ``past_key_values``."""
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _keep(store: Any, index: int):
