@@ -1,7 +1,7 @@
 """A sweep on a Llama-shaped ~1.1B-parameter model (TinyLlama's shape, random weights,
 float32) with 64-token prompts: its peak memory next to its budget, and how it chunked.
 
-    python benchmarks/memory_1b.py [--prompts 2] [--fraction 0.25] [--layers 0,8,15]
+    python benchmarks/memory_1b.py [--prompts 2] [--fraction 0.25] [--layers 0,11,21]
 
 The weights (4.4 GB) and the two recordings (residual stream and keys/values of every
 layer) are there before the sweep starts; the budget (``memory_fraction`` of the free memory
@@ -22,7 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import ipy_intervene as ii
 from ipy_intervene.sweep import memory
 
-TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                  num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
                  max_position_embeddings=2048)
 
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--fraction", type=float, default=0.25)
-    parser.add_argument("--layers", default="0,8,15")
+    parser.add_argument("--layers", default="0,11,21")
     args = parser.parse_args()
     torch.manual_seed(0)
     config = LlamaConfig(**TINYLLAMA)

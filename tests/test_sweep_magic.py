@@ -109,3 +109,35 @@ def test_method_atp_star_is_the_python_apis_atp_star(sweep_shell, demo):
     want = atp_star(demo, PROMPT, CORRUPT, ii.logit_diff("Mary", "John"), site="head_q")
     assert got.method == "atp*" and got.dims == ("layer", "head")
     assert torch.equal(got.values, want.values) and torch.equal(got.raw, want.raw)
+
+
+def test_edge_attribution_magic_is_the_python_call(sweep_shell, demo):
+    import ipy_intervene as ii
+
+    sweep_shell.run_cell('%edge_attribution model --clean clean --corrupted corrupt '
+                         '--metric logit_diff("Mary", "John") --method eap-ig --steps 2 '
+                         '--out edges')
+    got = sweep_shell.user_ns["edges"]
+    assert sweep_shell.user_ns["_edges"] is got
+    want = ii.edge_attribution(demo, PROMPT, CORRUPT, ii.logit_diff("Mary", "John"),
+                               method="eap-ig", steps=2)
+    assert got.method == "eap-ig" and torch.equal(got.scores.nan_to_num(), want.scores.nan_to_num())
+
+
+@pytest.mark.parametrize("line, message", [
+    ("%edge_attribution model --clean clean --metric logit_diff('Mary', 'John')",
+     "needs --corrupted"),
+    ("%edge_attribution model --clean clean --corrupted corrupt --metric m --stepz 3",
+     "did you mean --steps"),
+])
+def test_edge_attribution_magic_line_errors_are_usage_errors(sweep_shell, line, message):
+    with pytest.raises(UsageError, match=message):
+        sweep_shell.run_cell(line)
+
+
+def test_edge_attribution_magic_bad_method_names_the_choices(sweep_shell):
+    from ipy_intervene.errors import InputError
+
+    with pytest.raises(InputError, match="eap-ig"):
+        sweep_shell.run_cell('%edge_attribution model --clean clean --corrupted corrupt '
+                             '--metric logit_diff("Mary", "John") --method eap-xx')

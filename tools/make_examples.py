@@ -251,9 +251,64 @@ From the numbers above:
 """
 
 
+def circuit_discovery() -> list:
+    metric = 'ii.logit_diff("Mary", "John")'
+    return [
+        md("# Circuit discovery: attribution, AtP*, edge attribution, verified exactly\n\n"
+           "Exact patching is the ground truth but costs a forward per cell; attribution "
+           "patching is two forwards and a backward for the whole grid, with known false "
+           "negatives (a saturated softmax hides what a query or key change does). AtP* "
+           "(Kramár et al. 2024) fixes that for queries and keys; edge attribution (EAP, "
+           "EAP-IG: Syed et al. 2023, Hanna et al. 2024) scores the edges between components. "
+           "Every approximation here is checked against exact patching on the same model."),
+        code(SETUP + IOI + f"\nmetric = {metric}"),
+        md("## Head keys: attribution vs AtP* vs exact\n\nOne value per (layer, head): "
+           "patching that head's keys from the clean run into the corrupted one. A key acts "
+           "only through the softmax, where a linear estimate fails when the pattern "
+           "saturates; the QK fix recomputes the pattern exactly."),
+        code('from ipy_intervene.sweep.atp_star import sweep as atp_star\n\n'
+             'exact = ii.patch_sweep(model, clean, corrupt, metric, site="head_k")\n'
+             'estimates = {\n'
+             '    "attribution": atp_star(model, clean, corrupt, metric, site="head_k", '
+             'qk_fix=False, grad_drop=False),\n'
+             '    "QK fix": atp_star(model, clean, corrupt, metric, site="head_k", '
+             'grad_drop=False),\n'
+             '    "AtP* (QK fix + GradDrop)": ii.patch_sweep(model, clean, corrupt, metric, '
+             'site="head_k", method="atp*"),\n}'),
+        code('def top(result, k=5):\n'
+             '    return {(c["layer"], c["head"]) for c in result.top(k)}\n\n'
+             'truth = top(exact)\n'
+             'print("exact top 5:", sorted(truth))\n'
+             'for name, result in estimates.items():\n'
+             '    print(f"{name:>24}: {len(top(result) & truth)} of 5, missed {sorted(truth - top(result))}")',
+             metadata=CHECK),
+        md("## Screen, then verify\n\nAtP* over the whole grid, exact patching of its top "
+           "cells only, and (`check=True`) how many of the exact top cells the screen caught."),
+        code('ii.screen_and_verify(model, clean, corrupt, metric, site="head_out", top=5, '
+             'check=True)'),
+        md("## Edges: EAP-IG\n\nA score for every edge of the component graph (embeddings, "
+           "each head's q/k/v inputs and output, each MLP, the logits)."),
+        code('edges = ii.edge_attribution(model, clean, corrupt, metric, method="eap-ig", '
+             'steps=5)\nfor sender, receiver, score in edges.edges(8):\n'
+             '    print(f"{sender:>6} -> {receiver:<8} {score:+.2f}")', metadata=CHECK),
+        md("## The circuit, run exactly\n\nKeep the top edges; every other edge carries "
+           "its corrupted value. The fraction of the clean - corrupted gap it recovers:"),
+        code('for k in (10, 30, 100):\n'
+             '    check = edges.circuit(top=k).verify()\n'
+             '    print(f"top {k:>3} edges: recovers {check.recovered:.2f} of the gap")',
+             metadata=CHECK),
+        code('edges.circuit(top=30)'),
+        md("The edges it keeps are the IOI story of this model: the embeddings feed MLP 0, "
+           "whose output is what the layer-1 heads L1H3, L1H0 and L1H1 read as values (the "
+           "names they move), and those heads and MLP 1 write the answer into the logits. "
+           "Thirty of the 479 edges recover almost all of the clean - corrupted gap when run "
+           "exactly; ten recover about half."),
+    ]
+
+
 NOTEBOOKS = {"ioi_circuit": ioi_circuit, "ioi_activation_patching": ioi, "attribution_patching": attribution,
              "causal_tracing": causal_tracing, "generation_steering": generation_steering,
-             "logit_lens": logit_lens}
+             "logit_lens": logit_lens, "circuit_discovery": circuit_discovery}
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ipy_intervene.circuit.graph import Graph, build_graph
 from ipy_intervene.circuit.result import EdgeResult
@@ -44,6 +45,7 @@ from ipy_intervene.loading import warn_if_training, wrap
 from ipy_intervene.metrics import as_metric
 from ipy_intervene.sweep.inputs import prepare_pair
 from ipy_intervene.sweep.reads import OnLogits
+from ipy_intervene.sweep.staircase import progress_disabled
 
 METHODS = ("eap", "eap-ig")
 
@@ -101,7 +103,8 @@ def _gradients(graph: Graph, root: nn.Module, kwargs: dict, bound: OnLogits,
     total: list[torch.Tensor] = []
     first = None
     n = steps if method == "eap-ig" else 1
-    for k in range(n):
+    for k in tqdm(range(n), desc="EAP-IG steps", delay=1.0, leave=False,
+                  disable=n == 1 or progress_disabled()):
         embed = None if k == 0 else (
             lambda x, t=k / steps: x + t * (clean_embed.to(x.dtype) - x))
         writes, values, grads = gradient_run(graph, root, kwargs, bound, embed)

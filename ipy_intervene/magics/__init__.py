@@ -6,8 +6,9 @@ from typing import Any
 
 
 def register(ipython: Any) -> None:
-    """Register ``%%trace`` and ``%patch_sweep`` with a shell."""
+    """Register ``%%trace``, ``%patch_sweep`` and ``%edge_attribution`` with a shell."""
+    from ipy_intervene.magics.edge_magic import EdgeMagics
     from ipy_intervene.magics.sweep_magic import SweepMagics
     from ipy_intervene.magics.trace_magic import TraceMagics
 
-    ipython.register_magics(TraceMagics, SweepMagics)
+    ipython.register_magics(TraceMagics, SweepMagics, EdgeMagics)

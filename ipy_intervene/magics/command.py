@@ -213,6 +213,11 @@ class SweepCommand:
     model: str
     options: dict[str, str]
 
+    @staticmethod
+    def table() -> dict[str, "Option"]:
+        """The options this command takes (a subclass for another magic has its own)."""
+        return SWEEP_OPTIONS
+
     @classmethod
     def parse(cls, line: str, magic: str = "%patch_sweep") -> "SweepCommand":
         head, rest = split_options(line)
@@ -226,12 +231,12 @@ class SweepCommand:
             name_end = len(rest.split(None, 1)[0])
             name = rest[2:name_end].replace("-", "_")
             value, rest = split_options(rest[name_end:])
-            option = _option(name, magic)
+            option = _option(name, magic, cls.table())
             if name in options:
                 raise UsageError(f"{magic}: {option.flag} is given twice")
             option.check(value.strip(), magic)
             options[name] = value.strip()
-        for option in SWEEP_OPTIONS.values():
+        for option in cls.table().values():
             if option.required and option.name not in options:
                 raise UsageError(f"{magic} needs {option.usage}: {option.help}")
         return cls(head.strip(), options)
@@ -243,17 +248,17 @@ class SweepCommand:
         >>> command.values(lambda text, flag: text.upper())
         {'clean': 'C', 'site': 'mlp_out', 'quiet': True}
         """
-        return {name: SWEEP_OPTIONS[name].read(text, evaluate)
-                for name, text in self.options.items()}
+        table = self.table()
+        return {name: table[name].read(text, evaluate) for name, text in self.options.items()}
 
 
-def _option(name: str, magic: str) -> Option:
-    if name in SWEEP_OPTIONS:
-        return SWEEP_OPTIONS[name]
+def _option(name: str, magic: str, table: dict[str, Option]) -> Option:
+    if name in table:
+        return table[name]
     flag = "--" + name.replace("_", "-")
-    close = difflib.get_close_matches(name, SWEEP_OPTIONS, n=1)
-    hint = f" (did you mean {SWEEP_OPTIONS[close[0]].flag}?)" if close else ""
-    listing = ", ".join(o.flag for o in SWEEP_OPTIONS.values())
+    close = difflib.get_close_matches(name, table, n=1)
+    hint = f" (did you mean {table[close[0]].flag}?)" if close else ""
+    listing = ", ".join(o.flag for o in table.values())
     raise UsageError(f"{magic}: unknown option {flag}{hint}; options: {listing}")
 
 
@@ -285,3 +290,30 @@ def manual(magic: str, summary: str, options: dict[str, Option], examples: list[
         "", "Examples", "--------",
         *(f"In [{i}]: {example}" for i, example in enumerate(examples, 1)),
     ])
+
+
+EDGE_OPTIONS: dict[str, Option] = {o.name: o for o in (
+    SWEEP_OPTIONS["clean"],
+    Option("corrupted", EXPRESSION, "Y", "the corrupted prompt(s), token for token as long as "
+           "the clean ones", required=True),
+    Option("metric", EXPRESSION, "M", "logit_diff(correct, wrong), prob(token), "
+           "logprob(token) or a callable from logits to one number per prompt (it needs a "
+           "gradient)", required=True),
+    Option("method", WORD, "M", "eap (2 forwards, 1 backward) or eap-ig (integrated "
+           "gradients over --steps points)", "eap"),
+    Option("steps", EXPRESSION, "N", "with --method eap-ig: the interpolation points", "5"),
+    Option("out", NAME, "NAME", "also store the EdgeResult in NAME (it is always in _edges)"),
+)}
+
+
+@dataclass(frozen=True)
+class EdgeCommand(SweepCommand):
+    """``%edge_attribution MODEL --clean X --corrupted Y --metric M [--method eap-ig]``.
+
+    >>> EdgeCommand.parse('model --clean c --corrupted k --metric m --method eap-ig')
+    EdgeCommand(model='model', options={'clean': 'c', 'corrupted': 'k', 'metric': 'm', 'method': 'eap-ig'})
+    """
+
+    @staticmethod
+    def table() -> dict[str, Option]:
+        return EDGE_OPTIONS
