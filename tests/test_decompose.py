@@ -271,7 +271,8 @@ def test_repr_names_the_metric_position_and_total(demo):
 def test_display_is_offline_html_with_a_centred_head_heatmap(demo):
     d = ii.decompose(demo, PROMPT, ii.logit_diff("Mary", "John"))
     bundle = d._repr_mimebundle_()
-    assert set(bundle) == {"text/html", "text/plain"}
+    assert set(bundle) == {"text/html", "image/svg+xml", "text/plain"}  # static picture too
+    assert bundle["image/svg+xml"].startswith("<svg") and "L1H3" in bundle["image/svg+xml"]
     assert "ii-decompose-top" in bundle["text/html"] and d.top(1)[0][0] in bundle["text/html"]
     assert bundle["text/plain"].startswith("DecomposeResult(")
     heat = d.figure().data[0]
