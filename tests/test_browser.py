@@ -302,6 +302,7 @@ ANALYSIS = [  # cells after VIEWS_SETUP; the attention view is the only widget a
     "ii.screen_and_verify(model, clean, corrupt, metric, site='head_out', top=3)",
     "%%trace model clean --graph\nh = model.transformer.h[1].output\n"
     "model.transformer.h[2].mlp.output[:, -1] = 0",
+    "ii.edge_attribution(model, clean, corrupt, metric).circuit(top=20)",
 ]
 
 
@@ -321,7 +322,10 @@ def test_analysis_views_render_and_the_attention_view_follows_clicks(lab, browse
             "() => [...document.querySelectorAll('.jp-OutputArea-output .js-plotly-plot')]"
             ".filter(gd => gd._fullLayout && gd.data && gd.data.length).length >= 4",
             timeout=120_000)                                 # + decomposition and screen
-        page.wait_for_selector(".jp-OutputArea-output svg .node", timeout=60_000)  # graph
+        page.wait_for_function(  # the intervention graph and the circuit (pygraphviz SVG)
+            "() => document.querySelectorAll('.jp-OutputArea-output svg g.node').length >= 2 && "
+            "[...document.querySelectorAll('.jp-OutputArea-output svg')].filter("
+            "s => s.querySelector('g.node')).length >= 2", timeout=60_000)
         main, heads = plot(page, 0), plot(page, 1)
         main.scroll_into_view_if_needed()
         assert "L1H3" in title(main)
@@ -352,5 +356,9 @@ def test_analysis_views_render_and_the_attention_view_follows_clicks(lab, browse
             box = gd.element_handle().evaluate_handle(
                 "(gd) => gd.closest('.jp-OutputArea-output')").as_element()
             box.screenshot(path=str(ROOT / "build" / f"view_{view}_{width}.png"))
+        graphs = page.locator(".jp-OutputArea-output:has(svg g.node)")
+        for index, view in enumerate(("graph", "circuit")):
+            graphs.nth(index).scroll_into_view_if_needed()
+            graphs.nth(index).screenshot(path=str(ROOT / "build" / f"view_{view}_{width}.png"))
         assert not errors, errors
         page.close()
