@@ -306,6 +306,11 @@ ANALYSIS = [  # cells after VIEWS_SETUP; the attention view is the only widget a
 ]
 
 
+def centre(gd) -> None:
+    gd.evaluate("(gd) => gd.scrollIntoView({block: 'center'})")
+    gd.page.wait_for_timeout(300)
+
+
 def title(gd) -> str:
     return gd.evaluate("(gd) => gd.layout.title.text || gd.layout.title")
 
@@ -327,7 +332,7 @@ def test_analysis_views_render_and_the_attention_view_follows_clicks(lab, browse
             "[...document.querySelectorAll('.jp-OutputArea-output svg')].filter("
             "s => s.querySelector('g.node')).length >= 2", timeout=60_000)
         main, heads = plot(page, 0), plot(page, 1)
-        main.scroll_into_view_if_needed()
+        centre(main)  # clear of the notebook's sticky toolbar, which would take the clicks
         assert "L1H3" in title(main)
         before = main.evaluate(GEOMETRY)
         area = main.evaluate("(gd) => gd.closest('.jp-OutputArea-output').clientWidth")
@@ -342,11 +347,12 @@ def test_analysis_views_render_and_the_attention_view_follows_clicks(lab, browse
                                    list(rc))
             page.wait_for_function(  # the HTML widget replaces its table: look it up anew
                 "(want) => document.querySelector('.jupyter-widgets .ii-attention-detail')"
-                ".innerText.includes(want)", arg=f"{tokens[0]} → {tokens[1]}:", timeout=60_000)
+                ".innerText.includes(want)", arg=f"{tokens[0]} → {tokens[1]}:", timeout=60_000,
+                polling=250)  # a timer: animation frames can stall in a headless page
             after = main.evaluate(GEOMETRY)
             assert (after["x"], after["y"], after["height"]) == \
                 (before["x"], before["y"], before["height"]), rc
-        heads.scroll_into_view_if_needed()
+        centre(heads)
         click_cell(page, heads, cell_centre(heads, 2, 2 * (n + 1) + 2))  # a cell of head 2
         page.wait_for_function("(gd) => (gd.layout.title.text || '').includes('L1H2')",
                                arg=main.element_handle(), timeout=30_000)
