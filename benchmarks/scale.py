@@ -32,7 +32,7 @@ import torch
 
 import ipy_intervene as ii
 from shapes import gpt2_ioi
-from sweep import floor_factor, sync, timed
+from sweep import block_inputs, floor_factor, sync, timed
 
 SHAPES = ((12, 768, 8, 15), (12, 768, 8, 40), (24, 1024, 4, 15))
 
@@ -43,12 +43,7 @@ def naive_cells(model: ii.Model, clean: torch.Tensor, corrupt: torch.Tensor,
                 device: torch.device) -> tuple[float, list[float]]:
     """Seconds per hooked forward (median) and the metric of each cell (mean over prompts)."""
     blocks = model.module.transformer.h
-    seen: dict[int, torch.Tensor] = {}
-    handles = [b.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0]))
-               for i, b in enumerate(blocks)]
-    model.module(clean)
-    for h in handles:
-        h.remove()
+    seen = block_inputs(model, clean)
     times, values = [], []
     for layer, pos in cells:
         def patch(m, args, pos=pos, layer=layer):

@@ -47,16 +47,25 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple
 
 
 @torch.no_grad()
+def block_inputs(model: ii.Model, clean: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Each GPT-2 block's input hidden states in the clean run, by a plain pre-hook."""
+    seen: dict[int, torch.Tensor] = {}
+    handles = [b.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0]))
+               for i, b in enumerate(model.module.transformer.h)]
+    try:
+        model.module(clean)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+@torch.no_grad()
 def naive_sweep(model: ii.Model, clean: torch.Tensor, corrupt: torch.Tensor,
                 metric: Callable, device: torch.device) -> torch.Tensor:
     """One forward per (layer, position) with a plain pre-hook, full logits."""
     blocks = model.module.transformer.h
-    seen: dict[int, torch.Tensor] = {}
-    handles = [b.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0]))
-               for i, b in enumerate(blocks)]
-    model.module(clean)
-    for h in handles:
-        h.remove()
+    seen = block_inputs(model, clean)
     out = torch.empty(len(blocks), clean.shape[1])
     for layer, block in enumerate(blocks):
         for pos in range(clean.shape[1]):

@@ -8,6 +8,7 @@ which would need a running kernel or a CDN: the page opens offline.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 OFFLINE_PRIORITY = ["text/html", "image/svg+xml", "image/png", "text/markdown", "text/latex",
@@ -25,10 +26,31 @@ def export_html(notebook: str | Path, target: str | Path) -> Path:
     nb = nbformat.read(str(notebook), as_version=4)
     nb.metadata.pop("widgets", None)
     body, _ = exporter.from_notebook_node(nb)
+    body = offline(body)
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(body, encoding="utf-8")
     return target.resolve()
+
+
+PLOTLY_JS = re.compile(r"<script>/\*\*\s*\* plotly\.js.*?</script>", re.S)
+REMOTE = re.compile(r'<script[^>]+src="https?://[^"]*"[^>]*>\s*</script>')
+
+
+def offline(body: str) -> str:
+    """The page with plotly.js inlined once (each notebook's kernel inlined its own copy) and
+    without the template's remote scripts (require.js, MathJax), which the views never use.
+
+    >>> offline('<script src="https://cdn.example/x.js"></script><p>hi</p>')
+    '<p>hi</p>'
+    """
+    seen = []
+
+    def first_only(match: re.Match) -> str:
+        seen.append(match)
+        return match.group(0) if len(seen) == 1 else ""
+
+    return REMOTE.sub("", PLOTLY_JS.sub(first_only, body))
 
 
 def execute(notebook: str | Path, timeout: int = 600) -> "object":

@@ -131,15 +131,25 @@ def test_sweep_view_in_jupyterlab(lab, browser):
 def test_exported_html_renders_the_heatmap_offline(browser, tmp_path):
     from ipy_intervene.report import demo_report
 
-    html = demo_report([ROOT / "examples" / NOTEBOOK], tmp_path / "ioi.html")
+    html = demo_report([ROOT / "examples" / NOTEBOOK, ROOT / "examples" / "logit_lens.ipynb"],
+                       tmp_path / "ioi.html")
+    text = html.read_text()
+    assert text.count("* plotly.js") == 1 and 'src="http' not in text  # once, nothing remote
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     errors: list[str] = []
+    remote: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("request", lambda r: remote.append(r.url) if not r.url.startswith(
+        ("file:", "data:", "blob:")) else None)
     page.route("**/*", lambda route: route.abort() if not route.request.url.startswith(
         "file:") else route.continue_())  # offline: nothing but the file itself
     page.goto(html.as_uri())
     page.wait_for_selector(".js-plotly-plot .main-svg .heatmaplayer", timeout=30_000)
-    assert page.locator(".ii-sweep-detail").count() >= 1
+    figures = text.count("Plotly.newPlot(")
+    page.wait_for_function(f"() => [...document.querySelectorAll('.js-plotly-plot')].filter("
+                           f"gd => gd.data && gd.data.length).length >= {figures}",
+                           timeout=60_000, polling=250)  # the second notebook's too
+    assert page.locator(".ii-sweep-detail").count() >= 1 and remote == []
     page.screenshot(path=str(tmp_path / "export.png"), full_page=False)
     assert not errors, errors
     page.close()
