@@ -49,3 +49,18 @@ def load_ipython_extension(ipython: Any) -> None:
     from ipy_intervene.magics import register
 
     register(ipython)
+    _warm_views()
+
+
+def _warm_views() -> None:
+    """Import plotly's widget machinery in the background (about 2 s, nearly all of a first
+    view's build time) while the user loads a model and runs a sweep."""
+    import threading
+
+    def warm() -> None:
+        try:
+            from plotly.graph_objects import FigureWidget  # noqa: F401
+        except Exception:  # noqa: BLE001 - the first view imports it again and says why
+            pass
+
+    threading.Thread(target=warm, name="ipy_intervene-warm-views", daemon=True).start()
