@@ -18,6 +18,13 @@ SHORT = "Then , Mary and John had"
 
 ARCHS = ("gpt2", "neox", "llama")
 LAYERS = {"gpt2": ("transformer", "h"), "neox": ("gpt_neox", "layers"), "llama": ("model", "layers")}
+CLEAN2 = [PROMPT, PROMPT.replace("store", "park")]    # two prompts of the same length
+CORRUPT2 = [CORRUPT, CORRUPT.replace("store", "park")]
+
+
+def mary_john(model: ii.Model) -> tuple[int, int]:
+    """The token ids of the IOI answers, as the examples take them."""
+    return model.token_id("Mary"), model.token_id("John")
 UNEMBED = {"gpt2": "lm_head", "neox": "lm_head", "llama": "lm_head"}
 MLP = {"gpt2": "mlp", "neox": "mlp", "llama": "mlp"}
 
@@ -98,3 +105,13 @@ def shell(demo):
     yield sh
     for name in [k for k in sh.user_ns if not k.startswith("_") and k not in ("In", "Out", "exit", "quit", "get_ipython")]:
         del sh.user_ns[name]
+
+
+@pytest.fixture(params=[(a, impl) for a in LAYERS for impl in ("eager", "sdpa")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def attention_case(request, demo):
+    """(arch, attention implementation, tiny model) on GPT-2, NeoX and Llama, eager and SDPA."""
+    arch, impl = request.param
+    module = tiny_model(arch, len(demo.tokenizer))
+    module.set_attn_implementation(impl)
+    return arch, impl, ii.wrap(module, demo.tokenizer)

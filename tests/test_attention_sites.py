@@ -11,20 +11,17 @@ import ipy_intervene as ii
 from ipy_intervene import attention
 from ipy_intervene.errors import SiteError, ValueMismatchError
 from attention_oracle import logits_by_hand
-from conftest import CORRUPT, LAYERS, PROMPT, hook_count, tiny_model
+from conftest import CORRUPT, LAYERS, PROMPT, hook_count
 
 ATTN = {"gpt2": "attn", "neox": "attention", "llama": "self_attn"}
 LAYER = 1
 BY_HAND = ("q", "k", "v", "pattern", "z")  # what the oracle's attention computes; `result` below
 
 
-@pytest.fixture(params=[(a, impl) for a in LAYERS for impl in ("eager", "sdpa")],
-                ids=lambda p: f"{p[0]}-{p[1]}")
-def case(request, demo):
-    arch, impl = request.param
-    module = tiny_model(arch, len(demo.tokenizer))
-    module.set_attn_implementation(impl)
-    return arch, ii.wrap(module, demo.tokenizer)
+@pytest.fixture
+def case(attention_case):
+    arch, _, model = attention_case
+    return arch, model
 
 
 def site(arch: str, name: str, layer: int = LAYER) -> str:

@@ -14,16 +14,12 @@ from ipy_intervene.errors import InputError
 from ipy_intervene.patterns import PatternResult, attention_patterns
 from ipy_intervene.widgets.attention_view import TILE_MAX, AttentionView, tiles, visible
 from attention_oracle import logits_by_hand
-from conftest import LAYERS, PROMPT, hook_count, tiny_model
+from conftest import PROMPT, hook_count, tiny_model
 
 
-@pytest.fixture(params=[(a, impl) for a in LAYERS for impl in ("eager", "sdpa")],
-                ids=lambda p: f"{p[0]}-{p[1]}")
-def case(request, demo):
-    arch, impl = request.param
-    module = tiny_model(arch, len(demo.tokenizer))
-    module.set_attn_implementation(impl)
-    return arch, impl, ii.wrap(module, demo.tokenizer)
+@pytest.fixture
+def case(attention_case):
+    return attention_case
 
 
 @pytest.fixture(scope="module")

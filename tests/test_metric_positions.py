@@ -15,20 +15,15 @@ import ipy_intervene as ii
 from ipy_intervene.errors import InputError
 from ipy_intervene.metrics import as_metric
 from ipy_intervene.sweep.reads import find_reads
-from conftest import CORRUPT, PROMPT
+from conftest import CLEAN2, CORRUPT, CORRUPT2, PROMPT, mary_john
 from sweep_oracle import naive_activation
 
-CLEAN2 = [PROMPT, PROMPT.replace("store", "park")]
-CORRUPT2 = [CORRUPT, CORRUPT.replace("store", "park")]
 
-
-def ids(model):
-    return model.token_id("Mary"), model.token_id("John")
 
 
 def metrics(model):
     """name -> (metric, what detection must find: (positions, spread) or None for all)."""
-    a, b = ids(model)
+    a, b = mary_john(model)
     return {
         "last": (lambda l: l[:, -1, a] - l[:, -1, b], ((14,), False)),
         "last by its index": (lambda l: l[:, 14, a] - l[:, 14, b], ((14,), True)),
@@ -102,7 +97,7 @@ def test_every_method_equals_the_sweep_that_gives_every_position(demo, name, met
 def test_a_narrowed_metric_gets_the_patched_logits_at_its_positions(demo):
     """Position 9 changes under patches at positions <= 9: a metric that reads it must see
     that change, not the corrupted run's logits."""
-    a, b = ids(demo)
+    a, b = mary_john(demo)
     seen = []
 
     def fn(logits):
@@ -118,7 +113,7 @@ def test_a_narrowed_metric_gets_the_patched_logits_at_its_positions(demo):
 
 
 def test_declared_positions_are_trusted_and_narrow(demo):
-    a, b = ids(demo)
+    a, b = mary_john(demo)
     shapes = []
 
     @ii.metric(positions=[-1])

@@ -10,25 +10,20 @@ import torch
 import ipy_intervene as ii
 from ipy_intervene.errors import InputError, SiteError
 from ipy_intervene.widgets.sweep_view import SweepView
-from conftest import CORRUPT, PROMPT, hook_count, tiny_model
-
-CLEAN2 = [PROMPT, PROMPT.replace("store", "park")]
-CORRUPT2 = [CORRUPT, CORRUPT.replace("store", "park")]
+from conftest import CLEAN2, CORRUPT, CORRUPT2, PROMPT, hook_count, mary_john, tiny_model
 
 
-def answers(model):
-    return model.token_id("Mary"), model.token_id("John")
 
 
 def mean_and_each(model):
     """The logit difference as one number for the batch, and as one number per prompt."""
-    a, b = answers(model)
+    a, b = mary_john(model)
     return (lambda l: (l[:, -1, a] - l[:, -1, b]).mean()), (lambda l: l[:, -1, a] - l[:, -1, b])
 
 
 @pytest.fixture
 def magic(shell):
-    a, b = answers(shell.user_ns["model"])
+    a, b = mary_john(shell.user_ns["model"])
     shell.user_ns.update(clean=CLEAN2, corrupt=CORRUPT2, a=a, b=b, _sweep=None)
     return shell
 
@@ -92,7 +87,7 @@ def test_a_batch_mean_metric_through_the_magic(magic, site):
     lambda l, a, b: torch.no_grad()(lambda: l[:, -1, a] - l[:, -1, b])(),
 ], ids=["float", "item", "detach", "no_grad"])
 def test_an_attribution_metric_without_a_gradient_says_return_a_tensor(demo, metric):
-    a, b = answers(demo)
+    a, b = mary_john(demo)
     with pytest.raises(InputError, match="method='attribution' differentiates the metric.*"
                                          r"\.item\(\).*Return a tensor computed from the logits"):
         ii.patch_sweep(demo, CLEAN2, CORRUPT2, lambda l: metric(l, a, b), method="attribution")
@@ -114,7 +109,7 @@ def test_an_attribution_metric_without_a_gradient_through_the_magic(magic, metri
 
 def counting(model):
     """A logit-difference metric and the list its calls are counted in."""
-    a, b = answers(model)
+    a, b = mary_john(model)
     calls: list[int] = []
 
     def metric(l):
