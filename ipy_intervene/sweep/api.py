@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -23,7 +22,7 @@ from ipy_intervene.sweep.inputs import (index_list, prepare_pair, subject_mask, 
                                         token_labels)
 from ipy_intervene.sweep.reads import Reads, declared_reads, find_reads
 from ipy_intervene.sweep.record import record
-from ipy_intervene.sweep.result import SweepResult
+from ipy_intervene.sweep.result import SweepResult, normalised
 from ipy_intervene.sweep.staircase import Cell, Engine
 
 METHODS = ("activation", "attribution", "atp*", "noise", "path")
@@ -312,13 +311,7 @@ def _result(model: Model, grid: Grid, run: Run, rows: torch.Tensor, site: str, m
     per_prompt = rows.view(rows.shape[0], -1, run.n_prompts).mean(1).float().cpu()
     raw = per_prompt.mean(-1)
     clean, corrupted = run.baselines
-    span = clean - corrupted
-    if math.isclose(span, 0.0, abs_tol=1e-12):
-        warnings.warn("the clean and corrupted runs give the same metric, so effects cannot "
-                      "be normalised; `values` is NaN, `raw` holds the metric", stacklevel=3)
-        values = torch.full_like(raw, float("nan"))
-    else:
-        values = (raw - corrupted) / span
+    values = normalised(raw, clean, corrupted)
     shape = grid.shape
     return SweepResult(
         values=values.view(shape), raw=raw.view(shape),

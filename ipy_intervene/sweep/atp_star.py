@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -51,7 +50,7 @@ from ipy_intervene.sweep.atp_runs import Run, Wanted, base_run, source_run
 from ipy_intervene.sweep.attribution import _effect
 from ipy_intervene.sweep.heads import SITES as ATTENTION_SITES, attention_point
 from ipy_intervene.sweep.inputs import index_list, prepare_pair, token_labels
-from ipy_intervene.sweep.result import SweepResult
+from ipy_intervene.sweep.result import SweepResult, normalised
 
 COMPONENT_SITES = ("attn_out", "mlp_out", "head_out", "head_out_pos")
 HEAD_INPUT_SITES = tuple(s for s in ATTENTION_SITES if not s.startswith("head_pattern"))
@@ -131,8 +130,9 @@ def sweep(model: Any, clean: Any, corrupted: Any, metric: Any, *, site: str,
              **metric.no_per_prompt()}
     result = _result(grid, rows, baselines, a.size, token_labels(model, a), direction,
                      repr(metric), extra)
-    result.extra["signed_values"] = _normalise(base.scores[None] + signed, baselines,
-                                               a.size).view(grid.shape)
+    result.extra["signed_values"] = normalised(
+        (base.scores[None] + signed).float().cpu().mean(-1), *baselines,
+        warn=False).view(grid.shape)  # `values` already warned
     result.seconds = time.perf_counter() - start
     return result
 
@@ -244,26 +244,12 @@ def _grad_drop(estimates: torch.Tensor, layer: int, n_layers: int) -> torch.Tens
     return (layer * plain + estimates[1:].abs().sum(0)) / (n_layers - 1)
 
 
-def _normalise(rows: torch.Tensor, baselines: tuple[float, float], n: int) -> torch.Tensor:
-    clean, corrupted = baselines
-    raw = rows.float().cpu().mean(-1)
-    span = clean - corrupted
-    if math.isclose(span, 0.0, abs_tol=1e-12):
-        return torch.full_like(raw, float("nan"))
-    return (raw - corrupted) / span
-
-
 def _result(grid: _Grid, rows: torch.Tensor, baselines: tuple[float, float], n: int,
             tokens: list[str], direction: str, metric: str, extra: dict) -> SweepResult:
     per_prompt = rows.view(rows.shape[0], -1, n).mean(1).float().cpu()
     raw = per_prompt.mean(-1)
     clean, corrupted = baselines
-    if math.isclose(clean - corrupted, 0.0, abs_tol=1e-12):
-        warnings.warn("the clean and corrupted runs give the same metric, so effects cannot "
-                      "be normalised; `values` is NaN, `raw` holds the metric", stacklevel=3)
-        values = torch.full_like(raw, float("nan"))
-    else:
-        values = (raw - corrupted) / (clean - corrupted)
+    values = normalised(raw, clean, corrupted)
     shape = grid.shape
     return SweepResult(
         values=values.view(shape), raw=raw.view(shape),

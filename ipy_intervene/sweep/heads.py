@@ -29,7 +29,7 @@ from ipy_intervene.metrics import as_metric
 from ipy_intervene.sites import Adapter, adapter_for, get_path
 from ipy_intervene.sweep.inputs import prepare_pair, token_labels
 from ipy_intervene.sweep.reads import OnLogits
-from ipy_intervene.sweep.result import SweepResult
+from ipy_intervene.sweep.result import SweepResult, normalised
 from ipy_intervene.sweep.staircase import progress_disabled
 
 SITES = {f"head_{name}{pos}": (name, bool(pos)) for name in ("q", "k", "v", "pattern")
@@ -73,7 +73,7 @@ def head_sweep(model: Any, clean: Any, corrupted: Any, metric: Any, *, site: str
     hi, lo = (float(bound(runs[which][1]).mean()) for which in ("clean", "corrupted"))
     raw = per_prompt.mean(-1)
     return SweepResult(
-        (raw - lo) / (hi - lo), raw, per_prompt, hi, lo, grid.dims, grid.layers,
+        normalised(raw, hi, lo), raw, per_prompt, hi, lo, grid.dims, grid.layers,
         grid.positions, grid.heads, token_labels(model, a), site, "activation", direction,
         repr(metric), time.perf_counter() - start,
         extra={"metric_positions": bound.reads.describe(), **metric.no_per_prompt()})

@@ -34,7 +34,7 @@ from ipy_intervene.metrics import as_metric
 from ipy_intervene.sites import Adapter, adapter_for, get_path, split_heads
 from ipy_intervene.sweep.inputs import prepare_pair, token_labels
 from ipy_intervene.sweep.reads import OnLogits
-from ipy_intervene.sweep.result import SweepResult
+from ipy_intervene.sweep.result import SweepResult, normalised
 
 Head = tuple[int, int]
 
@@ -73,7 +73,7 @@ def path_patch(model: Any, clean: Any, corrupted: Any, metric: Any, *,
     target = "logits" if heads is None else (
         f"{receiver_input} of " + ", ".join(f"L{l}H{h}" for l, h in heads))
     return SweepResult(
-        (raw - floor) / (base - floor), raw, per_prompt, base, floor, ("layer", "head"),
+        normalised(raw, base, floor), raw, per_prompt, base, floor, ("layer", "head"),
         list(range(adapter.n_layers)), where, list(range(adapter.n_heads)),
         token_labels(model, a), f"path -> {target}", "path", "noising", repr(metric),
         time.perf_counter() - start, extra={"receivers": heads or "logits",

@@ -8,6 +8,8 @@ torch.Size([4, 15])                            # [layer, pos], clean = 1, corrup
 
 from __future__ import annotations
 
+import math
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,3 +164,21 @@ def where(cell: dict[str, Any]) -> str:
     if "head" in cell:
         parts.append(f"H{cell['head']}")
     return " ".join(parts)
+
+
+def normalised(raw: torch.Tensor, clean: float, corrupted: float, *,
+               warn: bool = True) -> torch.Tensor:
+    """``(raw - corrupted) / (clean - corrupted)``: clean = 1, corrupted = 0. NaN (with a
+    warning, unless ``warn=False``) when the two runs give the same metric.
+
+    >>> normalised(torch.tensor([0.0, 1.0, 2.0]), 2.0, 0.0)
+    tensor([0.0000, 0.5000, 1.0000])
+    """
+    span = clean - corrupted
+    if math.isclose(span, 0.0, abs_tol=1e-12):
+        if warn:
+            warnings.warn("the clean and corrupted runs give the same metric, so effects "
+                          "cannot be normalised; `values` is NaN, `raw` holds the metric",
+                          stacklevel=4)
+        return torch.full_like(raw, float("nan"))
+    return (raw - corrupted) / span
