@@ -19,12 +19,12 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ipy_intervene import active, attention
-from ipy_intervene.batch import Batch, check_ids, describe, encode_dict, encode_ids
+from ipy_intervene import active, attention, encode
+from ipy_intervene.batch import Batch, describe
 from ipy_intervene.errors import InputError, MissingAttributeError, SiteError
-from ipy_intervene.habits import check_output_attentions, nnsight_hint
+from ipy_intervene.habits import nnsight_hint
 from ipy_intervene.placement import input_device
-from ipy_intervene.tokens import check_known, check_kwargs
+from ipy_intervene.tokens import check_known
 
 DEMO_DIR = Path(__file__).parent / "demo" / "weights"
 
@@ -59,10 +59,12 @@ class Envoy:
         return self._module
 
     def _child(self, key: str | int, path: str, module: nn.Module | None = None) -> "Envoy":
+        """The envoy of child ``key``, cached while it still wraps the live child (a module
+        replaced in ``model.module`` after wrapping gets a new envoy)."""
+        if module is None:
+            module = self._module[key] if isinstance(key, int) else self._module._modules[key]
         envoy = self._children.get(key)
-        if envoy is None:
-            if module is None:
-                module = self._module[key] if isinstance(key, int) else getattr(self._module, key)
+        if envoy is None or envoy._module is not module:
             envoy = Envoy(module, path)
             self._children[key] = envoy
         return envoy
@@ -94,24 +96,37 @@ class Envoy:
                 f"({type(self._module).__name__}).{hint} Its child modules: {listing}")
 
     def __getitem__(self, index: int | str) -> "Envoy":
+        index = self._key(index)
+        text = repr(index) if isinstance(index, str) else index
+        return self._child(index, f"{self._path}[{text}]")
+
+    def __setitem__(self, index: int | str, value: nn.Module) -> None:
+        """Replace a layer: ``model.transformer.h[2] = MyBlock(...)`` (outside a trace)."""
+        index = self._key(index)
+        text = repr(index) if isinstance(index, str) else index
+        _check_replacement(f"model.{self._path}[{text}]", value)
+        self._module[index] = value
+
+    def _key(self, index: int | str) -> int | str:
+        """``index`` checked against this ModuleList/Sequential/ModuleDict (negative ints
+        counted from the end)."""
         module = self._module
         if isinstance(module, nn.ModuleDict):
             if index not in module:
                 raise SiteError(f"model.{self._path} has no key {index!r}; keys: "
                                 f"{', '.join(module.keys())}")
-            return self._child(index, f"{self._path}[{index!r}]")
+            return index
         if not isinstance(module, (nn.ModuleList, nn.Sequential)):
             raise SiteError(f"model.{self._path} ({type(module).__name__}) cannot be indexed; "
                             f"only ModuleList, Sequential and ModuleDict can")
-        if not isinstance(index, int):
+        if not isinstance(index, int) or isinstance(index, bool):
             raise SiteError(f"model.{self._path}[{index!r}]: the index must be an int, "
                             f"got {type(index).__name__}")
         n = len(module)
         if not -n <= index < n:
             raise SiteError(f"layer index {index} is past the end: model.{self._path} has "
                             f"{n} layers (0..{n - 1}, or -{n}..-1)")
-        index %= n
-        return self._child(index, f"{self._path}[{index}]")
+        return index % n
 
     def __len__(self) -> int:
         return len(self._module)
@@ -174,8 +189,24 @@ class Envoy:
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("output", "input", "inputs"):
             object.__setattr__(self, name, value)  # the property setters
-        else:
-            setattr(self._module, name, value)
+            return
+        if isinstance(value, nn.Module) or name in self._module._modules:
+            where = f"model.{self._path}.{name}" if self._path else f"model.{name}"
+            _check_replacement(where, value)
+        setattr(self._module, name, value)  # a module is added or replaced in model.module
+
+
+def _check_replacement(where: str, value: Any) -> None:
+    """A module put into the tree after wrapping: an ``nn.Module``, and not while a trace
+    runs (its hooks are on the modules the cell started with)."""
+    if not isinstance(value, nn.Module):
+        raise SiteError(f"`{where} = ...` replaces a module: assign a torch.nn.Module (for a "
+                        f"module that does nothing, torch.nn.Identity()); got "
+                        f"{describe(value)}")
+    if active.current_trace() is not None:
+        raise SiteError(f"`{where} = ...` replaces a module while a trace runs; replace it "
+                        "before the %%trace cell, or inside one use `.skip(value)` or "
+                        "`.output = value`")
 
 
 def _ask(envoy: Envoy, attr: str, access: str, payload: Any = None) -> Any:
@@ -207,21 +238,30 @@ class Model(Envoy):
 
     def owns(self, module: nn.Module) -> bool:
         """Whether ``module`` is one of this model's modules (or a site inside its attention)."""
-        names = self._module_names()
-        if id(module) in names:
-            return True
-        host = attention.owner(module) if isinstance(module, attention.HookPoint) else None
-        return host is not None and id(host) in names
+        if isinstance(module, attention.HookPoint):
+            module = attention.owner(module)
+        return module is not None and self._name_of(module) is not None
 
-    def _module_names(self) -> dict[int, str]:
-        if self._names is None:
-            names = {id(m): name for name, m in self._module.named_modules()}
+    def _name_of(self, module: nn.Module) -> str | None:
+        """The dotted name of ``module`` in the live tree (None if it is not in it). The
+        cached names are checked against ``model.module`` and rebuilt when it changed."""
+        names = self._names
+        name = names.get(id(module)) if names is not None else None
+        if name is None or self._at(name) is not module:
+            names = {id(m): n for n, m in self._module.named_modules()}
             object.__setattr__(self, "_names", names)
-        return self._names
+            name = names.get(id(module))
+        return name
+
+    def _at(self, name: str) -> nn.Module | None:
+        try:
+            return self._module.get_submodule(name)
+        except AttributeError:
+            return None
 
     def envoy_for(self, module: nn.Module) -> Envoy | None:
         """The envoy of one of this model's modules (for cells that use the raw module)."""
-        name = self._module_names().get(id(module))
+        name = self._name_of(module)
         if name is None:
             return None
         envoy: Envoy = self
@@ -251,31 +291,11 @@ class Model(Envoy):
         Token inputs (prompts, token ids, a dict with ``input_ids``) are tokenized and
         left-padded; tensor inputs of any other module (a tensor, a tuple of tensors, a dict
         of keyword tensors) are passed as they are and concatenated along dim 0.
+
+        >>> model.prepare(["When Mary", "Then John went"]).rows
+        [slice(0, 1, None), slice(1, 2, None)]
         """
-        positional = [self._is_positional(x) for x in inputs]
-        if any(positional):
-            if not all(positional):
-                if not self.is_token_model:  # names what this module takes instead
-                    self._encode(inputs[positional.index(False)], line)
-                kinds = ", ".join(f"invoke {i} {'tensors' if p else 'token inputs'}"
-                                  for i, p in enumerate(positional))
-                raise InputError(f"the invokes mix token inputs (prompts, token ids) and "
-                                 f"tensor inputs ({kinds}); give every invoke the same kind",
-                                 line=line)
-            parts = [self._encode_tensors(x, line) for x in inputs]
-            return Batch.join(parts, device=self.device, line=line)
-        encoded = [self._encode(x, line) for x in inputs]
-        batch = Batch.concat(encoded, pad_id=self._pad_id(), device=self.device,
-                             with_positions="position_ids" in self._forward_params)
-        check_ids(batch.kwargs["input_ids"], self.vocab_size, line)
-        limit = self.max_length
-        if limit is not None and batch.length + new_tokens > limit:
-            more = f" and generate adds {new_tokens}" if new_tokens else ""
-            raise InputError(f"the prompt is {batch.length} tokens long{more}; this model has "
-                             f"{limit} positions. Shorten the prompt (or its batch's longest "
-                             f"prompt){' or generate fewer tokens' if new_tokens else ''}",
-                             line=line)
-        return batch
+        return encode.prepare(self, inputs, line=line, new_tokens=new_tokens)
 
     @property
     def vocab_size(self) -> int | None:
@@ -290,26 +310,6 @@ class Model(Envoy):
         the model has a tokenizer)."""
         return "input_ids" in self._forward_params or (
             self._var_keyword and self.tokenizer is not None)
-
-    def _is_positional(self, x: Any) -> bool:
-        """Whether ``x`` goes to the forward as it is (tensors), not as tokens."""
-        if isinstance(x, (tuple, list)) and x and all(isinstance(v, torch.Tensor) for v in x):
-            return True
-        if not self.is_token_model:
-            return isinstance(x, (torch.Tensor, tuple, dict))
-        # a float tensor cannot be token ids; it is the first argument, unless that is them
-        return (isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
-                and self._first_param != "input_ids")
-
-    def _encode_tensors(self, x: Any, line: int | None) -> tuple[tuple, dict[str, Any]]:
-        if isinstance(x, torch.Tensor):
-            return (x,), {}
-        if isinstance(x, (tuple, list)):
-            return tuple(x), {}
-        if not all(isinstance(k, str) for k in x):
-            raise InputError(f"a dict INPUT maps keyword names to values; got keys "
-                             f"{list(x)!r}", line=line)
-        return (), dict(x)
 
     @property
     def max_length(self) -> int | None:
@@ -326,41 +326,10 @@ class Model(Envoy):
         pad = getattr(tok, "pad_token_id", None) if tok is not None else None
         return int(pad) if pad is not None else 0
 
-    def _encode(self, x: Any, line: int | None) -> dict[str, torch.Tensor]:
-        if not self.is_token_model:
-            raise InputError(f"{type(self._module).__name__}.forward takes no `input_ids`: "
-                             "INPUT must be a tensor (one positional input, [batch, ...]), a "
-                             "tuple of positional inputs or a dict of keyword inputs; got "
-                             f"{describe(x)}", line=line)
-        if isinstance(x, str):
-            x = [x]
-        if isinstance(x, dict):
-            check_kwargs(self._module.forward, x, type(self._module).__name__, line=line)
-            check_output_attentions(self._module, x, line)
-            return encode_dict(x, line)
-        if isinstance(x, torch.Tensor):
-            return encode_ids(x, line)
-        if isinstance(x, (list, tuple)) and x and all(isinstance(s, str) for s in x):
-            return self._tokenize(list(x), line)
-        if isinstance(x, (list, tuple)) and x and all(isinstance(s, int) for s in x):
-            return encode_ids(torch.tensor(x), line)
-        raise InputError(f"INPUT must be a prompt string, a list of prompts, a tensor of token "
-                         f"ids or a dict of model kwargs; got {describe(x)}", line=line)
-
-    def _tokenize(self, texts: list[str], line: int | None) -> dict[str, torch.Tensor]:
-        for text in texts:
-            if not text.strip():
-                raise InputError("empty prompt: every prompt needs at least one word", line=line)
-        if self.tokenizer is None:
-            raise InputError("this model has no tokenizer: pass token ids (a tensor) or "
-                             "ii.wrap(module, tokenizer)", line=line)
-        enc = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
-        check_known(self.tokenizer, texts, enc["input_ids"], line=line)
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
     def to_tokens(self, text: str | list[str]) -> torch.Tensor:
         """Token ids of a prompt (or a left-padded batch of prompts)."""
-        return self._tokenize([text] if isinstance(text, str) else list(text), None)["input_ids"]
+        texts = [text] if isinstance(text, str) else list(text)
+        return encode.tokenize(self.tokenizer, texts, None)["input_ids"]
 
     def to_str_tokens(self, text: str | torch.Tensor) -> list[str]:
         """The tokens of one prompt as strings: labels for plots."""
