@@ -101,30 +101,58 @@ class DecomposeResult:
 
 
 @entry_point
-def decompose(model: Any, prompt: Any, readout: Any, *, position: int = -1) -> DecomposeResult:
-    """Direct logit attribution of ``readout`` at ``position`` of one prompt (one forward).
+def decompose(model: Any, prompt: Any, readout: Any, *, position: int = -1,
+              row: int = 0) -> DecomposeResult:
+    """Direct logit attribution of ``readout`` at ``position`` of one prompt (one forward), or
+    of prompt ``row`` of an :func:`ii.cache <ipy_intervene.cache.cache>` (no forward; the cache
+    needs the sites ``embed``, ``resid_pre``, ``head_out``, ``mlp_out``, ``resid_post``).
 
     ``readout``: ``ii.logit_diff("Mary", "John")``, one token (its logit: ``"Mary"`` or an
     id), or a direction ``[d_model]`` read after the final norm.
 
     >>> d = ii.decompose(model, prompt, ii.logit_diff("Mary", "John"))   # doctest: +SKIP
     >>> d.heads.shape, d.top(3)                                          # doctest: +SKIP
+    >>> d = ii.decompose(model, c, ii.logit_diff("Mary", "John"), row=5)  # doctest: +SKIP
     """
+    from ipy_intervene.cache import ActivationCache
+
     model = wrap(model)
     warn_if_training(model)
     adapter = adapter_for(model)
     with torch.no_grad():
-        batch = model.prepare([prompt])
-        if batch.size != 1:
-            raise InputError(f"decompose reads one prompt; got {batch.size}")
-        pos = _position(position, batch.length)
-        seen = _capture(model, adapter, batch.kwargs, pos)
+        if isinstance(prompt, ActivationCache):
+            ids = prompt.input_ids[row] if -len(prompt) <= row < len(prompt) else None
+            if ids is None:
+                raise InputError(f"row {row} is not in this cache of {len(prompt)} prompts")
+            pos = _position(position, len(ids))
+            seen = _from_cache(model, adapter, prompt, row, pos)
+        else:
+            batch = model.prepare([prompt])
+            if batch.size != 1:
+                raise InputError(f"decompose reads one prompt; got {batch.size}")
+            pos = _position(position, batch.length)
+            seen = _capture(model, adapter, batch.kwargs, pos)
+            ids = batch.kwargs["input_ids"][0]
         spec = _readout(model, adapter, readout, seen["norm_in"].shape[-1])
         result = _attribute(model, adapter, seen, spec)
-    ids = batch.kwargs["input_ids"][0]
     token = model.to_str_tokens(ids[pos:pos + 1])[0] if model.tokenizer is not None \
         else str(int(ids[pos]))
     return DecomposeResult(**result, metric=spec.name, position=pos, token=token)
+
+
+def _from_cache(model: Model, adapter: Adapter, cache: Any, row: int, pos: int) -> dict:
+    """What :func:`_capture` reads, from a cache: the final norm and the unembedding run on
+    the cached stream (the same modules, the same input)."""
+    n = adapter.n_layers
+    at = lambda key: cache.at(key, row, pos).to(model.device)  # noqa: E731
+    seen: dict[str, Any] = {"embed": at("embed"), "resid_pre": at(("resid_pre", 0)),
+                            "z": [at(("head_out", l)).flatten() for l in range(n)],
+                            "mlp": [at(("mlp_out", l)) for l in range(n)],
+                            "norm_in": at(("resid_post", n - 1))}
+    seen["norm_out"] = get_path(model.module, adapter.final_norm)(seen["norm_in"][None])[0]
+    logits = get_path(model.module, adapter.unembed)(seen["norm_out"][None])[0]
+    seen["logits"] = logits.detach().double().cpu()
+    return seen
 
 
 def _position(position: int, length: int) -> int:

@@ -56,8 +56,10 @@ class LensResult:
 
 @entry_point
 def lens(model: Any, source: Any, *, tokens: Any = None, prompt: int = 0) -> LensResult:
-    """Logit lens of a prompt (runs one forward), or of residual streams a ``%%trace`` cell
-    published: a list of tensors ``[batch, pos, d]``, one per layer.
+    """Logit lens of a prompt (runs one forward), of residual streams a ``%%trace`` cell
+    published (a list of tensors ``[batch, pos, d]``, one per layer), or of prompt
+    ``prompt`` of an :func:`ii.cache <ipy_intervene.cache.cache>` holding ``resid_post`` at
+    every layer.
 
     Positions are labelled with their tokens: the prompt's, the tokens of the trace that
     published the streams, or ``tokens=`` (strings, token ids or the prompt text). When the
@@ -65,11 +67,17 @@ def lens(model: Any, source: Any, *, tokens: Any = None, prompt: int = 0) -> Len
 
     >>> ii.lens(model, acts)                                           # doctest: +SKIP
     >>> ii.lens(model, [h0, h1], tokens=prompt)                        # doctest: +SKIP
+    >>> ii.lens(model, ii.cache(model, prompts), prompt=3)              # doctest: +SKIP
     """
+    from ipy_intervene.cache import ActivationCache
+
     model = wrap(model)
     adapter = adapter_for(model)
     with torch.no_grad():
-        if isinstance(source, (list, tuple)) and source and isinstance(source[0], torch.Tensor):
+        if isinstance(source, ActivationCache):
+            streams, labels = _cached_streams(model, adapter, source, prompt)
+            prompt = 0
+        elif isinstance(source, (list, tuple)) and source and isinstance(source[0], torch.Tensor):
             streams = list(source)
             labels = _stream_labels(model, streams, tokens, prompt)
         else:
@@ -96,6 +104,18 @@ def _stream_labels(model: Model, streams: list[torch.Tensor], tokens: Any,
             and model.tokenizer is not None:
         return numbered(model.to_str_tokens(first[prompt]))
     return [f"pos {i}" for i in range(streams[0].shape[-2])]
+
+
+def _cached_streams(model: Model, adapter: Any, cache: Any,
+                    prompt: int) -> tuple[list[torch.Tensor], list[str]]:
+    if not -len(cache) <= prompt < len(cache):
+        raise InputError(f"prompt {prompt} is not in this cache of {len(cache)} prompts")
+    if cache.positions is not None:
+        raise InputError(f"this cache kept positions {cache.positions} only; the lens reads "
+                         "every position: ii.cache(model, prompts) without positions=")
+    streams = [cache["resid_post", l][prompt][None].to(model.device)
+               for l in range(adapter.n_layers)]
+    return streams, numbered(cache.str_tokens(prompt))
 
 
 def _streams(model: Model, adapter: Any, prompt: Any) -> tuple[list[torch.Tensor], Batch]:
