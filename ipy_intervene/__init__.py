@@ -11,6 +11,7 @@ from typing import Any
 
 from ipy_intervene.circuit import (Circuit, EdgeResult, VerifyResult, edge_attribution,
                                    verify_circuit)
+from ipy_intervene.cache import ActivationCache, cache
 from ipy_intervene.decompose import DecomposeResult, decompose
 from ipy_intervene.errors import InterventionError
 from ipy_intervene.lens import LensResult, lens
@@ -30,6 +31,7 @@ __all__ = ["Adapter", "Envoy", "InterventionError", "LensResult", "Model", "Swee
            "TraceResult", "adapter_for", "lens", "load_model", "logit_diff", "logprob", "metric", "patch_sweep", "prob",
            "trace", "wrap", "__version__"]
 __all__ += ["Circuit", "EdgeResult", "VerifyResult", "edge_attribution", "verify_circuit"]
+__all__ += ["ActivationCache", "cache"]
 __all__ += ["DecomposeResult", "PatternResult", "RayCluster", "ScreenResult", "attention_patterns", "decompose",
             "debug", "path_patch", "screen_and_verify"]
 
