@@ -1,0 +1,10 @@
+"""Features: dictionaries (SAEs, transcoders, directions, subspaces) spliced at a site, so
+their latents are sites of traces and sweeps.
+
+>>> splice = ii.attach(model, model.transformer.h[2], ii.load_sae("demo"))  # doctest: +SKIP
+"""
+
+from ipy_intervene.features.sae import SAE
+from ipy_intervene.features.splice import Splice, attach, attached, detach
+
+__all__ = ["SAE", "Splice", "attach", "attached", "detach"]
