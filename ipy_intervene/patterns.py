@@ -18,14 +18,13 @@ from typing import Any, Sequence
 
 import torch
 
-from ipy_intervene import attention
 from ipy_intervene.errors import InputError
-from ipy_intervene.hooks import HookSession, entry_point, tap
+from ipy_intervene.hooks import entry_point
 from ipy_intervene.loading import warn_if_training, wrap
 from ipy_intervene.model import Model
 from ipy_intervene.provenance import input_ids_of
-from ipy_intervene.sites import adapter_for, get_path
-from ipy_intervene.sweep.inputs import first_prompt_tokens, numbered
+from ipy_intervene.sites import adapter_for
+from ipy_intervene.sweep.inputs import numbered
 
 ROW_SUM_TOL = {torch.float32: 1e-4, torch.float64: 1e-8}   # other dtypes: 2e-2
 
@@ -120,12 +119,59 @@ class PatternResult:
                 f"{self.patterns.shape[2]} queries x {len(self.tokens)} keys)")
 
 
+class PatternBatch(list):
+    """Attention patterns of several prompts: ``batch[i]`` is prompt ``i``'s
+    :class:`PatternResult` (its own tokens, no padding).
+
+    >>> ps = ii.attention_patterns(model, prompts)                    # doctest: +SKIP
+    >>> ps.scores(query=-1, key="Mary").shape     # [prompts, layers, heads]  # doctest: +SKIP
+    """
+
+    def scores(self, query: int | str = -1, key: int | str = 0) -> torch.Tensor:
+        """Attention from ``query`` to ``key`` (indices in each prompt, or token texts found
+        in each) for every prompt, layer and head: ``[prompts, layers, heads]``."""
+        rows = []
+        for i, p in enumerate(self):
+            try:
+                q, k = p.position(query, query=True), p.position(key)
+            except InputError as e:
+                raise InputError(f"prompt {i}: {e.detail}") from None
+            rows.append(p.patterns[:, :, q, k])
+        return torch.stack(rows)
+
+    def top_heads(self, query: int | str = -1, key: int | str = 0,
+                  k: int = 5) -> list[tuple[str, float]]:
+        """The ``k`` heads that attend most from ``query`` to ``key``, on average over the
+        prompts."""
+        mean = self.scores(query, key).mean(0)
+        heads = mean.shape[1]
+        order = mean.flatten().argsort(descending=True, stable=True)[:k]
+        return [(f"L{self[0].layers[int(i) // heads]}H{int(i) % heads}",
+                 float(mean.flatten()[i])) for i in order]
+
+    def show(self, prompt: int = 0, layer: int | None = None, head: int | None = None) -> Any:
+        """The attention view of prompt ``prompt``."""
+        if not -len(self) <= prompt < len(self):
+            raise InputError(f"prompt {prompt} is not in this batch of {len(self)} prompts")
+        return self[prompt].show(layer=layer, head=head)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        return self.show()._repr_mimebundle_(include=include, exclude=exclude)
+
+    def __repr__(self) -> str:
+        first = self[0]
+        return (f"PatternBatch({len(self)} prompts, {len(first.layers)} layers x "
+                f"{first.n_heads} heads; show(prompt=i) for one)")
+
+
 @entry_point
 def attention_patterns(model: Any, source: Any, layers: Sequence[int] | None = None, *,
-                       tokens: Any = None, prompt: int = 0) -> PatternResult:
-    """Every head's attention pattern for one prompt (one forward), or patterns a
-    ``%%trace`` cell published: a tensor ``[head, query, key]`` or ``[prompt, head, query,
-    key]`` (one layer), or a list of them (one per layer).
+                       tokens: Any = None, prompt: int = 0,
+                       batch_size: int = 64) -> "PatternResult | PatternBatch":
+    """Every head's attention pattern for one prompt (one forward), for each prompt of a
+    batch (a :class:`PatternBatch`, read in chunks of ``batch_size``, each prompt without
+    padding), or patterns a ``%%trace`` cell published: a tensor ``[head, query, key]`` or
+    ``[prompt, head, query, key]`` (one layer), or a list of them (one per layer).
 
     ``layers``: the layers to read (default: all); for published patterns, the layer numbers
     of the tensors given (default 0, 1, ...). ``prompt``: the row of a published batch.
@@ -133,6 +179,7 @@ def attention_patterns(model: Any, source: Any, layers: Sequence[int] | None = N
     positions are labelled ``pos 0``, ``pos 1``, ... (never a guess).
 
     >>> p = ii.attention_patterns(model, prompt)                      # doctest: +SKIP
+    >>> ps = ii.attention_patterns(model, [prompt_a, prompt_b])       # doctest: +SKIP
     >>> p = ii.attention_patterns(model, pat, tokens=prompt, layers=[1])  # doctest: +SKIP
     """
     model = wrap(model)
@@ -142,36 +189,29 @@ def attention_patterns(model: Any, source: Any, layers: Sequence[int] | None = N
         return _published(model, source, layers, tokens, prompt)
     if tokens is not None:
         raise InputError("tokens= labels published patterns; a prompt's own tokens label it")
-    return _read(model, source, layers)
+    return _read(model, source, layers, batch_size)
 
 
-def _read(model: Model, prompt: Any, layers: Sequence[int] | None) -> PatternResult:
+def _read(model: Model, source: Any, layers: Sequence[int] | None,
+          batch_size: int) -> "PatternResult | PatternBatch":
+    from ipy_intervene.cache import cache
+
     warn_if_training(model)
-    adapter = adapter_for(model)
-    chosen = _layer_list(layers, adapter.n_layers)
-    with torch.no_grad():
-        batch = model.prepare([prompt])
-        if batch.size != 1:
-            raise InputError(f"attention_patterns reads one prompt; got {batch.size}: call it "
-                             "once per prompt")
-        kept: dict[int, torch.Tensor] = {}
-        with HookSession() as session:
-            attention.use_sites(session, model.module)
-            for layer in chosen:
-                attn = get_path(adapter.block(model.module, layer), adapter.attn)
-                point = attention.point(attn, "pattern")
-                if point is None:
-                    raise InputError(f"{type(attn).__name__} does not go through transformers' "
-                                     "attention interface, so its pattern cannot be read")
-                tap(session, point, False,
-                    lambda x, layer=layer: kept.__setitem__(layer, x[0].detach().float().cpu()))
-            model.module(**batch.kwargs)
-    missing = [l for l in chosen if l not in kept]
-    if missing:
-        raise InputError(f"the forward never computed the attention pattern of layers "
-                         f"{missing}")
-    labels = numbered(first_prompt_tokens(model, batch))
-    return PatternResult(torch.stack([kept[l] for l in chosen]), labels, chosen)
+    chosen = _layer_list(layers, adapter_for(model).n_layers)
+    kept = cache(model, source, sites="pattern", layers=chosen, batch_size=batch_size,
+                 dtype=torch.float32)
+    results = PatternBatch(
+        PatternResult(torch.stack([kept["pattern", l][i] for l in chosen]),
+                      numbered(kept.str_tokens(i)), chosen) for i in range(len(kept)))
+    return results[0] if len(results) == 1 and not _is_batch(source) else results
+
+
+def _is_batch(source: Any) -> bool:
+    """A list of prompts (even of one), or ids ``[n, seq]``: a batch; a prompt: not."""
+    if isinstance(source, torch.Tensor):
+        return source.dim() == 2 and source.shape[0] > 1
+    return isinstance(source, (list, tuple)) and not all(isinstance(t, int) for t in source) \
+        and len(source) > 1
 
 
 def _layer_list(layers: Sequence[int] | int | None, n: int) -> list[int]:
