@@ -19,7 +19,7 @@ from ipy_intervene.lens import LensResult, lens
 from ipy_intervene.metrics import logit_diff, logprob, metric, prob
 from ipy_intervene.loading import load_model, wrap
 from ipy_intervene.model import Envoy, Model
-from ipy_intervene.patterns import PatternResult, attention_patterns
+from ipy_intervene.patterns import PatternBatch, PatternResult, attention_patterns
 from ipy_intervene.positions import Positions, positions
 from ipy_intervene.sweep.paths import path_patch
 from ipy_intervene.sites import Adapter, adapter_for
@@ -33,7 +33,7 @@ __all__ = ["Adapter", "Envoy", "InterventionError", "LensResult", "Model", "Swee
            "TraceResult", "adapter_for", "lens", "load_model", "logit_diff", "logprob", "metric", "patch_sweep", "prob",
            "trace", "wrap", "__version__"]
 __all__ += ["Circuit", "EdgeResult", "VerifyResult", "edge_attribution", "verify_circuit"]
-__all__ += ["ActivationCache", "Positions", "cache", "positions"]
+__all__ += ["ActivationCache", "PatternBatch", "Positions", "cache", "positions"]
 __all__ += ["DecomposeResult", "PatternResult", "RayCluster", "ScreenResult", "attention_patterns", "decompose",
             "debug", "path_patch", "screen_and_verify"]
 __all__ += ["SAE", "Splice", "attach", "attached", "detach"]
