@@ -11,18 +11,17 @@ import torch
 
 from ipy_intervene.errors import InputError, SiteError
 from ipy_intervene.hooks import entry_point
-from ipy_intervene.metrics import Metric, Prob, as_metric
 from ipy_intervene.loading import warn_if_training, wrap
 from ipy_intervene.model import Model
-from ipy_intervene.sites import SITES, Adapter, SiteKind, adapter_for, get_path, site_kind
-from ipy_intervene.sweep import atp_star, attribution, cluster as clusters, memory
+from ipy_intervene.sites import SITES, Adapter, SiteKind, adapter_for, site_kind
+from ipy_intervene.sweep import (atp_star, attribution, cluster as clusters, latent_atp,
+                                 latents as latent_sites, memory)
 from ipy_intervene.sweep.heads import SITES as HEAD_SITES, head_sweep
 from ipy_intervene.sweep.paths import path_patch
-from ipy_intervene.sweep.inputs import (index_list, prepare_pair, subject_mask, subject_noise,
-                                        token_labels)
-from ipy_intervene.sweep.reads import Reads, declared_reads, find_reads
+from ipy_intervene.sweep.inputs import index_list
 from ipy_intervene.sweep.record import record
 from ipy_intervene.sweep.result import SweepResult, normalised
+from ipy_intervene.sweep.runs import Run, prepare
 from ipy_intervene.sweep.staircase import Cell, Engine
 
 METHODS = ("activation", "attribution", "atp*", "noise", "path")
@@ -76,8 +75,9 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
                 subject: Any = None, samples: int = 10, noise: float = 3.0,
                 noise_std: float | None = None, seed: int = 0, window: int = 1,
                 adapter: Adapter | None = None, receivers: Any = "logits",
-                receiver_input: str = "q", cluster: Any = None
-                ) -> SweepResult | dict[str, SweepResult]:
+                receiver_input: str = "q", cluster: Any = None,
+                latents: Sequence[int] | None = None, qk_fix: bool | None = None,
+                grad_drop: bool | None = None) -> SweepResult | dict[str, SweepResult]:
     """Patch every (layer, position[, head]) of ``site`` and measure ``metric``.
 
     - ``method="activation"``: exact. Denoising (default) patches the clean activation into
@@ -88,6 +88,8 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
       (patterns under patched queries/keys recomputed exactly) and GradDrop, on
       ``attn_out``, ``mlp_out``, ``head_out(_pos)`` and ``head_q/k/v(_pos)``; see
       ``sweep/atp_star.py`` for its cost and ``ii.screen_and_verify`` to check it exactly.
+      ``qk_fix=False`` / ``grad_drop=False`` turn either part off (both off: plain
+      attribution patching); they apply to ``method="atp*"`` only.
     - ``method="noise"``: ROME causal tracing. ``corrupted`` is not used: the corrupted run is
       ``clean`` with Gaussian noise (``noise`` x the std of the subject's token embeddings, or
       ``noise_std``) on the ``subject`` tokens, ``samples`` copies drawn with ``seed``; each cell
@@ -96,8 +98,14 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
       (layer, head) pairs whose ``receiver_input`` ``q``/``k``/``v`` is patched); see
       :func:`ii.path_patch`.
 
-    Sites inside attention, per head (activation patching): ``head_q``, ``head_k``,
-    ``head_v``, ``head_pattern`` and their ``_pos`` forms (see ``sweep/heads.py``). A list
+    Sites inside attention, per head: ``head_q``, ``head_k``, ``head_v``, ``head_pattern``
+    and their ``_pos`` forms (see ``sweep/heads.py``): activation patching, and for q/k/v
+    also ``attribution`` (the plain linear term) and ``atp*``.
+
+    Latent sites: the latents of a dictionary spliced with ``ii.attach`` (``site="sae"``, or
+    ``"sae:transformer.h[2]"`` to say which splice): a grid ``values[latent, pos]`` over
+    ``latents`` (default: all) x ``positions``, methods ``activation`` (exact, the error
+    term kept), ``attribution``, ``atp*`` and ``noise`` (see ``sweep/latents.py``). A list
     of sites (or ``"resid_pre,attn_out,mlp_out"``) gives a dict of results, one per site;
     every name is checked before the first sweep runs.
 
@@ -116,7 +124,7 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
     start = time.perf_counter()
     _check_choice("method", method, METHODS)
     _check_choice("direction", direction, DIRECTIONS)
-    sites = _site_names(site)
+    sites = _site_names(site, model)
     cluster = clusters.as_cluster(cluster, method, sites)
     if len(sites) > 1 or not isinstance(site, str):
         _check_sites(model, sites, method, adapter)
@@ -124,18 +132,31 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
                     heads=heads, batch_size=batch_size, memory_fraction=memory_fraction,
                     subject=subject, samples=samples, noise=noise, noise_std=noise_std,
                     seed=seed, window=window, adapter=adapter, receivers=receivers,
-                    receiver_input=receiver_input, cluster=cluster)
+                    receiver_input=receiver_input, cluster=cluster, latents=latents,
+                    qk_fix=qk_fix, grad_drop=grad_drop)
         return {s: patch_sweep(model, clean, corrupted, metric, site=s, **same) for s in sites}
     site = sites[0]
+    atp = _atp_options(method, qk_fix, grad_drop)
+    found = None if site in SITES or site in HEAD_SITES else latent_sites.find_splice(model, site)
+    if found is not None:
+        return _latent_sweep(model, clean, corrupted, metric, found, method, direction, latents,
+                             positions, batch_size, memory_fraction, atp, start,
+                             (subject, samples, noise, noise_std, seed))
+    if latents is not None:
+        raise InputError(f"latents= selects the latents of a latent site (an ii.attach "
+                         f"splice); site {site!r} has none")
     if method == "atp*":
         return atp_star.sweep(model, clean, corrupted, metric, site=site, layers=layers,
                               positions=positions, heads=heads, direction=direction,
-                              batch_size=batch_size)
+                              batch_size=batch_size, **atp)
     if method == "path":
         return path_patch(model, clean, corrupted, metric, receivers=receivers,
                           receiver_input=receiver_input, positions=positions,
                           batch_size=batch_size or 16)
     if site in HEAD_SITES:
+        if method == "attribution" and site in atp_star.HEAD_INPUT_SITES:
+            return _head_attribution(model, clean, corrupted, metric, site, layers, positions,
+                                     heads, direction)
         if method != "activation":
             raise _head_site_error(site, method)
         return head_sweep(model, clean, corrupted, metric, site=site, direction=direction,
@@ -147,7 +168,7 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
     kind = site_kind(site)
     adapter.module(model.module, site, 0)  # a clear error for sites the architecture lacks
     with torch.no_grad():
-        run = _prepare(model, adapter, clean, corrupted, metric, method, direction, subject,
+        run = prepare(model, adapter, clean, corrupted, metric, method, direction, subject,
                        samples, noise, noise_std, seed)
     grid = Grid(kind, index_list(layers, adapter.n_layers, "layer"),
                 index_list(positions, run.length, "position"),
@@ -207,83 +228,6 @@ class Patcher:
         return [(decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
 
 
-@dataclass
-class Run:
-    """The prepared inputs of a sweep: the base run (patched into) and the source run."""
-
-    base_kwargs: dict[str, Any]
-    source_kwargs: dict[str, Any]
-    metric: Metric
-    reads: Reads | None                      # None: found from the clean run (see settle)
-    n_prompts: int
-    labels: list[str]
-    base_is_clean: bool = False              # noising: corrupted values into the clean run
-    noise: torch.Tensor | None = None
-    baselines: tuple[float, float] = (math.nan, math.nan)   # (clean, corrupted)
-
-    @property
-    def length(self) -> int:
-        return int(self.base_kwargs["input_ids"].shape[1])
-
-    @property
-    def positions(self) -> list[int] | None:
-        """The logit positions the metric reads (None: not known before the clean run)."""
-        return None if self.reads is None else list(self.reads.positions)
-
-    def bound(self, model: Model) -> Any:
-        """The metric on logits at ``positions`` ``[rows, k, vocab]``."""
-        return self.reads.feed(self.metric.bind(model, self.n_prompts))
-
-    def settle(self, model: Model, clean: Any) -> None:
-        """Find the metric's positions from the clean run's recording (made with every
-        position's logits: ``positions`` was None) and keep its logits there only."""
-        if self.reads is None:
-            self.reads = find_reads(self.metric, self.metric.bind(model, self.n_prompts),
-                                    clean.logits)
-            clean.logits = clean.logits[:, self.positions]
-
-    def set_baselines(self, base: float, source: float) -> None:
-        """Record the metric of the base and source runs as (clean, corrupted)."""
-        self.baselines = (base, source) if self.base_is_clean else (source, base)
-
-
-def _prepare(model: Model, adapter: Adapter, clean: Any, corrupted: Any, metric: Any,
-             method: str, direction: str, subject: Any, samples: int, noise: float,
-             noise_std: float | None, seed: int) -> Run:
-    if method == "noise":
-        return _prepare_noise(model, adapter, clean, metric, subject, samples, noise, noise_std,
-                              seed)
-    if corrupted is None:
-        raise InputError(f"method={method!r} needs corrupted prompts (the run to patch into)")
-    if metric is None:
-        raise InputError("a sweep needs a metric, e.g. ii.logit_diff('Mary', 'John')")
-    a, b = prepare_pair(model, clean, corrupted)
-    metric = as_metric(metric)
-    base, source = (b, a) if direction == "denoising" else (a, b)
-    return Run(base.kwargs, source.kwargs, metric, declared_reads(metric, a.length), a.size,
-               token_labels(model, a), base_is_clean=direction == "noising")
-
-
-def _prepare_noise(model: Model, adapter: Adapter, clean: Any, metric: Any, subject: Any,
-                   samples: int, noise: float, noise_std: float | None, seed: int) -> Run:
-    batch = model.prepare([clean])
-    mask = subject_mask(model, batch, subject)
-    if samples < 1:
-        raise InputError(f"samples={samples}: causal tracing needs at least one noised copy")
-    embed = get_path(model.module, adapter.embed)
-    embeddings = embed(batch.kwargs["input_ids"])
-    std = noise_std if noise_std is not None else noise * float(
-        embeddings[mask.to(embeddings.device)].std())
-    if metric is None:  # ROME: the probability of the clean prediction
-        logits = model.module(**batch.kwargs).logits[:, -1]
-        metric = Prob(logits.argmax(-1).tolist())
-    metric = as_metric(metric)
-    base = {k: v.repeat(samples, *([1] * (v.dim() - 1))) for k, v in batch.kwargs.items()}
-    noise_rows = subject_noise(mask, embeddings.shape[-1], samples, std, seed)
-    return Run(base, batch.kwargs, metric, declared_reads(metric, batch.length), batch.size,
-               token_labels(model, batch), noise=noise_rows.to(embeddings.device, embeddings.dtype))
-
-
 def _engine(model: Model, adapter: Adapter, grid: Grid, run: Run, batch_size: int | None,
             memory_fraction: float) -> Engine:
     """The recorded source and base runs, ready to patch (sets the run's baselines). The
@@ -324,9 +268,10 @@ def _result(model: Model, grid: Grid, run: Run, rows: torch.Tensor, site: str, m
                "metric_positions": run.reads.describe(), **run.metric.no_per_prompt()})
 
 
-def _site_names(site: Any) -> list[str]:
+def _site_names(site: Any, model: Any = None) -> list[str]:
     """The site names of ``site``: a name, names joined by commas, or a list of names (in
-    order, each once), all checked before anything runs."""
+    order, each once), all checked before anything runs (latent sites against ``model``'s
+    splices)."""
     names = [n for n in site.split(",") if n.strip()] if isinstance(site, str) else site
     if not isinstance(names, (list, tuple)):
         raise InputError(f"site must be a site name or a list of names; got "
@@ -338,9 +283,12 @@ def _site_names(site: Any) -> list[str]:
     if not names:
         raise InputError(f"site={site!r} names no site. {_SITES_HINT}")
     for name in names:
-        if name not in SITES and name not in HEAD_SITES:
+        if name not in SITES and name not in HEAD_SITES and (
+                model is None or latent_sites.find_splice(model, name) is None):
+            spliced = latent_sites.site_names(model) if model is not None else []
             raise SiteError(f"unknown site {name!r}; sweep sites: "
-                            f"{', '.join([*SITES, *HEAD_SITES])}")
+                            f"{', '.join([*SITES, *HEAD_SITES])}; latent sites (splices made "
+                            f"with ii.attach): {', '.join(spliced) or 'none attached'}")
     return names
 
 
@@ -354,12 +302,65 @@ def _check_sites(model: Any, sites: list[str], method: str, adapter: Adapter | N
     model = wrap(model)
     found = adapter_for(model, adapter)
     for name in sites:
+        if name not in SITES and name not in HEAD_SITES:
+            latent_sites.check_method(name, method)
+            continue
         if method == "atp*" and name not in atp_star.SITES:
             raise SiteError(f"AtP* sweeps the sites {', '.join(atp_star.SITES)}; got {name!r}")
         if name in SITES:
             found.module(model.module, name, 0)
-        elif method not in ("activation", "path", "atp*"):
+        elif method not in ("activation", "path", "atp*") and not (
+                method == "attribution" and name in atp_star.HEAD_INPUT_SITES):
             raise _head_site_error(name, method)
+
+
+def _atp_options(method: str, qk_fix: bool | None, grad_drop: bool | None) -> dict[str, bool]:
+    """AtP*'s switches (both on unless turned off); an error with another method."""
+    given = {k: v for k, v in (("qk_fix", qk_fix), ("grad_drop", grad_drop)) if v is not None}
+    if given and method != "atp*":
+        raise InputError(f"{', '.join(given)} switch parts of AtP* on or off: they apply to "
+                         f"method='atp*', not method={method!r}")
+    for name, value in given.items():
+        if not isinstance(value, bool):
+            raise InputError(f"{name}={value!r}: True or False")
+    return {"qk_fix": given.get("qk_fix", True), "grad_drop": given.get("grad_drop", True)}
+
+
+def _latent_sweep(model: Any, clean: Any, corrupted: Any, metric: Any, found: tuple,
+                  method: str, direction: str, latents: Any, positions: Any,
+                  batch_size: int | None, memory_fraction: float, atp: dict[str, bool],
+                  start: float, noise_args: tuple) -> SweepResult:
+    """A sweep over the latents of a splice (``sweep/latents.py``)."""
+    site, splice = found
+    latent_sites.check_method(site, method)
+    model = wrap(model)
+    warn_if_training(model)
+    adapter = adapter_for(model)
+    if method == "atp*":
+        result = latent_atp.sweep(model, adapter, clean, corrupted, metric, site, splice,
+                                  latents=latents, positions=positions, direction=direction,
+                                  grad_drop=atp["grad_drop"])
+    else:
+        with torch.no_grad():
+            run = prepare(model, adapter, clean, corrupted, metric, method, direction,
+                          *noise_args)
+        result = latent_sites.sweep(model, adapter, run, site, splice, method=method,
+                                    latents=latents, positions=positions,
+                                    batch_size=batch_size, memory_fraction=memory_fraction,
+                                    direction=direction)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _head_attribution(model: Any, clean: Any, corrupted: Any, metric: Any, site: str,
+                      layers: Any, positions: Any, heads: Any, direction: str) -> SweepResult:
+    """Plain attribution patching on a head's q/k/v: ``(source - base) . d metric / d x``
+    (AtP*'s terms with the QK fix and GradDrop off)."""
+    result = atp_star.sweep(model, clean, corrupted, metric, site=site, layers=layers,
+                            positions=positions, heads=heads, direction=direction,
+                            grad_drop=False, qk_fix=False)
+    result.method = "attribution"
+    return result
 
 
 def _head_site_error(site: str, method: str) -> InputError:

@@ -36,7 +36,8 @@ class SweepResult:
     prompt_values: torch.Tensor       # raw, with a last dimension over prompts (per_prompt)
     clean: float
     corrupted: float
-    dims: tuple[str, ...]             # ("layer", "pos"), ("layer", "head") or all three
+    dims: tuple[str, ...]             # ("layer", "pos"), ("layer", "head"), all three, or
+                                      # ("latent", "pos") for a latent site
     layers: list[int]
     positions: list[int]
     heads: list[int]
@@ -47,6 +48,7 @@ class SweepResult:
     metric: str
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    latents: list[int] = field(default_factory=list)   # latent sites: dims ("latent", "pos")
     patcher: Any = field(default=None, repr=False)   # exact patched runs on demand (views)
     _shown_in: Any = field(default=None, init=False, repr=False, compare=False)  # mark_shown
 
@@ -81,6 +83,8 @@ class SweepResult:
         for dim, i in zip(self.dims, index):
             if dim == "layer":
                 cell["layer"] = self.layers[i]
+            elif dim == "latent":
+                cell["latent"] = self.latents[i]
             elif dim == "pos":
                 cell["pos"] = self.positions[i]
                 cell["token"] = self.tokens[self.positions[i]]
@@ -90,7 +94,7 @@ class SweepResult:
         return cell
 
     def __repr__(self) -> str:
-        names = {"layer": "layers", "pos": "positions", "head": "heads"}
+        names = {"layer": "layers", "pos": "positions", "head": "heads", "latent": "latents"}
         shape = " x ".join(f"{len(self._axis(d))} {names[d]}" for d in self.dims)
         best = ", ".join(_describe(c) for c in self.top(3))
         return (f"SweepResult({self.method} patching, {self.direction}, site={self.site}, "
@@ -98,7 +102,8 @@ class SweepResult:
                 f"{self.corrupted:.4g}; largest: {best}; {self.seconds:.2f} s)")
 
     def _axis(self, dim: str) -> list[int]:
-        return {"layer": self.layers, "pos": self.positions, "head": self.heads}[dim]
+        return {"layer": self.layers, "pos": self.positions, "head": self.heads,
+                "latent": self.latents}[dim]
 
     # -- pictures ------------------------------------------------------------------------
 
@@ -157,8 +162,9 @@ def _describe(cell: dict[str, Any]) -> str:
 
 
 def where(cell: dict[str, Any]) -> str:
-    """``L1 John (10) H3``: a cell of ``top()`` by its layer, token and head."""
-    parts = [f"L{cell['layer']}"]
+    """``L1 John (10) H3``: a cell of ``top()`` by its layer (or latent ``#12``), token and
+    head."""
+    parts = [f"#{cell['latent']}" if "latent" in cell else f"L{cell['layer']}"]
     if "token" in cell:
         parts.append(cell["token"])
     if "head" in cell:

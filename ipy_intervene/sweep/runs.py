@@ -1,0 +1,100 @@
+"""The prepared inputs of a sweep (:class:`Run`): which run is patched into (the base) and
+which one the patched values come from (the source), the metric and the positions it reads.
+
+>>> run = prepare(model, adapter, clean, corrupt, ii.logit_diff("Mary", "John"),
+...               "activation", "denoising", None, 10, 3.0, None, 0)      # doctest: +SKIP
+>>> run.base_is_clean, run.n_prompts                                       # doctest: +SKIP
+(False, 2)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ipy_intervene.errors import InputError
+from ipy_intervene.metrics import Metric, Prob, as_metric
+from ipy_intervene.model import Model
+from ipy_intervene.sites import Adapter, get_path
+from ipy_intervene.sweep.inputs import prepare_pair, subject_mask, subject_noise, token_labels
+from ipy_intervene.sweep.reads import Reads, declared_reads, find_reads
+
+
+@dataclass
+class Run:
+    """The prepared inputs of a sweep: the base run (patched into) and the source run."""
+
+    base_kwargs: dict[str, Any]
+    source_kwargs: dict[str, Any]
+    metric: Metric
+    reads: Reads | None                      # None: found from the clean run (see settle)
+    n_prompts: int
+    labels: list[str]
+    base_is_clean: bool = False              # noising: corrupted values into the clean run
+    noise: torch.Tensor | None = None
+    baselines: tuple[float, float] = (math.nan, math.nan)   # (clean, corrupted)
+
+    @property
+    def length(self) -> int:
+        return int(self.base_kwargs["input_ids"].shape[1])
+
+    @property
+    def positions(self) -> list[int] | None:
+        """The logit positions the metric reads (None: not known before the clean run)."""
+        return None if self.reads is None else list(self.reads.positions)
+
+    def bound(self, model: Model) -> Any:
+        """The metric on logits at ``positions`` ``[rows, k, vocab]``."""
+        return self.reads.feed(self.metric.bind(model, self.n_prompts))
+
+    def settle(self, model: Model, clean: Any) -> None:
+        """Find the metric's positions from the clean run's recording (made with every
+        position's logits: ``positions`` was None) and keep its logits there only."""
+        if self.reads is None:
+            self.reads = find_reads(self.metric, self.metric.bind(model, self.n_prompts),
+                                    clean.logits)
+            clean.logits = clean.logits[:, self.positions]
+
+    def set_baselines(self, base: float, source: float) -> None:
+        """Record the metric of the base and source runs as (clean, corrupted)."""
+        self.baselines = (base, source) if self.base_is_clean else (source, base)
+
+
+def prepare(model: Model, adapter: Adapter, clean: Any, corrupted: Any, metric: Any,
+             method: str, direction: str, subject: Any, samples: int, noise: float,
+             noise_std: float | None, seed: int) -> Run:
+    if method == "noise":
+        return _prepare_noise(model, adapter, clean, metric, subject, samples, noise, noise_std,
+                              seed)
+    if corrupted is None:
+        raise InputError(f"method={method!r} needs corrupted prompts (the run to patch into)")
+    if metric is None:
+        raise InputError("a sweep needs a metric, e.g. ii.logit_diff('Mary', 'John')")
+    a, b = prepare_pair(model, clean, corrupted)
+    metric = as_metric(metric)
+    base, source = (b, a) if direction == "denoising" else (a, b)
+    return Run(base.kwargs, source.kwargs, metric, declared_reads(metric, a.length), a.size,
+               token_labels(model, a), base_is_clean=direction == "noising")
+
+
+def _prepare_noise(model: Model, adapter: Adapter, clean: Any, metric: Any, subject: Any,
+                   samples: int, noise: float, noise_std: float | None, seed: int) -> Run:
+    batch = model.prepare([clean])
+    mask = subject_mask(model, batch, subject)
+    if samples < 1:
+        raise InputError(f"samples={samples}: causal tracing needs at least one noised copy")
+    embed = get_path(model.module, adapter.embed)
+    embeddings = embed(batch.kwargs["input_ids"])
+    std = noise_std if noise_std is not None else noise * float(
+        embeddings[mask.to(embeddings.device)].std())
+    if metric is None:  # ROME: the probability of the clean prediction
+        logits = model.module(**batch.kwargs).logits[:, -1]
+        metric = Prob(logits.argmax(-1).tolist())
+    metric = as_metric(metric)
+    base = {k: v.repeat(samples, *([1] * (v.dim() - 1))) for k, v in batch.kwargs.items()}
+    noise_rows = subject_noise(mask, embeddings.shape[-1], samples, std, seed)
+    return Run(base, batch.kwargs, metric, declared_reads(metric, batch.length), batch.size,
+               token_labels(model, batch), noise=noise_rows.to(embeddings.device, embeddings.dtype))
