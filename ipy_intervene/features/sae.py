@@ -1,6 +1,8 @@
 """A sparse autoencoder as a dictionary to splice: ``encode``/``decode`` with SAELens's
 parameter names (``W_enc [d_in, d_sae]``, ``b_enc``, ``W_dec [d_sae, d_in]``, ``b_dec``,
 ``threshold`` for JumpReLU), so a folder SAELens wrote loads as it is (:mod:`.saelens`).
+A transcoder is the same module read at a module's input (``d_out`` its output width,
+``apply_b_dec_to_input=False``), spliced with ``kind="transcoder"``.
 
 >>> sae = SAE(d_in=128, d_sae=512)
 >>> sae.encode(torch.zeros(2, 5, 128)).shape
@@ -27,26 +29,32 @@ class SAE(nn.Module):
 
     def __init__(self, d_in: int, d_sae: int, *, activation: str = "relu",
                  apply_b_dec_to_input: bool = True, k: int | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 d_out: int | None = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise InputError(f"activation={activation!r}: expected one of "
                              f"{', '.join(map(repr, ACTIVATIONS))}")
         if activation == "topk" and (not isinstance(k, int) or not 0 < k <= d_sae):
             raise InputError(f"a top-k SAE needs k between 1 and d_sae={d_sae}; got k={k!r}")
-        self.d_in, self.d_sae = d_in, d_sae
+        d_out = d_in if d_out is None else d_out
+        if apply_b_dec_to_input and d_out != d_in:
+            raise InputError(f"d_out={d_out} differs from d_in={d_in} (a transcoder): b_dec "
+                             "cannot be subtracted from the input; pass "
+                             "apply_b_dec_to_input=False")
+        self.d_in, self.d_sae, self.d_out = d_in, d_sae, d_out
         self.activation, self.k = activation, k
         self.apply_b_dec_to_input = apply_b_dec_to_input
         self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype))
-        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype))
+        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_out, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype))
         if activation == "jumprelu":
             self.threshold = nn.Parameter(torch.zeros(d_sae, dtype=dtype))
 
     def extra_repr(self) -> str:
         k = f", k={self.k}" if self.activation == "topk" else ""
-        return f"d_in={self.d_in}, d_sae={self.d_sae}, activation={self.activation!r}{k}"
+        out = f", d_out={self.d_out}" if self.d_out != self.d_in else ""
+        return f"d_in={self.d_in}, d_sae={self.d_sae}{out}, activation={self.activation!r}{k}"
 
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
         """``(x - b_dec) @ W_enc + b_enc`` ``[..., d_sae]``."""
@@ -69,7 +77,7 @@ class SAE(nn.Module):
         return acts
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """The reconstruction ``[..., d_in]`` of latents ``[..., d_sae]``."""
+        """The reconstruction ``[..., d_out]`` of latents ``[..., d_sae]``."""
         return latents @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

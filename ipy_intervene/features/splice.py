@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ipy_intervene.errors import InputError, SiteError
+from ipy_intervene.errors import InputError, InterventionError, SiteError
 from ipy_intervene.hooks import first_tensor, input_key
 
 KINDS = ("output", "transcoder")
@@ -87,12 +87,13 @@ class Splice(nn.Module):
     def _encode(self, src: torch.Tensor) -> torch.Tensor:
         try:
             return self.dictionary.encode(src)
-        except RuntimeError as exc:
+        except (RuntimeError, InterventionError) as exc:
             width = _width(self.dictionary)
             want = f"; it reads vectors of width {width}" if width is not None else ""
+            why = exc.detail if isinstance(exc, InterventionError) else str(exc)
             raise SiteError(f"the dictionary spliced at {self.target_path} could not encode "
                             f"the {'input' if self.kind == 'transcoder' else 'output'} of "
-                            f"shape {list(src.shape)}{want} ({exc})") from None
+                            f"shape {list(src.shape)}{want} ({why})") from None
 
 
 def attach(model: Any, at: Any, dictionary: nn.Module, *, name: str = "sae",
@@ -235,8 +236,11 @@ def _forget_names(model: Any) -> None:
 
 
 def _dtype(dictionary: nn.Module, x: torch.Tensor) -> torch.dtype:
-    param = next(dictionary.parameters(), None)
-    return param.dtype if param is not None and param.is_floating_point() else x.dtype
+    """The dictionary's float dtype (its first float parameter or buffer), else ``x``'s."""
+    for tensor in (*dictionary.parameters(), *dictionary.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return x.dtype
 
 
 def _width(dictionary: nn.Module) -> int | None:
