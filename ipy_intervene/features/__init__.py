@@ -6,7 +6,8 @@ their latents are sites of traces and sweeps.
 
 from ipy_intervene.features.dictionaries import Custom, Direction, Neurons, Subspace
 from ipy_intervene.features.sae import SAE
+from ipy_intervene.features.saelens import load_sae, save_sae
 from ipy_intervene.features.splice import Splice, attach, attached, detach
 
 __all__ = ["Custom", "Direction", "Neurons", "SAE", "Splice", "Subspace", "attach", "attached",
-           "detach"]
+           "detach", "load_sae", "save_sae"]

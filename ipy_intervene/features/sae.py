@@ -23,7 +23,7 @@ class SAE(nn.Module):
     """``encode(x) = act((x - b_dec) @ W_enc + b_enc)`` (``x @ W_enc + b_enc`` when
     ``apply_b_dec_to_input`` is False), ``decode(f) = f @ W_dec + b_dec``.
 
-    ``activation``: ``"relu"``, ``"jumprelu"`` (``pre * (pre > threshold)``, ``threshold``
+    ``activation``: ``"relu"``, ``"jumprelu"`` (``relu(pre) * (pre > threshold)``, ``threshold``
     a parameter per latent) or ``"topk"`` (the ``k`` largest of ``relu(pre)`` kept).
     """
 
@@ -69,7 +69,7 @@ class SAE(nn.Module):
         """Latent activations ``[..., d_sae]`` of ``x [..., d_in]``."""
         pre = self.pre_activation(x)
         if self.activation == "jumprelu":
-            return pre * (pre > self.threshold)
+            return torch.relu(pre) * (pre > self.threshold)
         acts = torch.relu(pre)
         if self.activation == "topk":
             top = acts.topk(self.k, dim=-1)
