@@ -27,16 +27,27 @@ from ipy_intervene.sweep.inputs import first_prompt_tokens, numbered
 
 @dataclass
 class LensResult:
-    """Next-token probabilities decoded from every layer: ``probs[layer, pos, vocab]``."""
+    """Next-token probabilities decoded from every layer: ``probs[layer, pos, vocab]``;
+    ``embedding[pos, vocab]``: the stream entering block 0 (the embeddings) decoded the same
+    way (None for published streams, which do not include it)."""
 
     probs: torch.Tensor
     tokens: list[str]                  # a label per position
     layers: list[int]
     decode: Any
+    embedding: torch.Tensor | None = None
 
-    def top(self, layer: int, pos: int, k: int = 5) -> list[tuple[str, float]]:
-        """The ``k`` likeliest tokens read off ``layer`` at ``pos``."""
-        top = self.probs[layer, pos].topk(k)
+    def top(self, layer: int | str, pos: int, k: int = 5) -> list[tuple[str, float]]:
+        """The ``k`` likeliest tokens read off ``layer`` (an index into ``layers``, or
+        ``"embed"``) at ``pos``."""
+        if layer == "embed":
+            if self.embedding is None:
+                raise InputError("this lens has no embedding row (it was made from published "
+                                 "streams); ii.lens(model, prompt) has one")
+            row = self.embedding[pos]
+        else:
+            row = self.probs[layer, pos]
+        top = row.topk(k)
         return [(self.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
 
     def show(self, k: int = 5) -> Any:
@@ -74,21 +85,23 @@ def lens(model: Any, source: Any, *, tokens: Any = None, prompt: int = 0) -> Len
     model = wrap(model)
     adapter = adapter_for(model)
     with torch.no_grad():
+        entering = None
         if isinstance(source, ActivationCache):
-            streams, labels = _cached_streams(model, adapter, source, prompt)
+            streams, labels, entering = _cached_streams(model, adapter, source, prompt)
             prompt = 0
         elif isinstance(source, (list, tuple)) and source and isinstance(source[0], torch.Tensor):
             streams = list(source)
             labels = _stream_labels(model, streams, tokens, prompt)
         else:
-            streams, batch = _streams(model, adapter, source)
+            streams, batch, entering = _streams(model, adapter, source)
             labels = numbered(first_prompt_tokens(model, batch))
         probs = torch.stack([_decode(model, adapter, h, prompt) for h in streams])
+        embedding = None if entering is None else _decode(model, adapter, entering, prompt)
     if len(labels) != probs.shape[1]:
         raise InputError(f"{len(labels)} token labels for {probs.shape[1]} positions: give "
                          "tokens= for the prompt the streams were computed from")
     decode = model.tokenizer.decode if model.tokenizer is not None else str
-    return LensResult(probs, labels, list(range(len(streams))), decode)
+    return LensResult(probs, labels, list(range(len(streams))), decode, embedding)
 
 
 def _stream_labels(model: Model, streams: list[torch.Tensor], tokens: Any,
@@ -107,7 +120,7 @@ def _stream_labels(model: Model, streams: list[torch.Tensor], tokens: Any,
 
 
 def _cached_streams(model: Model, adapter: Any, cache: Any,
-                    prompt: int) -> tuple[list[torch.Tensor], list[str]]:
+                    prompt: int) -> tuple[list[torch.Tensor], list[str], Any]:
     if not -len(cache) <= prompt < len(cache):
         raise InputError(f"prompt {prompt} is not in this cache of {len(cache)} prompts")
     if cache.positions is not None:
@@ -115,17 +128,22 @@ def _cached_streams(model: Model, adapter: Any, cache: Any,
                          "every position: ii.cache(model, prompts) without positions=")
     streams = [cache["resid_post", l][prompt][None].to(model.device)
                for l in range(adapter.n_layers)]
-    return streams, numbered(cache.str_tokens(prompt))
+    entering = cache["resid_pre", 0][prompt][None].to(model.device) \
+        if ("resid_pre", 0) in cache else None
+    return streams, numbered(cache.str_tokens(prompt)), entering
 
 
-def _streams(model: Model, adapter: Any, prompt: Any) -> tuple[list[torch.Tensor], Batch]:
+def _streams(model: Model, adapter: Any, prompt: Any) -> tuple[list[torch.Tensor], Batch, Any]:
+    """Every block's output and block 0's input (the embeddings) of one forward."""
     batch = model.prepare([prompt])
-    streams: list[Any] = [None] * adapter.n_layers
+    streams: list[Any] = [None] * (adapter.n_layers + 1)
     hooks = [(adapter.block(model.module, l), "block_out",
               lambda x, l=l: streams.__setitem__(l, x)) for l in range(adapter.n_layers)]
+    hooks.append((adapter.block(model.module, 0), "block_in",
+                  lambda x: streams.__setitem__(-1, x)))
     with site_hooks(hooks):
         model.module(**batch.kwargs)
-    return streams, batch
+    return streams[:-1], batch, streams[-1]
 
 
 def _decode(model: Model, adapter: Any, hidden: torch.Tensor, prompt: int) -> torch.Tensor:

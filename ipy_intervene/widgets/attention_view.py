@@ -20,6 +20,7 @@ import ipywidgets as widgets
 import torch
 
 from ipy_intervene.widgets import heatmap as grid
+from ipy_intervene.widgets import labels as ticks
 from ipy_intervene.widgets.fit import FitWidth, responsive
 from ipy_intervene.widgets.heatmap import static_html
 from ipy_intervene.widgets.sweep_view import _slider
@@ -138,18 +139,18 @@ class AttentionView:
         r = self.result
         keys, queries = r.tokens, r.query_tokens
         rows = min(len(queries) * CELL_PX, MAX_HEIGHT)
-        left = 24 + int(max(len(grid.short(t)) for t in queries) * grid.FONT_PX * 0.62)
+        left, bottom = ticks.left_margin(queries), ticks.bottom_margin(keys)
         fig = go.Figure(self._heatmap())
         fig.update_layout(
             title={"text": self._title(), "x": 0, "xanchor": "left", "font": {"size": 14}},
-            xaxis={**grid.category_axis(keys, title="key"), "side": "bottom",
+            xaxis={**ticks.axis(keys, title="key"), "side": "bottom",
                    "constrain": "domain"},
-            yaxis={**grid.category_axis(queries, title="query"), "tickangle": 0,  # level rows
+            yaxis={**ticks.axis(queries, title="query"), "tickangle": 0,  # level rows
                    "range": [len(queries) - 0.5, -0.5], "scaleanchor": "x",
                    "constrain": "domain"},
-            height=grid.MARGIN["t"] + grid.bottom_margin(keys) + max(rows, 160),
+            height=grid.MARGIN["t"] + bottom + max(rows, 160),
             autosize=True, plot_bgcolor=MASKED,
-            margin={**grid.MARGIN, "l": left + 24, "b": grid.bottom_margin(keys),
+            margin={**grid.MARGIN, "l": left + 24, "b": bottom,
                     "autoexpand": False},
             hoverlabel={"align": "left"})
         return go.FigureWidget(fig)

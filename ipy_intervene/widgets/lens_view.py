@@ -1,5 +1,6 @@
 """Lens view: top-1 token of every (layer, position) as a heatmap of its probability, with
-layer/position sliders and the top-k tokens of the selected cell.
+layer/position sliders and the top-k tokens of the selected cell. The bottom row, ``embed``,
+is the stream entering block 0 (the embeddings alone) read the same way, where the lens has it.
 
 The layout is fixed per grid (see :mod:`ipy_intervene.widgets.heatmap`); the words are
 written in the cells while the cells are wide enough to read them (hover always has them).
@@ -14,8 +15,10 @@ import html
 from typing import Any
 
 import ipywidgets as widgets
+import torch
 
 from ipy_intervene.widgets import heatmap as grid
+from ipy_intervene.widgets import labels as ticks
 from ipy_intervene.widgets.fit import FitWidth, responsive
 from ipy_intervene.widgets.heatmap import static_html
 from ipy_intervene.widgets.sweep_view import _images, _slider
@@ -29,7 +32,11 @@ class LensView:
 
     def __init__(self, result: Any, k: int = 5) -> None:
         self.result, self.k = result, k
-        self.layer = _slider("layer", [f"L{l}" for l in result.layers])
+        self.embed = getattr(result, "embedding", None) is not None
+        self.layer = _slider("layer", self._order())
+        if self.embed:   # slider values: "embed", then the indices into result.layers
+            self.layer.options = [("embed", "embed")] + [
+                (f"L{l}", i) for i, l in enumerate(result.layers)]
         self.pos = _slider("position", result.tokens)
         self.layer.value, self.pos.value = len(result.layers) - 1, len(result.tokens) - 1
         self.detail = widgets.HTML()
@@ -41,8 +48,23 @@ class LensView:
         self.widget = widgets.VBox([self.figure, FitWidth(), widgets.HBox([self.layer, self.pos]),
                                     self.detail], layout=widgets.Layout(width="100%"))
 
+    def _rows(self) -> list[str]:
+        """The heatmap's rows in data order: the layers, then ``embed``."""
+        return [f"L{l}" for l in self.result.layers] + (["embed"] if self.embed else [])
+
+    def _order(self) -> list[str]:
+        """The rows from the bottom of the plot up: ``embed``, then the layers."""
+        rows = self._rows()
+        return rows[-1:] + rows[:-1] if self.embed else rows
+
+    def _row_label(self, layer: Any) -> str:
+        return "embed" if layer == "embed" else f"L{self.result.layers[layer]}"
+
     def _top1(self) -> tuple[list[list[float]], list[list[str]]]:
-        best = self.result.probs.max(-1)
+        probs = self.result.probs
+        if self.embed:
+            probs = torch.cat([probs, self.result.embedding[None]])
+        best = probs.max(-1)
         words = [[self.result.decode([int(i)]).strip() or repr(self.result.decode([int(i)]))
                   for i in row] for row in best.indices]
         return best.values.tolist(), words
@@ -63,7 +85,7 @@ class LensView:
         r = self.result
         in_cell = len(r.tokens) <= IN_CELL_MAX
         cells = [[grid.short(w, IN_CELL_CHARS) for w in row] for row in words]
-        return go.Heatmap(z=probs, x=r.tokens, y=[f"L{l}" for l in r.layers], text=cells,
+        return go.Heatmap(z=probs, x=r.tokens, y=self._rows(), text=cells,
                           customdata=words, texttemplate="%{text}" if in_cell else "",
                           textfont={"size": 10}, colorscale="Blues", zmin=0, zmax=1,
                           xgap=1, ygap=1, colorbar=grid.colorbar("p(top-1)"),
@@ -72,12 +94,18 @@ class LensView:
 
     def _layout(self) -> dict[str, Any]:
         r = self.result
-        y = [f"L{l}" for l in r.layers]
-        return grid.grid_layout(r.tokens, y, title="logit lens: top-1 token after each layer",
-                                x_title="position")
+        layout = grid.grid_layout(r.tokens, self._order(),
+                                  title="logit lens: top-1 token after each layer",
+                                  x_title="position")
+        bottom = ticks.bottom_margin(r.tokens)
+        layout["xaxis"] = ticks.axis(r.tokens, title="position")
+        layout["margin"]["b"] = bottom
+        layout["height"] += bottom - grid.bottom_margin(r.tokens)
+        return layout
 
     def _shapes(self) -> list[dict[str, Any]]:
-        return [grid.cell_outline(self.pos.value, self.layer.value)]
+        return [grid.cell_outline(self.pos.value, self._order().index(
+            self._row_label(self.layer.value)))]
 
     def _figure(self) -> Any:
         import plotly.graph_objects as go
@@ -91,13 +119,14 @@ class LensView:
     def _on_click(self, trace: Any, points: Any, state: Any) -> None:
         if points.point_inds:
             row, col = points.point_inds[0]
-            self.layer.value, self.pos.value = row, col
+            self.layer.value = "embed" if row == len(self.result.layers) else row
+            self.pos.value = col
 
     def _refresh(self) -> None:
         layer, pos = self.layer.value, self.pos.value
         tokens = self.result.tokens
-        self.figure.data[1].update(x=[tokens[pos]], y=[f"L{self.result.layers[layer]}"])
-        vals, text = grid.tick_text(tokens, selected=pos)
+        self.figure.data[1].update(x=[tokens[pos]], y=[self._row_label(layer)])
+        vals, text = ticks.tick_text(tokens, selected=pos)
         with self.figure.batch_update():  # layout only: one relayout
             self.figure.layout.xaxis.update(tickvals=vals, ticktext=text)
             self.figure.layout.shapes = self._shapes()
@@ -106,7 +135,8 @@ class LensView:
     def _detail_html(self, layer: int, pos: int) -> str:
         rows = "".join(f"<tr><td>{html.escape(repr(t))}</td><td>{p:.3f}</td></tr>"
                        for t, p in self.result.top(layer, pos, self.k))
-        where = html.escape(f"layer {self.result.layers[layer]}, {self.result.tokens[pos]}")
+        row = "the embeddings" if layer == "embed" else f"layer {self.result.layers[layer]}"
+        where = html.escape(f"{row}, {self.result.tokens[pos]}")
         return (f"<div class='ii-lens-detail'><b>top {self.k} after {where}</b>"
                 f"<table>{rows}</table></div>")
 
