@@ -16,7 +16,48 @@ from typing import Any
 
 import torch
 
-from ipy_intervene.errors import InputError
+from ipy_intervene.errors import InputError, SiteError
+
+class PositionError(SiteError, IndexError):
+    """An index past the end of a site's value (a position past the prompt); an IndexError
+    too, so ``except IndexError`` keeps working."""
+
+
+_TRACE_LENGTH: list[int | None] = [None]
+
+
+def note_trace_length(length: int | None) -> None:
+    """Remember the padded length of the token batch the running trace prepared (None for
+    tensor inputs): errors about positions past the prompt name it."""
+    _TRACE_LENGTH[0] = length
+
+
+def trace_length() -> int | None:
+    """The padded prompt length of the last trace's token batch (None: tensor inputs)."""
+    return _TRACE_LENGTH[0]
+
+
+def past_end(index: int, dim: int, size: int, label: str | None, shape: Any = None,
+             length: int | None = None) -> str | None:
+    """The message for ``index`` past the end of dimension ``dim`` (``size`` entries) of
+    ``label``, naming the prompt's ``length`` (default: the last trace's) where the dimension
+    is the prompt's positions. Without a label, None unless it is a position.
+
+    >>> past_end(20, 1, 12, "model.transformer.h[1].output[:, 20]", length=12)
+    "position 20 is past the prompt in `model.transformer.h[1].output[:, 20]`: the prompt is 12 tokens long (the invoke's rows padded to the longest prompt), so positions run 0..11 (or -12..-1)"
+    """
+    length = trace_length() if length is None else length
+    if length is not None and size == length and dim >= 1:
+        where = f" in `{label}`" if label else ""
+        return (f"position {index} is past the prompt{where}: the prompt is {length} "
+                f"tokens long (the invoke's rows padded to the longest prompt), so positions "
+                f"run 0..{length - 1} (or -{length}..-1)")
+    if label is None:
+        return None
+    where = f" (shape {list(shape)})" if shape is not None else ""
+    return (f"index {index} is past the end of dimension {dim} of `{label}`{where}: it has "
+            f"{size} entries (0..{size - 1}, or -{size}..-1)")
+
 
 def describe(x: Any) -> str:
     """A short description of an INPUT for error messages."""
@@ -33,6 +74,39 @@ def encode_ids(ids: torch.Tensor, line: int | None) -> dict[str, torch.Tensor]:
     if ids.numel() == 0:
         raise InputError("empty prompt: the token id tensor has no tokens", line=line)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def encode_id_list(items: list[Any], pad_id: int, line: int | None) -> dict[str, torch.Tensor]:
+    """A list of 1-D token-id tensors (prompts of any lengths) as one left-padded batch.
+
+    >>> encode_id_list([torch.tensor([5, 6, 7]), torch.tensor([8])], 0, None)["attention_mask"]
+    tensor([[1, 1, 1],
+            [0, 0, 1]])
+    """
+    what = ("a list of token-id tensors is a batch of prompts: give each as a 1-D integer "
+            "tensor [seq] (model.to_tokens(text)[0]), or all prompts as strings")
+    rows = []
+    for i, t in enumerate(items):
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"item {i} of the INPUT list is a {type(t).__name__}, the others "
+                             f"include tensors: {what}", line=line)
+        if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise InputError(f"item {i} of the INPUT list is a {t.dtype} tensor, not token "
+                             f"ids: {what}", line=line)
+        if t.dim() == 2 and t.shape[0] == 1:
+            t = t[0]
+        if t.dim() != 1 or t.numel() == 0:
+            raise InputError(f"item {i} of the INPUT list has shape {list(t.shape)}: {what}; "
+                             "a batch of prompts of one length can also be one 2-D tensor "
+                             "[batch, seq]", line=line)
+        rows.append(t.detach().to("cpu", torch.long))
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def encode_dict(x: dict, line: int | None) -> dict[str, torch.Tensor]:

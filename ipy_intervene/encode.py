@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
-from ipy_intervene.batch import Batch, check_ids, describe, encode_dict, encode_ids
+from ipy_intervene import active
+from ipy_intervene.batch import (Batch, check_ids, describe, encode_dict, encode_id_list,
+                                 encode_ids, note_trace_length)
 from ipy_intervene.errors import InputError
 from ipy_intervene.habits import check_output_attentions
 from ipy_intervene.tokens import check_known, check_kwargs
@@ -34,11 +36,15 @@ def prepare(model: Any, inputs: list[Any], *, line: int | None = None,
                              f"tensor inputs ({kinds}); give every invoke the same kind",
                              line=line)
         parts = [encode_tensors(x, line) for x in inputs]
+        if active.current_trace() is not None:
+            note_trace_length(None)
         return Batch.join(parts, device=model.device, line=line)
     encoded = [encode(model, x, line) for x in inputs]
     batch = Batch.concat(encoded, pad_id=model._pad_id(), device=model.device,
                          with_positions="position_ids" in model._forward_params)
     check_ids(batch.kwargs["input_ids"], model.vocab_size, line)
+    if active.current_trace() is not None:  # the trace's batch: named by position errors
+        note_trace_length(batch.length)
     limit = model.max_length
     if limit is not None and batch.length + new_tokens > limit:
         more = f" and generate adds {new_tokens}" if new_tokens else ""
@@ -50,14 +56,23 @@ def prepare(model: Any, inputs: list[Any], *, line: int | None = None,
 
 
 def is_positional(model: Any, x: Any) -> bool:
-    """Whether ``x`` goes to the forward as it is (tensors), not as tokens."""
-    if isinstance(x, (tuple, list)) and x and all(isinstance(v, torch.Tensor) for v in x):
-        return True
+    """Whether ``x`` goes to the forward as it is (tensors), not as tokens.
+
+    For a token model a list of integer tensors is a batch of prompts (token ids); a tuple
+    of tensors that are not all integers is positional inputs, and so are float tensors
+    unless the forward's first argument is ``input_ids``."""
+    tensors = isinstance(x, (tuple, list)) and x and all(isinstance(v, torch.Tensor) for v in x)
     if not model.is_token_model:
-        return isinstance(x, (torch.Tensor, tuple, dict))
-    # a float tensor cannot be token ids; it is the first argument, unless that is them
-    return (isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
+        return bool(tensors) or isinstance(x, (torch.Tensor, tuple, dict))
+    if tensors:
+        return not all(map(_integer, x)) and (
+            isinstance(x, tuple) or model._first_param != "input_ids")
+    return (isinstance(x, torch.Tensor) and not _integer(x)
             and model._first_param != "input_ids")
+
+
+def _integer(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex())
 
 
 def encode_tensors(x: Any, line: int | None) -> tuple[tuple, dict[str, Any]]:
@@ -92,8 +107,11 @@ def encode(model: Any, x: Any, line: int | None) -> dict[str, torch.Tensor]:
         return tokenize(model.tokenizer, list(x), line)
     if isinstance(x, (list, tuple)) and x and all(isinstance(s, int) for s in x):
         return encode_ids(torch.tensor(x), line)
+    if isinstance(x, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in x):
+        return encode_id_list(list(x), model._pad_id(), line)
     raise InputError(f"INPUT must be a prompt string, a list of prompts, a tensor of token "
-                     f"ids or a dict of model kwargs; got {describe(x)}", line=line)
+                     f"ids ([seq] or [batch, seq]), a list of 1-D token-id tensors or a dict "
+                     f"of model kwargs; got {describe(x)}", line=line)
 
 
 def tokenize(tokenizer: Any, texts: list[str], line: int | None) -> dict[str, torch.Tensor]:

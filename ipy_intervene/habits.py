@@ -15,11 +15,13 @@ InterventionError("`.save()` is nnsight's: here every name the cell binds is pub
 from __future__ import annotations
 
 import ast
+import re
 from typing import Any
 
 import torch
 from torch import nn
 
+from ipy_intervene.batch import PositionError, past_end
 from ipy_intervene.errors import InputError, InterventionError, SiteError
 
 # what nnsight users write, and what to write in a %%trace cell
@@ -40,10 +42,21 @@ def nnsight_hint(name: str) -> str | None:
     return _NNSIGHT.get(name)
 
 
-def explain(exc: BaseException, *, grad: bool) -> InterventionError | None:
-    """A clear error for a raw one that a known habit caused, else None."""
+_OUT_OF_BOUNDS = re.compile(r"index (-?\d+) is out of bounds for dimension (\d+) with size (\d+)")
+
+
+def explain(exc: BaseException, *, grad: bool,
+            length: int | None = None) -> InterventionError | None:
+    """A clear error for a raw one that a known habit caused, else None. ``length``: the
+    trace's padded prompt length (default: the one its batch noted), for positions past it."""
     if isinstance(exc, InterventionError):
         return None
+    found = _OUT_OF_BOUNDS.fullmatch(str(exc)) if isinstance(exc, IndexError) else None
+    if found is not None:  # a cell's read indexed past the prompt
+        index, dim, size = map(int, found.groups())
+        text = past_end(index, dim, size, None, length=length)
+        if text is not None:
+            return PositionError(text)
     if isinstance(exc, AttributeError) and getattr(exc, "name", None) in _NNSIGHT:
         if f"object has no attribute '{exc.name}'" in str(exc):
             return InterventionError(_NNSIGHT[exc.name])

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ipy_intervene.batch import PositionError, past_end
 from ipy_intervene.errors import ValueMismatchError
 
 
@@ -118,9 +119,36 @@ def set_index(view: Any, index: Any, value: Any, where: str) -> None:
     if not isinstance(view, torch.Tensor):
         view[index] = value
         return
-    target = view[index].shape
     label = f"{where}[{format_index(index)}]"
+    check_index(view.shape, index, label)
+    target = view[index].shape
     view[index] = as_tensor_like(value, view, target, label)
+
+
+def check_index(shape: torch.Size, index: Any, label: str) -> None:
+    """A :class:`PositionError` (a SiteError) for an int of ``index`` past the end of its dimension (a position
+    past the prompt names the prompt's length).
+
+    >>> check_index(torch.Size([1, 5, 8]), (slice(None), 7), "h.output[:, 7]")
+    Traceback (most recent call last):
+    ...
+    ipy_intervene.batch.PositionError: index 7 is past the end of dimension 1 of `h.output[:, 7]` (shape [1, 5, 8]): it has 5 entries (0..4, or -5..-1)
+    """
+    items = index if isinstance(index, tuple) else (index,)
+    if not all(isinstance(i, (int, slice)) or i is None or i is Ellipsis for i in items):
+        return  # tensor and mask indices: torch checks them
+    if sum(i is Ellipsis for i in items) > 1:
+        return
+    cut = next((k for k, i in enumerate(items) if i is Ellipsis), len(items))
+    head = [i for i in items[:cut] if i is not None]
+    tail = [i for i in items[cut + 1:] if i is not None]
+    placed = list(enumerate(head)) + [(len(shape) - len(tail) + k, i) for k, i in enumerate(tail)]
+    for dim, item in placed:
+        if isinstance(item, bool) or not isinstance(item, int) or not 0 <= dim < len(shape):
+            continue
+        size = shape[dim]
+        if not -size <= item < size:
+            raise PositionError(past_end(item, dim, size, label, shape))
 
 
 def format_index(index: Any) -> str:
