@@ -286,3 +286,23 @@ def test_latent_sweep_result_shows_latents(demo):
     assert "image/svg+xml" in bundle and "latent" in bundle["text/html"]
     tokens = result.patcher.top_tokens((result.latents.index(top["latent"]), 0), k=2)
     assert len(tokens) == 2
+
+
+@pytest.mark.parametrize("method", ["atp*", "attribution"])
+def test_screen_and_verify_on_latents(demo, method):
+    attach(demo, demo.transformer.h[2], TinySAE(demo.config.n_embd, seed=2))
+    try:
+        metric = ii.logit_diff("Mary", "John")
+        s = ii.screen_and_verify(demo, CLEAN, CORRUPTED, metric, site="sae", top=4,
+                                 method=method, check=True, positions=[-1, 10, 12])
+        screen = ii.patch_sweep(demo, CLEAN, CORRUPTED, metric, site="sae", method=method,
+                                positions=[-1, 10, 12])
+    finally:
+        detach(demo)
+    torch.testing.assert_close(s.screen.values, screen.values)
+    assert s.screen.dims == ("latent", "pos") and len(s.cells) == 4
+    for cell in s.cells:
+        assert cell["exact"] == pytest.approx(float(s.exact.values[cell["index"]]), abs=1e-6)
+        assert cell["latent"] == s.screen.latents[cell["index"][0]]
+    assert 0 <= s.caught <= 4
+    assert "image/svg+xml" in s._repr_mimebundle_()

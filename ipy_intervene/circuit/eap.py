@@ -14,6 +14,21 @@ the corrupted run, v's input gets u's clean write instead of its corrupted one. 
 product runs over every position and d_model; the score is the **mean over prompts** of that
 per-prompt number (``per_prompt`` keeps each).
 
+``direction`` says which run is patched into which, and so the sign:
+
+- ``"denoising"`` (default): the estimate of patching the clean run's writes into the
+  corrupted run, ``(clean_u - corrupted_u) . grad`` at the corrupted run; EAP-IG integrates
+  from the corrupted inputs towards the clean ones. Positive: the edge restores the clean
+  behaviour.
+- ``"noising"``: the estimate of patching the corrupted run's writes into the clean run,
+  ``(corrupted_u - clean_u) . grad`` at the clean run; EAP-IG integrates from the clean
+  inputs towards the corrupted ones. This is the convention of Syed et al. 2023
+  ("Attribution Patching Outperforms Automated Circuit Discovery": corrupted activations
+  into the clean run, as ACDC ablates) and of Hanna et al. 2024 ("Have Faith in
+  Faithfulness", EAP-IG: ``(z'_u - z_u)`` with ``z'`` corrupted). Negative: the edge is
+  needed for the clean behaviour. ``noising`` on (clean, corrupted) gives exactly the scores
+  of ``denoising`` on (corrupted, clean).
+
 Cost: EAP is one clean forward plus one corrupted forward and one backward; EAP-IG is one
 clean forward plus ``steps`` forwards and backwards (its first step is the corrupted run).
 
@@ -48,16 +63,20 @@ from ipy_intervene.sweep.reads import OnLogits
 from ipy_intervene.sweep.staircase import progress_disabled
 
 METHODS = ("eap", "eap-ig")
+DIRECTIONS = ("denoising", "noising")
 
 
 @entry_point
 def edge_attribution(model: Any, clean: Any, corrupted: Any, metric: Any, *,
-                     method: str = "eap", steps: int = 5) -> EdgeResult:
+                     method: str = "eap", steps: int = 5,
+                     direction: str = "denoising") -> EdgeResult:
     """Score every edge of the component graph (see the module docstring).
 
     ``clean`` / ``corrupted``: a prompt or a list of prompts that align token for token;
     ``metric``: ``ii.logit_diff(...)`` or any callable from logits to one number per prompt;
-    ``method``: ``"eap"`` or ``"eap-ig"`` (``steps`` interpolation points).
+    ``method``: ``"eap"`` or ``"eap-ig"`` (``steps`` interpolation points); ``direction``:
+    ``"denoising"`` (clean into corrupted) or ``"noising"`` (corrupted into clean; the papers'
+    convention), see the module docstring.
 
     >>> r = ii.edge_attribution(model, clean, corrupt, ii.logit_diff("Mary", "John"),
     ...                         method="eap-ig", steps=5)              # doctest: +SKIP
@@ -66,22 +85,30 @@ def edge_attribution(model: Any, clean: Any, corrupted: Any, metric: Any, *,
     """
     start = time.perf_counter()
     method, steps = check_method(method, steps)
+    if direction not in DIRECTIONS:
+        raise InputError(f"direction must be one of {', '.join(map(repr, DIRECTIONS))}; got "
+                         f"{direction!r}")
     model = wrap(model)
     warn_if_training(model)
     graph = build_graph(model)
     a, b = prepare_pair(model, clean, corrupted)
     bound = OnLogits(model, as_metric(metric), a.size, a.length)
     root = model.module
-    clean_writes, clean_values = record(graph, root, {**a.kwargs, **bound.keep}, bound,
-                                        check=True)
-    corrupt_writes, corrupt_values, grads = _gradients(graph, root, {**b.kwargs, **bound.keep},
-                                                       bound, clean_writes[0], method, steps)
-    per_prompt = edge_scores(graph, clean_writes, corrupt_writes, grads).cpu()
+    base, source = (b, a) if direction == "denoising" else (a, b)
+    source_writes, source_values = record(graph, root, {**source.kwargs, **bound.keep}, bound,
+                                          check=True)
+    base_writes, base_values, grads = _gradients(graph, root, {**base.kwargs, **bound.keep},
+                                                 bound, source_writes[0], method, steps)
+    per_prompt = edge_scores(graph, source_writes, base_writes, grads).cpu()
     scores = per_prompt.mean(0).masked_fill(~graph.upstream, float("nan"))
-    return EdgeResult(graph, scores, per_prompt, method, steps if method == "eap-ig" else 1,
-                      float(clean_values.mean()), float(corrupt_values.mean()),
-                      repr(as_metric(metric)), time.perf_counter() - start,
-                      inputs=(model, clean, corrupted, metric))
+    clean_values, corrupt_values = ((source_values, base_values) if direction == "denoising"
+                                    else (base_values, source_values))
+    result = EdgeResult(graph, scores, per_prompt, method, steps if method == "eap-ig" else 1,
+                        float(clean_values.mean()), float(corrupt_values.mean()),
+                        repr(as_metric(metric)), time.perf_counter() - start,
+                        inputs=(model, clean, corrupted, metric))
+    result.direction = direction
+    return result
 
 
 def check_method(method: Any, steps: Any) -> tuple[str, int]:
@@ -98,8 +125,9 @@ def check_method(method: Any, steps: Any) -> tuple[str, int]:
 def _gradients(graph: Graph, root: nn.Module, kwargs: dict, bound: OnLogits,
                clean_embed: torch.Tensor, method: str,
                steps: int) -> tuple[Writes, torch.Tensor, list[torch.Tensor]]:
-    """The corrupted writes and metric, and the receivers' input gradients (averaged over
-    the interpolation points for EAP-IG), as :func:`gradient_run` gives them."""
+    """The base run's writes and metric, and the receivers' input gradients (averaged over
+    the interpolation points for EAP-IG, from the base inputs towards ``clean_embed``, the
+    source run's), as :func:`gradient_run` gives them."""
     total: list[torch.Tensor] = []
     first = None
     n = steps if method == "eap-ig" else 1
@@ -140,7 +168,8 @@ def gradient_run(graph: Graph, root: nn.Module, kwargs: dict, bound: OnLogits,
 
 def edge_scores(graph: Graph, clean: Writes, corrupted: Writes,
                 grads: list[torch.Tensor]) -> torch.Tensor:
-    """``[B, senders, receivers]``: ``(clean_u - corrupted_u) . grad_v`` summed over positions
+    """``[B, senders, receivers]``: ``(clean_u - corrupted_u) . grad_v`` (``clean``: the source
+    run's writes, ``corrupted``: the base run's) summed over positions
     and d_model, for each prompt; 0 where u is not upstream of v. The senders upstream of a
     group of receivers are a prefix of the sender list: only those products are computed."""
     diff = torch.stack([c.float() - k.float() for c, k in zip(clean, corrupted)], 1)

@@ -113,6 +113,10 @@ class SweepResult:
         For ``[layer, pos, head]`` results it shows the heads at position ``pos`` (default:
         the position of the largest effect).
         """
+        if self.dims[0] == "latent":  # latents up: the sweep view's figure, as an image
+            from ipy_intervene.widgets.sweep_view import SweepView
+
+            return SweepView(self).static_figure()
         from ipy_intervene.widgets.heatmap import sweep_heatmap
 
         return sweep_heatmap(self, pos)

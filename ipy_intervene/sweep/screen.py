@@ -21,7 +21,6 @@ import torch
 
 from ipy_intervene.errors import InputError
 from ipy_intervene.sweep.api import patch_sweep
-from ipy_intervene.sweep.atp_star import sweep as atp_star_sweep
 from ipy_intervene.sweep.result import SweepResult, where
 
 METHODS = ("atp*", "attribution")
@@ -76,12 +75,15 @@ class ScreenResult:
         hover)."""
         from ipy_intervene.widgets.heatmap import sweep_heatmap
 
-        fig = sweep_heatmap(self.screen)
+        from ipy_intervene.widgets.sweep_view import row_labels
+
+        fig = self.screen.figure() if self.screen.dims[0] == "latent" else \
+            sweep_heatmap(self.screen)
         if self.screen.dims == ("layer", "pos", "head"):
             return fig                         # one position shown: marks would mislead
-        x_labels = fig.data[0].x
-        marks = [(x_labels[c["index"][1]], f"L{self.screen.layers[c['index'][0]]}",
-                  c["exact"]) for c in self.cells]
+        x_labels, y_labels = fig.data[0].x, row_labels(self.screen)
+        marks = [(x_labels[c["index"][1]], y_labels[c["index"][0]], c["exact"])
+                 for c in self.cells]
         fig.add_scatter(x=[m[0] for m in marks], y=[m[1] for m in marks], mode="markers",
                         marker={"symbol": "square-open", "size": 18, "color": "black"},
                         customdata=[m[2] for m in marks], name="verified",
@@ -101,10 +103,12 @@ def screen_and_verify(model: Any, clean: Any, corrupted: Any, metric: Any, *, si
                       top: int = 10, method: str = "atp*", check: bool = False,
                       layers: Sequence[int] | None = None,
                       positions: Sequence[int] | None = None,
-                      heads: Sequence[int] | None = None, direction: str = "denoising",
+                      heads: Sequence[int] | None = None,
+                      latents: Sequence[int] | None = None, direction: str = "denoising",
                       batch_size: int | None = None, **options: Any) -> ScreenResult:
     """Screen the whole grid with ``method`` (``"atp*"``: :func:`ii.sweep.atp_star.sweep`,
-    options ``grad_drop``/``qk_fix``; ``"attribution"``: ``ii.patch_sweep``'s), patch its
+    options ``grad_drop``/``qk_fix``; ``"attribution"``: ``ii.patch_sweep``'s), on module,
+    head or latent sites (``site="sae"``, ``latents=``: see ``sweep/latents.py``), patch its
     ``top`` cells exactly (``ii.patch_sweep(method="activation")`` restricted to them) and,
     with ``check=True``, sweep the full grid exactly to count how many of its ``top`` cells
     the screen caught.
@@ -115,15 +119,12 @@ def screen_and_verify(model: Any, clean: Any, corrupted: Any, metric: Any, *, si
         raise InputError(f"method={method!r} is not one of: {', '.join(METHODS)}")
     if not isinstance(top, int) or top < 1:
         raise InputError(f"top={top!r}: the number of cells to verify, >= 1")
-    grid = dict(layers=layers, positions=positions, heads=heads, direction=direction)
+    grid = dict(layers=layers, positions=positions, heads=heads, direction=direction,
+                **({} if latents is None else {"latents": latents}))
     times: dict[str, float] = {}
     start = time.perf_counter()
-    if method == "atp*":
-        screen = atp_star_sweep(model, clean, corrupted, metric, site=site,
-                                batch_size=batch_size, **grid, **options)
-    else:
-        screen = patch_sweep(model, clean, corrupted, metric, site=site, method="attribution",
-                             batch_size=batch_size, **grid, **options)
+    screen = patch_sweep(model, clean, corrupted, metric, site=site, method=method,
+                         batch_size=batch_size, **grid, **options)
     times["screen"] = time.perf_counter() - start
     start = time.perf_counter()
     chosen = _top_indices(screen, top)
@@ -158,6 +159,15 @@ def _verify(model: Any, clean: Any, corrupted: Any, metric: Any, screen: SweepRe
     and heads of that layer's chosen cells, or per (layer, position) where that runs fewer
     cells (each call also records the two runs once)."""
     out: dict[tuple[int, ...], float] = {}
+    if screen.dims[0] == "latent":   # one sweep over the chosen latents x positions
+        latents = sorted({screen.latents[c[0]] for c in chosen})
+        positions = sorted({screen.positions[c[1]] for c in chosen})
+        exact = patch_sweep(model, clean, corrupted, metric, site=screen.site,
+                            method="activation", direction=direction, batch_size=batch_size,
+                            latents=latents, positions=positions)
+        return {c: float(exact.values[exact.latents.index(screen.latents[c[0]]),
+                                      exact.positions.index(screen.positions[c[1]])])
+                for c in chosen}
     for layer_i in sorted({c[0] for c in chosen}):
         mine = [c for c in chosen if c[0] == layer_i]
         for group in _groups(screen.dims, mine):

@@ -32,7 +32,9 @@ class SweepView:
         self.result, self.top_k = result, top_k
         self.has_pos = "pos" in result.dims
         self.has_head = "head" in result.dims
-        self.layer = _slider("layer", [f"L{l}" for l in result.layers])
+        self.row_dim = result.dims[0]            # "layer", or "latent" for a latent site
+        self.rows = row_labels(result)
+        self.layer = _slider(self.row_dim, self.rows)
         self.pos = _slider("position", [result.tokens[p] for p in result.positions]) \
             if self.has_pos else None
         self.head = _slider("head", [f"H{h}" for h in result.heads]) if self.has_head else None
@@ -67,7 +69,7 @@ class SweepView:
 
     def index(self) -> tuple[int, ...]:
         """The selected cell's grid index, in the result's dims order."""
-        chosen = {"layer": self.layer.value,
+        chosen = {self.row_dim: self.layer.value,
                   "pos": self.pos.value if self.pos else None,
                   "head": self.head.value if self.head else None}
         return tuple(chosen[d] for d in self.result.dims)
@@ -75,7 +77,8 @@ class SweepView:
     def _strongest(self) -> dict[str, int]:
         flat = int(self.result.values.abs().nan_to_num(0.0).flatten().argmax())
         index = torch.unravel_index(torch.tensor(flat), self.result.values.shape)
-        return {d: int(i) for d, i in zip(self.result.dims, index)}
+        return {"layer" if d == self.row_dim else d: int(i)
+                for d, i in zip(self.result.dims, index)}
 
     def _on_slider(self, change: dict) -> None:
         if not self._selecting:  # select() refreshes once, after all its sliders moved
@@ -109,13 +112,14 @@ class SweepView:
         import plotly.graph_objects as go
 
         r, x = self.result, self._x_labels()
-        y = [f"L{l}" for l in r.layers]
+        y = self.rows
         values, raw = self._plane()
         limit = float(r.values.abs().nan_to_num(0.0).max()) or 1.0
         fig = go.Figure([
             go.Heatmap(z=values.tolist(), customdata=raw.tolist(), x=x, y=y, colorscale="RdBu",
                        zmid=0.0, zmin=-limit, zmax=limit, xgap=1, ygap=1,
-                       colorbar=grid.colorbar("effect"), hovertemplate=grid.hover(r)),
+                       colorbar=grid.colorbar("effect"),
+                       hovertemplate=grid.hover(r).replace("layer %{y}", f"{self.row_dim} %{{y}}")),
             go.Scatter(x=[], y=[], mode="markers", hoverinfo="skip", showlegend=False,
                        marker={"opacity": 0}),  # the selected cell (drawn as a shape)
             go.Scatter(x=[], y=y, xaxis="x2", yaxis="y2", mode="lines+markers",
@@ -128,6 +132,7 @@ class SweepView:
                             "autorange": False, "automargin": False, "zeroline": False,
                             "title": {"text": "effect", "standoff": 6},
                             "tickfont": {"size": grid.FONT_PX}}
+        layout["yaxis"]["title"] = {"text": self.row_dim, "standoff": 6}
         layout["yaxis2"] = {**grid.category_axis(y), "anchor": "x2", "matches": "y"}
         layout["annotations"] = [{"text": "", "xref": "paper", "yref": "paper",
                                   "x": LINE_DOMAIN[0], "y": 1.0, "xanchor": "left",
@@ -146,7 +151,7 @@ class SweepView:
         # trace changes and another does not (the heatmap's x went null: one row, one tick).
         if self.has_head and self.has_pos:
             heat.update(z=values.tolist(), customdata=raw.tolist())
-        mark.update(x=[x[column]], y=[f"L{r.layers[layer]}"])
+        mark.update(x=[x[column]], y=[self.rows[layer]])
         line.update(x=values[:, column].tolist(), name=x[column])
         vals, text = grid.tick_text(x, selected=column, marked=self.subject)
         title = grid.sweep_title(r) + (f"; head H{r.heads[self.head.value]}"
@@ -156,7 +161,7 @@ class SweepView:
             layout.title.text = title
             layout.xaxis.update(tickvals=vals, ticktext=text)
             layout.shapes = self._shapes(layer, column)
-            layout.annotations[0].text = f"{html.escape(x[column])} across layers"
+            layout.annotations[0].text = f"{html.escape(x[column])} across {self.row_dim}s"
         self.detail.value = self._detail_html()
 
     def _shapes(self, layer: int, column: int) -> list[dict[str, Any]]:
@@ -235,6 +240,13 @@ class SweepView:
         bundle.update(_images(fig))
         bundle["text/plain"] = repr(self.result)
         return bundle
+
+
+def row_labels(result: Any) -> list[str]:
+    """The heatmap's rows: layers (``L2``), or latents (``#12``) for a latent site."""
+    if result.dims[0] == "latent":
+        return [f"#{j}" for j in result.latents]
+    return [f"L{l}" for l in result.layers]
 
 
 def _line_range(result: Any) -> list[float]:
