@@ -8,7 +8,7 @@ the same for the sites inside one expression. ``compile.py`` drives the walk.
 
 >>> import ast
 >>> graph = InterventionGraph(source="y = model.h[0].output")
->>> builder = _GraphBuilder(graph, graph.source, ast.parse("model", mode="eval").body, [])
+>>> builder = _GraphBuilder(graph, graph.source, ast.parse("model", mode="eval").body)
 >>> code = builder.block_code(ast.parse(graph.source).body, graph.add_region("cell", line=1,
 ...                           label="cell"), None, "<cell>")
 >>> [(s.label, s.access) for s in graph.sites]
@@ -22,9 +22,11 @@ from types import CodeType
 
 from ipy_intervene.errors import CellSyntaxError
 from ipy_intervene.graph import InterventionGraph, Site, Statement
+from ipy_intervene.invokes import InvokeNames
 from ipy_intervene.rewrite_expr import ExprRewriter
-from ipy_intervene.syntax import (INTERNAL_NAMES, SITE_ATTRS, TRACER, Part, all_defs, all_uses,
-                                  bridge_call, compile_module, format_path, index_expr, locate, statement_names)
+from ipy_intervene.syntax import (BRIDGE, INTERNAL_NAMES, SITE_ATTRS, TRACER, Part, bridge_call,
+                                  compile_module, format_path, index_expr, locate,
+                                  statement_names)
 
 _AUG_OPS = {ast.Add: "iadd", ast.Sub: "isub", ast.Mult: "imul", ast.Div: "itruediv",
             ast.MatMult: "imatmul", ast.Pow: "ipow", ast.FloorDiv: "ifloordiv", ast.Mod: "imod"}
@@ -34,9 +36,7 @@ class _GraphBuilder:
     """Walks statements, records the graph and rewrites sites and control flow."""
 
     def __init__(self, graph: InterventionGraph, source: str, model_node: ast.expr,
-                 invoke_bodies: list[list[ast.stmt]],
-                 loop_targets: list[set[str] | None] | None = None,
-                 own_names: list[set[str]] | None = None) -> None:
+                 rules: list[InvokeNames] | None = None) -> None:
         self.graph = graph
         self.lines = source.splitlines()
         self.model_node = model_node
@@ -46,30 +46,10 @@ class _GraphBuilder:
         self.invoke: int | None = None
         self.statement = -1
         self.region = 0
-        self.loops = loop_targets or [None] * len(invoke_bodies)
-        self.own = own_names or [set() for _ in invoke_bodies]
-        self.cross_uses: list[set[str]] = [set() for _ in invoke_bodies]
-        self.cross_defs: list[set[str]] = [set() for _ in invoke_bodies]
-        if len(invoke_bodies) > 1 or any(t is not None for t in self.loops):
-            self._cross_invoke_names(invoke_bodies)
-        self.defined_here: set[str] = set()
+        self.rules = rules or []  # per invoke block: how its names are bound (invokes.py)
 
-    def _cross_invoke_names(self, invoke_bodies: list[list[ast.stmt]]) -> None:
-        """Names one invoke uses and another binds: they get wait_for/bound barriers.
-
-        The body of an invoke loop is many invokes: it counts as "another" for itself. Loop
-        targets (of the invoke loop and of ``for`` loops inside a body) are each invoke's own,
-        never shared."""
-        own = self.own
-        defs = [all_defs(b) - own[i] for i, b in enumerate(invoke_bodies)]
-        uses = [all_uses(b) - own[i] for i, b in enumerate(invoke_bodies)]
-
-        def others(table: list[set[str]], j: int) -> set[str]:
-            return set().union(*(table[i] for i in range(len(table))
-                                 if i != j or self.loops[j] is not None))
-
-        self.cross_uses = [uses[j] & others(defs, j) for j in range(len(defs))]
-        self.cross_defs = [defs[i] & others(uses, i) for i in range(len(defs))]
+    def _rule(self) -> InvokeNames | None:
+        return self.rules[self.invoke] if self.invoke is not None and self.rules else None
 
     # parts of the cell
 
@@ -80,28 +60,30 @@ class _GraphBuilder:
         return self.block_code(body, region, invoke, filename)
 
     def block_code(self, body, region, invoke, filename) -> CodeType:
-        self.invoke, self.defined_here = invoke, set()
+        self.invoke = invoke
         return compile_module(self.block(body, region), filename)
 
-    def invoke_code(self, body, region, invoke, filename, params: list[str],
-                    binds: set[str], where: ast.stmt) -> CodeType:
-        """An invoke's body as a function (of an invoke loop's targets). The names it shares
-        with other invokes are the notebook's globals, live while the forward runs; the rest
-        are its own locals (a ``for l`` in two invokes is two loops), returned at its end for
-        the run to publish in invoke order."""
-        self.invoke, self.defined_here = invoke, set()
+    def invoke_code(self, body, region, invoke, filename, where: ast.stmt) -> CodeType:
+        """An invoke block's body as a function of the names captured when the invoke is
+        registered (a missing one is unbound: ``__ii__.UNSET``, deleted on entry). Names it
+        binds are its own locals, returned at its end for the run to publish; the ones other
+        invokes read are the notebook's globals, live while the forward runs."""
+        self.invoke = invoke
+        rule = self.rules[invoke]
         stmts = self.block(body, region)
-        shared = (self.cross_uses[invoke] | self.cross_defs[invoke]) - self.own[invoke]
         stmts.append(locate(ast.Return(ast.Call(ast.Name("locals", ast.Load()), [], [])),
                             stmts[-1]))
-        declared = sorted((binds & shared) - set(params))
-        if declared:
-            stmts.insert(0, locate(ast.Global(names=declared), where))
-        args = ast.arguments(posonlyargs=[], args=[ast.arg(arg=p) for p in params],
-                             kwonlyargs=[], kw_defaults=[], defaults=[])
-        fn = locate(ast.FunctionDef(name="invoke", args=args, body=stmts, decorator_list=[],
-                                    returns=None), where)
-        code = compile_module([fn], filename)
+        unset = ast.Attribute(ast.Name(BRIDGE, ast.Load()), "UNSET", ast.Load())
+        prologue: list[ast.stmt] = [ast.If(
+            ast.Compare(ast.Name(p, ast.Load()), [ast.Is()], [unset]),
+            [ast.Delete([ast.Name(p, ast.Del())])], []) for p in rule.params]
+        if rule.flow_out:
+            prologue.insert(0, ast.Global(names=sorted(rule.flow_out)))
+        args = ast.arguments(posonlyargs=[], args=[], kwonlyargs=[ast.arg(arg=p) for p in rule.params],
+                             kw_defaults=[None] * len(rule.params), defaults=[])
+        fn = ast.FunctionDef(name="invoke", args=args, body=[locate(p, where) for p in prologue]
+                             + stmts, decorator_list=[], returns=None)
+        code = compile_module([locate(fn, where)], filename)
         return next(c for c in code.co_consts if isinstance(c, CodeType))
 
     def finish(self) -> None:
@@ -142,7 +124,6 @@ class _GraphBuilder:
                                                tuple(sorted(defs)), tuple(sorted(uses))))
         self.statement, self.region = sid, region
         before = self._wait_for(uses, stmt)
-        self.defined_here |= defs
         rewritten = self._rewrite_stmt(stmt, region)
         rewritten = rewritten if isinstance(rewritten, list) else [rewritten]
         return before + rewritten + self._bound(defs, stmt)
@@ -152,10 +133,8 @@ class _GraphBuilder:
         return line if len(line) <= 60 else line[:57] + "..."
 
     def _wait_for(self, uses: set[str], stmt: ast.stmt) -> list[ast.stmt]:
-        if self.invoke is None:
-            return []
-        mine = set() if self.loops[self.invoke] is not None else self.defined_here
-        waiting = sorted((uses & self.cross_uses[self.invoke]) - mine)
+        rule = self._rule()
+        waiting = sorted(uses & rule.flow_in) if rule is not None else []
         if not waiting:
             return []
         names = ast.Tuple([ast.Constant(n) for n in waiting], ast.Load())
@@ -163,10 +142,9 @@ class _GraphBuilder:
             "wait_for", [names, ast.Constant(stmt.lineno)], stmt)), stmt)]
 
     def _bound(self, defs: set[str], stmt: ast.stmt) -> list[ast.stmt]:
-        if self.invoke is None or isinstance(stmt, ast.Return):
-            return []
-        names = sorted(defs & self.cross_defs[self.invoke])
-        if not names:
+        rule = self._rule()
+        names = sorted(defs & rule.flow_out) if rule is not None else []
+        if not names or isinstance(stmt, ast.Return):
             return []
         return [locate(ast.Expr(bridge_call(
             "bound", [ast.Tuple([ast.Constant(n) for n in names], ast.Load())], stmt)), stmt)]
@@ -241,6 +219,8 @@ class _GraphBuilder:
         return stmt
 
     def _rewrite_assign(self, stmt: ast.Assign) -> ast.stmt:
+        if self._grows(stmt):
+            return self._growing_list(stmt)
         site_targets = [t for t in stmt.targets if self._site_of(t) or self._site_subscript(t)]
         if not site_targets:
             return self._rewrite_generic(stmt, self.region)
@@ -263,11 +243,27 @@ class _GraphBuilder:
                                         ast.Constant(sid)], stmt)
         return self._arrive(chain, attr, sid, stmt) + [locate(ast.Expr(call), stmt)]
 
+    def _grows(self, stmt: ast.Assign) -> bool:
+        """``name = [... for ...]`` where other invokes read ``name``: they see it grow."""
+        rule = self._rule()
+        return (rule is not None and len(stmt.targets) == 1 and isinstance(stmt.value, ast.ListComp)
+                and isinstance(stmt.targets[0], ast.Name) and stmt.targets[0].id in rule.flow_out)
+
+    def _growing_list(self, stmt: ast.Assign) -> list[ast.stmt]:
+        """``name = []``, bound now, then filled item by item as the forward reaches each one
+        (a layer-by-layer list another invoke reads at that layer of the same forward)."""
+        name = stmt.targets[0].id
+        items = self.expr(ast.GeneratorExp(elt=stmt.value.elt, generators=stmt.value.generators))
+        empty = locate(ast.Assign([ast.Name(name, ast.Store())], ast.List([], ast.Load())), stmt)
+        fill = bridge_call("fill", [ast.Name(name, ast.Load()), locate(items, stmt.value)], stmt)
+        return [empty, *self._bound({name}, stmt), locate(ast.Expr(fill), stmt)]
+
     def _arrive(self, chain: ast.AST, attr: str, sid: int, stmt: ast.stmt) -> list[ast.stmt]:
         """Wait for the site *before* computing the value written to it, when that value
         uses a name another invoke binds: what that invoke reads at this moment of the
         forward (reads are served first) is then available."""
-        if self.invoke is None or not statement_names(stmt)[1] & self.cross_uses[self.invoke]:
+        rule = self._rule()
+        if rule is None or not statement_names(stmt)[1] & rule.arrive:
             return []
         call = bridge_call("arrive", [self._chain_expr(chain), ast.Constant(attr),
                                       ast.Constant(sid)], stmt)

@@ -68,8 +68,14 @@ def test_attribute_named_output_on_other_objects_is_left_alone():
 @pytest.mark.parametrize("source, has_input, line, words", [
     ("x = (\n", True, 1, "never closed"),
     ("h = model.transformer.h[0].output\n", False, None, "no INPUT"),
-    ("with tracer.invoke(a):\n    pass\nx = 1\nwith tracer.invoke(b):\n    pass\n", False, 3,
-     "between invoke blocks"),
+    ("with tracer.invoke(a):\n    x = 1\ny = x\nwith tracer.invoke(b):\n    pass\n", False, 3,
+     "before the forward runs"),
+    ("for p in ps:\n    with tracer.invoke(p):\n        x = 1\nwith tracer.invoke(b):\n"
+     "    y = x\n", False, 5, "every invoke of the loop at line 1"),
+    ("with tracer.invoke(a):\n    x = 1\nwith tracer.invoke(b):\n    x = 2\n"
+     "with tracer.invoke(c):\n    y = x\n", False, 6, "the invoke at line 1 and the invoke at line 3"),
+    ("with tracer.invoke(a):\n    with tracer.invoke(b):\n        pass\n", False, 2,
+     "cannot be inside another invoke"),
     ("with tracer.invoke(a, b):\n    pass\n", False, 1, "one INPUT"),
     ("a = model.transformer.h[0].output = 1\n", True, 1, "one module site at a time"),
     ("del model.transformer.h[0].output\n", True, 1, "cannot be deleted"),

@@ -44,25 +44,43 @@ def test_invokes_created_in_a_loop_match_one_batched_forward(demo):
     assert hook_count(demo.module) == 0
 
 
-def test_loop_invokes_patch_one_prompt_from_another(demo):
-    """Iteration 0 collects; iteration 1 waits for it at the same layer of the same forward."""
+def test_a_loop_invoke_reading_a_name_only_another_item_binds_is_a_clear_error(demo):
+    """Each item of a loop of invokes is an invoke with its own names: item 1 cannot read
+    the `clean` item 0 binds (nnsight would hand it over; here it names the rule and the fix)."""
     ns = {"model": demo, "pair": [PROMPT, CORRUPT]}
-    ii.trace(demo, "for i, p in enumerate(pair):\n"
+    with pytest.raises(ii.InterventionError, match="`clean` is read before this invoke") as info:
+        ii.trace(demo, "for i, p in enumerate(pair):\n"
+                       "    with tracer.invoke(p):\n"
+                       "        if i == 0:\n"
+                       "            clean = model.transformer.h[1].output\n"
+                       "        else:\n"
+                       "            model.transformer.h[1].output[:, 10] = clean[:, 10]\n"
+                       "            patched = model.lm_head.output\n", namespace=ns)
+    assert info.value.line == 6 and "one invoke block of its own" in str(info.value)
+    assert ns == {"model": demo, "pair": [PROMPT, CORRUPT]}
+    assert hook_count(demo.module) == 0
+
+
+def test_one_collector_invoke_patches_a_loop_of_invokes(demo):
+    """The fix the error names: collect in one invoke, patch in the loop."""
+    ns = {"model": demo, "clean": PROMPT, "corrupt": [CORRUPT, SHORT]}
+    ii.trace(demo, "with tracer.invoke(clean):\n"
+                   "    h = model.transformer.h[1].output\n"
+                   "patched = []\n"
+                   "for p in corrupt:\n"
                    "    with tracer.invoke(p):\n"
-                   "        if i == 0:\n"
-                   "            clean = model.transformer.h[1].output\n"
-                   "        else:\n"
-                   "            model.transformer.h[1].output[:, 10] = clean[:, 10]\n"
-                   "            patched = model.lm_head.output\n", namespace=ns)
-
-    def patch(out):
-        out = out.clone()
-        out[1, 10] = out[0, 10]
-        return out
-
-    expected = hooked_logits(demo, [PROMPT, CORRUPT], {1: patch})[1:2]
-    torch.testing.assert_close(ns["patched"], expected, rtol=0, atol=1e-5)
-    assert not torch.allclose(ns["patched"], hooked_logits(demo, [PROMPT, CORRUPT])[1:2])
+                   "        model.transformer.h[1].output[:, -1] = h[:, -1]\n"
+                   "        patched.append(model.lm_head.output[:, -1])\n", namespace=ns)
+    clean_h = {}
+    hooked_logits(demo, PROMPT, {1: lambda out: clean_h.setdefault("h", out)})
+    for row, text in enumerate([CORRUPT, SHORT]):
+        def patch(out):
+            out = out.clone()
+            out[:, -1] = clean_h["h"][:, -1]
+            return out
+        expected = hooked_logits(demo, text, {1: patch})[:, -1]
+        torch.testing.assert_close(ns["patched"][row], expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ns["patched"][0], hooked_logits(demo, CORRUPT)[:, -1])
 
 
 @pytest.mark.parametrize("collector_first", [True, False])
@@ -126,9 +144,16 @@ def test_tracer_is_reserved_in_a_cell(demo):
         ii.trace(demo, "tracer = 1", PROMPT, namespace={"model": demo})
 
 
-def test_an_invoke_loop_with_other_statements_in_its_body_is_refused(demo):
-    ns = {"model": demo, "prompts": [PROMPT]}
-    with pytest.raises(CellSyntaxError, match="one `with tracer.invoke.X.:` block and nothing"):
-        ii.trace(demo, "for p in prompts:\n    x = 1\n    with tracer.invoke(p):\n"
-                       "        h = model.transformer.h[0].output\n", namespace=ns)
-    assert ns == {"model": demo, "prompts": [PROMPT]}
+def test_statements_in_an_invoke_loop_run_before_the_forward_once_per_item(demo):
+    ns = {"model": demo, "prompts": [PROMPT, SHORT]}
+    ii.trace(demo, "scales = []\n"
+                   "for k, p in enumerate(prompts):\n"
+                   "    scale = 2.0 * (k + 1)\n"
+                   "    scales.append(scale)\n"
+                   "    with tracer.invoke(p):\n"
+                   "        model.transformer.h[0].output = model.transformer.h[0].output * scale\n"
+                   "        logits = model.lm_head.output\n", namespace=ns)
+    assert ns["scales"] == [2.0, 4.0] and ns["scale"] == 4.0
+    expected = hooked_logits(demo, SHORT, {0: lambda out: out * 4.0})
+    torch.testing.assert_close(ns["logits"][:, -expected.shape[1]:], expected, rtol=1e-4,
+                               atol=1e-4)

@@ -134,30 +134,46 @@ class Parts:
 def serve_value(sched: "Scheduler", req: "Request", current: Any, rows: slice, batch: int,
                 setter: Callable[[Any], None]) -> Any:
     """Read, assign, augment (``+=``) or edit in place (``[...] =``) ``rows`` of ``current``
-    (``arrive``: the moment a change is about to be made; nothing to do yet)."""
+    (``arrive``: the moment a change is about to be made; nothing to do yet).
+
+    Reads are served before writes, and what a read gave stays as it was: an in-place change
+    of a value that shares memory with an earlier read of this step is made on a copy, which
+    the forward goes on with (so ``pat = m.output`` then ``m.output[:, 0] = 0`` keeps ``pat``)."""
     if req.access == "arrive":
         return None
     if req.access == "read":
         value = values.take_rows(current, rows, batch)
         sched.record(req, value)
+        sched.reads.append(value)
         return value
     if req.access == "write":
         setter(values.put_rows(current, rows, batch, req.payload, req.label))
         sched.record(req, req.payload)
         return None
+    if sched.was_read(values.take_rows(current, rows, batch)):
+        current = _copy(current)
+        setter(current)
+    mine = values.take_rows(current, rows, batch)
     if req.access == "augment":
         op, operand = req.payload
-        mine = values.take_rows(current, rows, batch)
         result = getattr(operator, op)(mine, operand)
         if result is not mine:
             setter(values.put_rows(current, rows, batch, result, req.label))
         sched.record(req, result)
         return None
     index, value = req.payload
-    view = values.take_rows(current, rows, batch)
-    values.set_index(view, index, value, req.label)
-    sched.record(req, view)
+    values.set_index(mine, index, value, req.label)
+    sched.record(req, mine)
     return None
+
+
+def _copy(value: Any) -> Any:
+    """A copy of a site's value whose tensors own their memory."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_copy(v) for v in value)
+    return value
 
 
 def check_inputs_pair(value: Any, label: str) -> tuple[tuple, dict]:

@@ -23,6 +23,16 @@ from ipy_intervene.habits import check_row0
 NAME = "__ii__"
 
 
+class _Unset:
+    """An invoke's captured name that was not bound when the invoke was registered."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+UNSET = _Unset()
+
+
 class _IndexMaker:
     """Turns subscript syntax into the index value it denotes."""
 
@@ -40,6 +50,7 @@ class Facade:
     """``__ii__.read(envoy, "output", site_id)`` and friends."""
 
     index = _IndexMaker()  # ``__ii__.index[:, -1]`` -> ``(slice(None), -1)``
+    UNSET = UNSET
 
     def read(self, envoy: Any, attr: str, sid: int | None) -> Any:
         __tracebackhide__ = True
@@ -91,10 +102,18 @@ class Facade:
         run = active.require_trace("tracer.output")
         return run.model_output(sid if _own(run) else None)
 
-    def add_invoke(self, code: int, input_: Any, targets: dict[str, Any] | None) -> None:
-        """An invoke block (or one item of an invoke loop) joins the batch with ``input_``."""
+    def add_invoke(self, code: int, input_: Any) -> None:
+        """An invoke of block ``code`` joins the batch with ``input_``; it keeps the values
+        its names have now in the cell's namespace (loop variables, lists made before it)."""
         __tracebackhide__ = True
-        active.require_trace("tracer.invoke").add_invoke(code, input_, targets)
+        names = sys._getframe(1).f_globals
+        active.require_trace("tracer.invoke").add_invoke(code, input_, names)
+
+    def fill(self, items: list, values: Iterable[Any]) -> None:
+        """``name = [... for ...]`` that other invokes read: ``items`` grows as the forward
+        reaches each value, so they can use it layer by layer."""
+        for value in values:
+            items.append(value)
 
     def wait_for(self, names: tuple[str, ...], line: int) -> None:
         __tracebackhide__ = True

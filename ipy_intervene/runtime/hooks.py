@@ -55,8 +55,7 @@ class TraceHooks:
         def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
             __tracebackhide__ = True
             if is_root:
-                sched.step += 1
-                sched.retained.clear()
+                sched.new_step()
             sched.fired[(PRE, key)] = sched.step
             holder = Inputs(args, kwargs)
             sched.retained[(PRE, key)] = holder

@@ -6,6 +6,7 @@ interleaved, inside one hook session.
 
 from __future__ import annotations
 
+import re
 import time
 from contextlib import nullcontext
 from types import FunctionType
@@ -15,7 +16,7 @@ from typing import Any, Callable, Iterator
 from torch import nn
 
 from ipy_intervene import active, attention, values
-from ipy_intervene.errors import InterventionError, SiteError
+from ipy_intervene.errors import InterventionError, SiteError, cell_line
 from ipy_intervene.graph import InterventionGraph, Visit
 from ipy_intervene.hooks import HookSession
 from ipy_intervene.batch import Batch
@@ -50,7 +51,7 @@ class Run:
         self.generate, self.ignore_eos = generate, ignore_eos
         self.sched = Scheduler(graph, generate)
         self.hooks = TraceHooks(session, self.sched, model.module)
-        self.planned: list[tuple[int, Any, dict[str, Any] | None]] = []  # (block, INPUT, targets)
+        self.planned: list[tuple[int, Any, dict[str, Any]]] = []  # (block, INPUT, captured)
 
     # -- requests from the cell (through the facade) -----------------------------------------
 
@@ -105,10 +106,12 @@ class Run:
             return sched.final_output
         return sched.wait(Request("model_output", step=inv.step, site=self.graph.site(sid)))
 
-    def add_invoke(self, code: int, input_: Any, targets: dict[str, Any] | None) -> None:
+    def add_invoke(self, code: int, input_: Any, names: dict[str, Any]) -> None:
+        """Register an invoke of block ``code``; it keeps the values its names have now."""
         if self.sched.batch is not None:
             raise InterventionError("invokes are added before the forward; this one comes too late")
-        self.planned.append((code, input_, targets))
+        params = self.cell.invokes[code].params
+        self.planned.append((code, input_, {p: names[p] for p in params if p in names}))
 
     def wait_for(self, names: tuple[str, ...], line: int) -> None:
         __tracebackhide__ = True
@@ -191,29 +194,29 @@ def run_cell(model: Model, cell: Any, graph: InterventionGraph, plan: HookPlan, 
 
 def _interleave(run: Run, cell: Any, ns: dict, line_input: Any, plan: HookPlan,
                 fake: bool) -> tuple[Any, Batch]:
-    """Before-code, the invokes interleaved with the forward, after-code."""
+    """The set-up (which registers the invokes), the invokes interleaved with the forward,
+    then the code after it."""
     __tracebackhide__ = True
-    if cell.before is not None:
-        exec(cell.before, ns)
     if line_input is not NO_INPUT:
-        run.planned = [(0, line_input, None)]
+        run.planned = [(0, line_input, {})]
     else:
-        exec(cell.setup, ns)  # evaluates each invoke's INPUT (once per item of an invoke loop)
+        exec(cell.before, ns)  # the statements up to the last invoke; registers each invoke
         if not run.planned:
-            raise InterventionError("the invoke loop ran no invoke: its iterable is empty",
+            raise InterventionError("the cell registered no invoke: the loops around its "
+                                    "`with tracer.invoke(...)` blocks ran no iteration",
                                     line=cell.invokes[0].line)
     line = cell.invokes[0].line if line_input is NO_INPUT else None
     with _real_tensors() if fake else nullcontext():  # inputs are real even in a dry run
         batch = run.model.prepare([x for _, x, _ in run.planned], line=line,
                                   new_tokens=run.generate or 0)
     own: list[dict[str, Any]] = [{} for _ in run.planned]
-    bodies = [(code, _body(cell.invokes[code], ns, targets, own[i]))
-              for i, (code, _, targets) in enumerate(run.planned)]
+    bodies = [(code, _body(cell, cell.invokes[code], ns, names, own[i]))
+              for i, (code, _, names) in enumerate(run.planned)]
     run.sched.start(bodies, batch)
     run.hooks.install(plan)
     output = run.forward(batch)
     run.sched.finish(output)
-    for names in own:  # each invoke's own names, in invoke order
+    for names in own:  # each invoke's own names, in invoke order: the last one's stay
         ns.update(names)
     if cell.after is not None:
         exec(cell.after, ns)
@@ -226,16 +229,37 @@ def _real_tensors() -> Any:
     return unset_fake_temporarily()
 
 
-def _body(invoke: Any, ns: dict, targets: dict[str, Any] | None,
+def _body(cell: Any, invoke: Any, ns: dict, names: dict[str, Any],
           own: dict[str, Any]) -> Callable[[], None]:
     """What an invoke's greenlet runs: the cell's code (INPUT on the magic line), or the
-    invoke's function, whose own names land in ``own``."""
+    invoke block's function called with the names it captured; its own names land in ``own``."""
     if invoke.body.co_flags & 0x02 == 0:  # module code, not a function's (CO_NEWLOCALS)
         return lambda: exec(invoke.body, ns)
     function = FunctionType(invoke.body, ns)
+    args = {p: names.get(p, facade.UNSET) for p in invoke.params}
 
     def run() -> None:
-        names = function(**(targets or {}))
-        own.update((k, v) for k, v in names.items() if k not in invoke.params)
+        __tracebackhide__ = True
+        try:
+            bound = function(**args)
+        except UnboundLocalError as exc:
+            raise unbound_own_name(exc, cell, invoke) from exc
+        own.update((k, v) for k, v in bound.items() if k in invoke.own)
 
     return run
+
+
+def unbound_own_name(exc: UnboundLocalError, cell: Any, invoke: Any) -> Exception:
+    """An invoke read one of its own names before binding it: say whose names are whose."""
+    found = re.search(r"'(\w+)'", str(exc))
+    name = getattr(exc, "name", None) or (found.group(1) if found else None)
+    binders = [i.line for i in cell.invokes if i is not invoke and name in i.own]
+    if name is None or not (binders or name in invoke.own):
+        return exc
+    also = (f"; the invoke block at line {', '.join(map(str, binders))} binds a `{name}` of its "
+            "own" if binders else "")
+    return InterventionError(
+        f"`{name}` is read before this invoke has bound it: every name an invoke binds is "
+        f"that invoke's own (each item of a loop of invokes is an invoke){also}. To use a "
+        f"value another invoke collects, bind it in one invoke block of its own (not in a "
+        f"loop of invokes), and read it here", line=cell_line(exc, cell.filename))

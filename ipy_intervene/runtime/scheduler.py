@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import greenlet
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ipy_intervene import values
 from ipy_intervene.errors import InterventionError, SiteError
@@ -84,6 +85,7 @@ class Scheduler:
         self.bound_names: set[str] = set()
         self.fired: dict[tuple[str, int], int] = {}     # (phase, module id) -> last step
         self.retained: dict[tuple[str, int], Any] = {}  # this step's holders of hooked modules
+        self.reads: list[Any] = []                      # this step's values served to reads
         self.serving: tuple[str, int] | None = None     # the hook whose requests are served now
         self.skips: dict[int, list] = {}
         self.stop_line: int | None = None
@@ -168,6 +170,16 @@ class Scheduler:
     def wants_logits(self) -> bool:
         return self.generate is None and any(
             inv.pending is not None and inv.pending.kind == "model_output" for inv in self.invokes)
+
+    def was_read(self, value: Any) -> bool:
+        """Whether ``value`` shares memory with a value a read was served this step."""
+        shared = _storages(value)
+        return bool(shared) and any(shared & _storages(read) for read in self.reads)
+
+    def new_step(self) -> None:
+        self.step += 1
+        self.retained.clear()
+        self.reads.clear()
 
     def record(self, req: Request, value: Any) -> None:
         if req.site is not None:
@@ -273,6 +285,17 @@ class Scheduler:
 def _binding_lines(graph: InterventionGraph, names: tuple[str, ...], line: int | None) -> str:
     lines = sorted({st.line for st in graph.statements if set(st.defs) & set(names)} - {line})
     return f" (line {', '.join(map(str, lines))})" if lines else ""
+
+
+def _storages(value: Any) -> set[int]:
+    """The memory a value's tensors live in (none for fake tensors of a dry run)."""
+    if isinstance(value, torch.Tensor):
+        if isinstance(value, FakeTensor):
+            return set()
+        return {value.untyped_storage().data_ptr()}
+    if isinstance(value, (tuple, list)):
+        return set().union(*(_storages(v) for v in value)) if value else set()
+    return set()
 
 
 def _runner(body: Callable[[], Any]) -> Callable[..., Any]:

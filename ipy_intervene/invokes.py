@@ -1,0 +1,253 @@
+"""A cell's invokes and the one rule for their names.
+
+**Every name an invoke binds is that invoke's own** (each item of a loop of invokes is an
+invoke); an invoke reads a name it does not bind from the one invoke that binds it (live, as
+the forward runs), and it is an error when several invokes (or every item of a loop) bind it.
+Other names an invoke reads are the notebook's, as they were when its ``with`` line was
+reached (loop variables, and lists created between invokes, included).
+
+Statements between invoke blocks run before the forward, in order, as they are written (so
+``for layer in range(n): with tracer.invoke(x): ...`` registers one invoke per item, and
+``results = []`` between blocks is a list every invoke can append to); statements after the
+last invoke run after the forward.
+
+>>> import ast
+>>> tree = ast.parse("with tracer.invoke(a):\\n    x = 1\\nfor p in ps:\\n"
+...                  "    with tracer.invoke(p):\\n        y = x\\n")
+>>> setup, blocks, after = find_blocks(tree, has_input=False)
+>>> [(b.line, b.multi) for b in blocks], [sorted(n.flow_in) for n in name_rules(blocks, setup)]
+([(1, False), (4, True)], [[], ['x']])
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+
+from ipy_intervene.errors import CellSyntaxError
+from ipy_intervene.syntax import TRACER, all_defs, all_uses
+
+#: method names that change the object they are called on (lists, dicts, sets, tensors' ``x_``)
+_MUTATORS = frozenset({"append", "extend", "insert", "update", "add", "setdefault", "pop",
+                       "remove", "clear", "__setitem__"})
+
+
+@dataclass
+class Block:
+    """One ``with tracer.invoke(X):`` block of the cell."""
+
+    index: int
+    node: ast.With
+    input_expr: ast.expr
+    loops: list[ast.stmt] = field(default_factory=list)  # enclosing for/while, outermost first
+
+    @property
+    def line(self) -> int:
+        return self.node.lineno
+
+    @property
+    def body(self) -> list[ast.stmt]:
+        return self.node.body
+
+    @property
+    def multi(self) -> bool:
+        """Whether the block can run more than once (one invoke per item of its loop)."""
+        return bool(self.loops)
+
+    def describe(self) -> str:
+        if not self.loops:
+            return f"the invoke at line {self.line}"
+        return f"every invoke of the loop at line {self.loops[0].lineno} (one per item)"
+
+
+@dataclass
+class InvokeNames:
+    """How one block's names are bound (see the module docstring)."""
+
+    own: set[str]          # bound by this block: its own, published after the forward
+    flow_in: set[str]      # read from the one other invoke that binds them (live globals)
+    flow_out: set[str]     # bound here and read by other invokes (declared global)
+    params: tuple[str, ...]  # captured when the invoke is registered
+    arrive: set[str]       # names another invoke may change while the forward runs
+
+
+# -- finding the blocks ---------------------------------------------------------------------
+
+def invoke_input(stmt: ast.AST) -> ast.expr | None:
+    """The X of ``with tracer.invoke(X):``, else None."""
+    if not isinstance(stmt, ast.With) or len(stmt.items) != 1:
+        return None
+    call = stmt.items[0].context_expr
+    if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+            and call.func.attr == "invoke" and isinstance(call.func.value, ast.Name)
+            and call.func.value.id == TRACER):
+        if len(call.args) != 1 or call.keywords or stmt.items[0].optional_vars is not None:
+            raise CellSyntaxError("write an invoke as `with tracer.invoke(INPUT):` "
+                                  "(one INPUT, no `as`)", line=stmt.lineno)
+        return call.args[0]
+    return None
+
+
+def find_blocks(tree: ast.Module, has_input: bool
+                ) -> tuple[list[ast.stmt], list[Block], list[ast.stmt]]:
+    """(setup, blocks, after): the statements up to the last one holding an invoke (they run
+    before the forward), the invoke blocks in the order they are written, and the rest."""
+    blocks: list[Block] = []
+    holders = [i for i, stmt in enumerate(tree.body) if _collect(stmt, [], blocks)]
+    if has_input:
+        if blocks:
+            raise CellSyntaxError("INPUT is given on the magic line and the cell also has "
+                                  "`tracer.invoke` blocks: use one or the other",
+                                  line=blocks[0].line)
+        return [], [], tree.body
+    if not blocks:
+        raise CellSyntaxError("no INPUT on the magic line and no `with tracer.invoke(INPUT):` "
+                              "block in the cell: write `%%trace model \"a prompt\"` or add "
+                              "invoke blocks")
+    last = holders[-1]
+    return tree.body[:last + 1], blocks, tree.body[last + 1:]
+
+
+def _collect(stmt: ast.stmt, loops: list[ast.stmt], blocks: list[Block]) -> bool:
+    """Add the invoke blocks inside ``stmt`` to ``blocks``; whether there were any."""
+    x = invoke_input(stmt)
+    if x is not None:
+        _reject_inner_invokes(stmt.body)
+        blocks.append(Block(len(blocks), stmt, x, list(loops)))
+        return True
+    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+        _reject_inner_invokes([stmt])
+        return False
+    inner = loops + [stmt] if isinstance(stmt, (ast.For, ast.While)) else loops
+    found = False
+    for name, value in ast.iter_fields(stmt):
+        if isinstance(value, list) and value and isinstance(value[0], ast.stmt):
+            here = inner if name != "orelse" else loops
+            for child in value:
+                found |= _collect(child, here, blocks)
+        elif isinstance(value, list) and value and isinstance(value[0], ast.excepthandler):
+            for handler in value:
+                for child in handler.body:
+                    found |= _collect(child, inner, blocks)
+    if found and isinstance(stmt, (ast.AsyncFor, ast.AsyncWith, ast.With)):
+        raise CellSyntaxError("invoke blocks can be inside `for`, `while`, `if` and `try` "
+                              "statements, not inside another `with`", line=stmt.lineno)
+    return found
+
+
+def _reject_inner_invokes(body: list[ast.stmt]) -> None:
+    for node in (n for stmt in body for n in ast.walk(stmt)):
+        if isinstance(node, ast.With) and invoke_input(node) is not None:
+            raise CellSyntaxError("`with tracer.invoke(...)` cannot be inside another invoke or "
+                                  "a function: put it at the top of the cell (or in a loop "
+                                  "there)", line=node.lineno)
+
+
+# -- the names rule -------------------------------------------------------------------------
+
+def name_rules(blocks: list[Block], setup: list[ast.stmt]) -> list[InvokeNames]:
+    """Each block's names under the rule; a ``CellSyntaxError`` naming the name and the lines
+    where a read could come from several invokes, or runs before the invoke binds it."""
+    defs = [all_defs(b.body) for b in blocks]
+    uses = [all_uses(b.body) for b in blocks]
+    setup_defs = _setup_defs(setup, blocks)
+    _check_setup_reads(setup, blocks, defs, setup_defs)
+    rules = []
+    for k, block in enumerate(blocks):
+        flow_in = set()
+        for name in sorted(uses[k] - defs[k]):
+            binders = [i for i in range(len(blocks)) if i != k and name in defs[i]]
+            if not binders:
+                continue
+            if len(binders) > 1 or blocks[binders[0]].multi:
+                raise _ambiguous(name, block, [blocks[i] for i in binders])
+            flow_in.add(name)
+        rules.append(InvokeNames(own=defs[k], flow_in=flow_in, flow_out=set(),
+                                 params=(), arrive=set()))
+    for k, rule in enumerate(rules):
+        rule.flow_out = {n for n in defs[k] if any(n in r.flow_in for r in rules)}
+        captured = (uses[k] & setup_defs) | (uses[k] & defs[k])
+        rule.params = tuple(sorted(captured - rule.flow_in - rule.flow_out
+                                   - _declared_global(blocks[k].body)))
+        rule.arrive = rule.flow_in | _changed_by_others(k, blocks, uses[k] - defs[k])
+    return rules
+
+
+def _setup_defs(setup: list[ast.stmt], blocks: list[Block]) -> set[str]:
+    inside = {id(b.node) for b in blocks}
+    names: set[str] = set()
+    for stmt in setup:
+        names |= all_defs([s for s in _outside_blocks(stmt, inside) if isinstance(s, ast.stmt)])
+    return names
+
+
+def _outside_blocks(stmt: ast.AST, inside: set[int]):
+    """Nodes of ``stmt`` that run before the forward: everything but invoke bodies (an
+    invoke's INPUT expression included)."""
+    todo = [stmt]
+    while todo:
+        node = todo.pop()
+        if id(node) in inside:
+            todo.extend(item.context_expr for item in node.items)
+            continue
+        yield node
+        todo.extend(ast.iter_child_nodes(node))
+
+
+def _check_setup_reads(setup, blocks, defs, setup_defs) -> None:
+    """A statement between invokes runs before the forward: it cannot read what an invoke
+    written above it binds during the forward."""
+    inside = {id(b.node) for b in blocks}
+    for stmt in setup:
+        for node in _outside_blocks(stmt, inside):
+            if not (isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)):
+                continue
+            earlier = [b for b in blocks if b.line < node.lineno and node.id in defs[b.index]]
+            if earlier and node.id not in setup_defs:
+                raise CellSyntaxError(
+                    f"`{node.id}` is read here, before the forward runs (statements between "
+                    f"invoke blocks run when the invokes are set up), but the invoke at line "
+                    f"{earlier[-1].line} binds it during the forward: move this line after "
+                    "the last invoke block", line=node.lineno)
+
+
+def _ambiguous(name: str, reader: Block, binders: list[Block]) -> CellSyntaxError:
+    line = min((n.lineno for s in reader.body for n in ast.walk(s)
+                if isinstance(n, ast.Name) and n.id == name), default=reader.line)
+    who = " and ".join(b.describe() for b in binders)
+    return CellSyntaxError(
+        f"`{name}` is read here by the invoke at line {reader.line}, but {who} bind"
+        f"{'s' if len(binders) == 1 and not binders[0].multi else ''} it: every name an "
+        "invoke binds is that invoke's own, so which value is meant is ambiguous. Give each "
+        f"value its own name, bind `{name}` in one invoke block (not in a loop of invokes), or "
+        f"collect the values in a list created before the invokes (`{name}s = []`, then "
+        f"`{name}s.append(...)` in each)", line=line)
+
+
+def _declared_global(body: list[ast.stmt]) -> set[str]:
+    return {n for s in body for node in ast.walk(s) if isinstance(node, ast.Global)
+            for n in node.names}
+
+
+def _changed_by_others(k: int, blocks: list[Block], shared: set[str]) -> set[str]:
+    """Names ``k`` reads (without binding) that another invoke changes in place: a list it
+    appends to, a tensor it edits (``x[...] = v``, ``x.add_(v)``)."""
+    others = [b for b in blocks if b.index != k or b.multi]
+    return {name for b in others for name in _mutated(b.body) if name in shared}
+
+
+def _mutated(body: list[ast.stmt]) -> set[str]:
+    names = set()
+    for node in (n for stmt in body for n in ast.walk(stmt)):
+        target = None
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            attr = node.func.attr
+            if attr in _MUTATORS or (attr.endswith("_") and not attr.startswith("_")):
+                target = node.func.value
+        elif isinstance(node, (ast.Subscript, ast.Attribute)) and isinstance(node.ctx, ast.Store):
+            target = node.value
+        while isinstance(target, (ast.Subscript, ast.Attribute)):
+            target = target.value
+        if isinstance(target, ast.Name):
+            names.add(target.id)
+    return names
