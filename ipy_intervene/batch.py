@@ -12,6 +12,7 @@ says which rows belong to which invoke.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -23,18 +24,25 @@ class PositionError(SiteError, IndexError):
     too, so ``except IndexError`` keeps working."""
 
 
-_TRACE_LENGTH: list[int | None] = [None]
+_LAST_TRACE: dict[str, Any] = {"length": None, "root": None}
 
 
-def note_trace_length(length: int | None) -> None:
+def note_trace(length: int | None, root: Any = None) -> None:
     """Remember the padded length of the token batch the running trace prepared (None for
-    tensor inputs): errors about positions past the prompt name it."""
-    _TRACE_LENGTH[0] = length
+    tensor inputs) and its model (weakly): errors explained after the cell name them."""
+    _LAST_TRACE["length"] = length
+    _LAST_TRACE["root"] = weakref.ref(root) if root is not None else None
 
 
 def trace_length() -> int | None:
     """The padded prompt length of the last trace's token batch (None: tensor inputs)."""
-    return _TRACE_LENGTH[0]
+    return _LAST_TRACE["length"]
+
+
+def trace_root() -> Any:
+    """The root module of the last trace's model, if it is still alive."""
+    ref = _LAST_TRACE["root"]
+    return ref() if ref is not None else None
 
 
 def past_end(index: int, dim: int, size: int, label: str | None, shape: Any = None,

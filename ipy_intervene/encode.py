@@ -15,7 +15,7 @@ import torch
 
 from ipy_intervene import active
 from ipy_intervene.batch import (Batch, check_ids, describe, encode_dict, encode_id_list,
-                                 encode_ids, note_trace_length)
+                                 encode_ids, note_trace)
 from ipy_intervene.errors import InputError
 from ipy_intervene.habits import check_output_attentions
 from ipy_intervene.tokens import check_known, check_kwargs
@@ -37,14 +37,14 @@ def prepare(model: Any, inputs: list[Any], *, line: int | None = None,
                              line=line)
         parts = [encode_tensors(x, line) for x in inputs]
         if active.current_trace() is not None:
-            note_trace_length(None)
+            note_trace(None, model.module)
         return Batch.join(parts, device=model.device, line=line)
     encoded = [encode(model, x, line) for x in inputs]
     batch = Batch.concat(encoded, pad_id=model._pad_id(), device=model.device,
                          with_positions="position_ids" in model._forward_params)
     check_ids(batch.kwargs["input_ids"], model.vocab_size, line)
     if active.current_trace() is not None:  # the trace's batch: named by position errors
-        note_trace_length(batch.length)
+        note_trace(batch.length, model.module)
     limit = model.max_length
     if limit is not None and batch.length + new_tokens > limit:
         more = f" and generate adds {new_tokens}" if new_tokens else ""

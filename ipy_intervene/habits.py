@@ -2,6 +2,9 @@
 each one a clear error that says what to write here instead.
 
 - nnsight: ``.save()``, ``.value``, ``with model.trace(...)``;
+- TransformerLens: ``model.blocks``, ``run_with_cache``, ``hook_*`` names
+  (:mod:`ipy_intervene.tl_habits`), ``utils.get_act_name``;
+- a position past the prompt (a read's bare IndexError names the prompt's length);
 - transformers 4: ``model.transformer.h[0].output[0]`` for a decoder layer's hidden states
   (a layer now returns the tensor itself, so ``[0]`` would be batch row 0);
 - PyTorch: ``loss.backward()`` needs autograd, which a trace runs without unless ``--grad``;
@@ -21,8 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ipy_intervene.batch import PositionError, past_end
+from ipy_intervene.batch import PositionError, past_end, trace_root
 from ipy_intervene.errors import InputError, InterventionError, SiteError
+from ipy_intervene.tl_habits import act_name_hint
 
 # what nnsight users write, and what to write in a %%trace cell
 _NNSIGHT = {
@@ -57,6 +61,10 @@ def explain(exc: BaseException, *, grad: bool,
         text = past_end(index, dim, size, None, length=length)
         if text is not None:
             return PositionError(text)
+    if (isinstance(exc, NameError) and getattr(exc, "name", None) == "utils"
+            or isinstance(exc, ModuleNotFoundError)
+            and (getattr(exc, "name", None) or "").startswith("transformer_lens")):
+        return InterventionError(act_name_hint(trace_root()))  # TransformerLens's utils
     if isinstance(exc, AttributeError) and getattr(exc, "name", None) in _NNSIGHT:
         if f"object has no attribute '{exc.name}'" in str(exc):
             return InterventionError(_NNSIGHT[exc.name])

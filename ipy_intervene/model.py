@@ -24,6 +24,7 @@ from ipy_intervene.batch import Batch, describe
 from ipy_intervene.errors import InputError, MissingAttributeError, SiteError
 from ipy_intervene.habits import nnsight_hint
 from ipy_intervene.placement import input_device
+from ipy_intervene.tl_habits import tl_hint
 from ipy_intervene.tokens import check_known
 
 DEMO_DIR = Path(__file__).parent / "demo" / "weights"
@@ -39,12 +40,13 @@ class Envoy:
     the module ad hoc on a value.
     """
 
-    __slots__ = ("_module", "_path", "_children")
+    __slots__ = ("_module", "_path", "_children", "_root")
 
-    def __init__(self, module: nn.Module, path: str) -> None:
+    def __init__(self, module: nn.Module, path: str, root: nn.Module | None = None) -> None:
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_children", {})
+        object.__setattr__(self, "_root", module if root is None else root)
 
     # -- tree -----------------------------------------------------------------------------
 
@@ -65,7 +67,7 @@ class Envoy:
             module = self._module[key] if isinstance(key, int) else self._module._modules[key]
         envoy = self._children.get(key)
         if envoy is None or envoy._module is not module:
-            envoy = Envoy(module, path)
+            envoy = Envoy(module, path, self._root)
             self._children[key] = envoy
         return envoy
 
@@ -84,7 +86,7 @@ class Envoy:
             raise MissingAttributeError(self._missing(name)) from None
 
     def _missing(self, name: str) -> str:
-        habit = nnsight_hint(name)
+        habit = nnsight_hint(name) or tl_hint(name, self._path, self._root)
         if habit is not None:
             return habit
         children = list(self._module._modules)
