@@ -48,6 +48,7 @@ class InvokeCode:
     body: CodeType                 # module code (INPUT on the line), else a function's code
     params: tuple[str, ...] = ()   # names captured when the invoke is registered
     own: frozenset[str] = frozenset()  # the names it binds: published after the forward
+    shared: frozenset[str] = frozenset()  # names other invokes bind or fill during the forward
 
 
 @dataclass
@@ -117,7 +118,7 @@ def _compile(source, model_expr, has_input, filename, transform_ast) -> Compiled
         _reject_return_and_yield(block.body)
         body = builder.invoke_code(block.body, region, block.index, filename, block.node)
         invokes.append(InvokeCode(block.index, block.line, body, rule.params,
-                                  frozenset(rule.own)))
+                                  frozenset(rule.own), frozenset(rule.arrive)))
     after_code = builder.part(after, "after", "after the forward", cell_region, None, filename)
     builder.finish()
     return CompiledCell(graph, before, invokes, after_code, filename, builder.parts, model_expr,

@@ -181,3 +181,15 @@ def test_a_read_then_an_edit_keeps_the_gradient_path(demo):
              PROMPT, namespace=ns, grad=True)
     assert ns["h"].grad is not None and ns["h"].grad[0, -1].abs().sum() > 0
     assert torch.all(ns["h"].grad[0, 0] == 0)  # position 0 was replaced downstream of h
+
+
+def test_reading_an_item_another_invoke_has_not_filled_yet_says_when_to_read_it(demo):
+    ns = {"model": demo, "a": PROMPT, "b": CORRUPT}
+    with pytest.raises(IndexError) as info:
+        ii.trace(demo, "with tracer.invoke(a):\n"
+                       "    hs = [model.transformer.h[l].output for l in range(4)]\n"
+                       "with tracer.invoke(b):\n    x = hs[2][:, -1]\n"
+                       "    model.transformer.h[2].output[:, -1] = x\n", namespace=ns)
+    assert any("line 4 reads `hs`, which another invoke fills" in n for n in info.value.__notes__)
+    assert ns == {"model": demo, "a": PROMPT, "b": CORRUPT}
+    assert hook_count(demo.module) == 0

@@ -244,9 +244,24 @@ def _body(cell: Any, invoke: Any, ns: dict, names: dict[str, Any],
             bound = function(**args)
         except UnboundLocalError as exc:
             raise unbound_own_name(exc, cell, invoke) from exc
+        except (IndexError, KeyError) as exc:
+            _note_filled_later(exc, cell, invoke)
+            raise
         own.update((k, v) for k, v in bound.items() if k in invoke.own)
 
     return run
+
+
+def _note_filled_later(exc: Exception, cell: Any, invoke: Any) -> None:
+    """An item of a list another invoke fills was asked for before the forward got there."""
+    line = cell_line(exc, cell.filename)
+    names = sorted({n for st in cell.graph.statements if st.line == line for n in st.uses}
+                   & invoke.shared)
+    if names:
+        exc.add_note(f"ipy_intervene: line {line} reads {', '.join(f'`{n}`' for n in names)}, "
+                     "which another invoke fills as the forward runs; at this moment it does "
+                     "not hold that item yet. Read it in the line that changes the site of the "
+                     "same layer (that value is computed when the forward reaches the site)")
 
 
 def unbound_own_name(exc: UnboundLocalError, cell: Any, invoke: Any) -> Exception:
