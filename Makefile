@@ -24,7 +24,7 @@ TOUR := quickstart ioi_activation_patching ioi_circuit attribution_patching caus
         generation_steering logit_lens circuit_discovery
 
 demo: $(STAMP)
-	$(BIN)/python -m ipy_intervene.report $(TOUR:%=examples/%.ipynb) --out build/demo.html
+	@$(BIN)/python -m ipy_intervene.report $(TOUR:%=examples/%.ipynb) --out build/demo.html
 
 # Debian's chromium for the real-browser tests (Playwright drives it; no `playwright install`)
 $(CHROMIUM):

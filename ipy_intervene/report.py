@@ -54,13 +54,23 @@ def offline(body: str) -> str:
 
 
 def execute(notebook: str | Path, timeout: int = 600) -> "object":
-    """Run a notebook top to bottom in a fresh kernel (widget state left out) and return it."""
+    """Run a notebook top to bottom in a fresh kernel (widget state left out) and return it.
+
+    The kernel talks to us over local IPC sockets in a private temporary folder, not TCP: no
+    port is open to other users of the machine (and the kernel has no plain-text TCP warning
+    to print)."""
+    import tempfile
+
     import nbformat
+    from jupyter_client.manager import KernelManager
     from nbclient import NotebookClient
 
     nb = nbformat.read(str(notebook), as_version=4)
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=False,
-                   resources={"metadata": {"path": str(Path(notebook).parent)}}).execute()
+    with tempfile.TemporaryDirectory(prefix="ii-kernel-") as sockets:
+        km = KernelManager(kernel_name="python3", transport="ipc",
+                           ip=str(Path(sockets) / "kernel"))
+        NotebookClient(nb, km=km, timeout=timeout, store_widget_state=False,
+                       resources={"metadata": {"path": str(Path(notebook).parent)}}).execute()
     return nb
 
 
@@ -82,12 +92,22 @@ def demo_report(notebooks: list[str | Path], target: str | Path) -> Path:
 
 def ioi_summary() -> str:
     """The demo's headline numbers: clean/corrupted logit difference and the top sites."""
+    import os
+
     import ipy_intervene as ii
 
     model = ii.load_model("demo")
     clean = "When Mary and John went to the store , John gave a drink to"
     corrupt = "When Mary and John went to the store , Mary gave a drink to"
-    result = ii.patch_sweep(model, clean, corrupt, ii.logit_diff("Mary", "John"))
+    quiet = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"   # a summary line, not a progress bar, in the tool's output
+    try:
+        result = ii.patch_sweep(model, clean, corrupt, ii.logit_diff("Mary", "John"))
+    finally:
+        if quiet is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = quiet
     lines = [f"IOI logit difference (Mary - John): clean {result.clean:+.2f}, "
              f"corrupted {result.corrupted:+.2f}",
              "largest effects of patching resid_pre (clean = 1, corrupted = 0):"]
@@ -105,9 +125,12 @@ def main() -> None:
     parser.add_argument("notebooks", nargs="+")
     parser.add_argument("--out", default="build/demo.html")
     args = parser.parse_args()
+    print(f"running {len(args.notebooks)} example notebook(s), each in a fresh kernel ...",
+          flush=True)
     page = demo_report(args.notebooks, args.out)
-    print(ioi_summary())
-    print(f"wrote {page}")
+    print(ioi_summary(), flush=True)
+    print(f"\nThe report: {page}\nOpen it in a browser (it works offline): "
+          f"xdg-open {page} (Linux), open {page} (macOS), or go to {page.as_uri()}")
 
 
 if __name__ == "__main__":
