@@ -14,8 +14,8 @@ from ipy_intervene.hooks import entry_point
 from ipy_intervene.loading import warn_if_training, wrap
 from ipy_intervene.model import Model
 from ipy_intervene.sites import SITES, Adapter, SiteKind, adapter_for, site_kind
-from ipy_intervene.sweep import (atp_star, attribution, cluster as clusters, latent_atp,
-                                 latents as latent_sites, memory)
+from ipy_intervene.sweep import (atp_star, attribution, choices, cluster as clusters, custom,
+                                 latent_atp, latents as latent_sites, memory)
 from ipy_intervene.sweep.heads import SITES as HEAD_SITES, head_sweep
 from ipy_intervene.sweep.paths import path_patch
 from ipy_intervene.sweep.inputs import index_list
@@ -77,7 +77,8 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
                 adapter: Adapter | None = None, receivers: Any = "logits",
                 receiver_input: str = "q", cluster: Any = None,
                 latents: Sequence[int] | None = None, qk_fix: bool | None = None,
-                grad_drop: bool | None = None) -> SweepResult | dict[str, SweepResult]:
+                grad_drop: bool | None = None, dictionary: Any = None
+                ) -> SweepResult | dict[str, SweepResult]:
     """Patch every (layer, position[, head]) of ``site`` and measure ``metric``.
 
     - ``method="activation"``: exact. Denoising (default) patches the clean activation into
@@ -105,7 +106,13 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
     Latent sites: the latents of a dictionary spliced with ``ii.attach`` (``site="sae"``, or
     ``"sae:transformer.h[2]"`` to say which splice): a grid ``values[latent, pos]`` over
     ``latents`` (default: all) x ``positions``, methods ``activation`` (exact, the error
-    term kept), ``attribution``, ``atp*`` and ``noise`` (see ``sweep/latents.py``). A list
+    term kept), ``attribution``, ``atp*`` and ``noise`` (see ``sweep/latents.py``).
+
+    Custom sites: ``dictionary=`` (``ii.Direction(v)``, ``ii.Subspace(basis)``,
+    ``ii.Neurons(...)``, ``ii.Custom(encode, decode)``) on ``resid_*``/``attn_out``/``mlp_out``:
+    each (layer, position) cell interchanges the dictionary's coordinates (``latents``: all,
+    or those chosen) of the base run with the source run's, the rest of the activation kept
+    (``sweep/custom.py``); methods ``activation`` and ``attribution``. A list
     of sites (or ``"resid_pre,attn_out,mlp_out"``) gives a dict of results, one per site;
     every name is checked before the first sweep runs.
 
@@ -122,27 +129,32 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
     1.0 where the patch restores the clean answer, 0.0 where it has no effect
     """
     start = time.perf_counter()
-    _check_choice("method", method, METHODS)
-    _check_choice("direction", direction, DIRECTIONS)
-    sites = _site_names(site, model)
+    choices.check_choice("method", method, METHODS)
+    choices.check_choice("direction", direction, DIRECTIONS)
+    sites = choices.site_names(site, model)
     cluster = clusters.as_cluster(cluster, method, sites)
     if len(sites) > 1 or not isinstance(site, str):
-        _check_sites(model, sites, method, adapter)
+        choices.check_sites(model, sites, method, adapter)
         same = dict(method=method, direction=direction, layers=layers, positions=positions,
                     heads=heads, batch_size=batch_size, memory_fraction=memory_fraction,
                     subject=subject, samples=samples, noise=noise, noise_std=noise_std,
                     seed=seed, window=window, adapter=adapter, receivers=receivers,
                     receiver_input=receiver_input, cluster=cluster, latents=latents,
-                    qk_fix=qk_fix, grad_drop=grad_drop)
+                    qk_fix=qk_fix, grad_drop=grad_drop, dictionary=dictionary)
         return {s: patch_sweep(model, clean, corrupted, metric, site=s, **same) for s in sites}
     site = sites[0]
-    atp = _atp_options(method, qk_fix, grad_drop)
+    atp = choices.atp_options(method, qk_fix, grad_drop)
     found = None if site in SITES or site in HEAD_SITES else latent_sites.find_splice(model, site)
     if found is not None:
+        if cluster is not None or dictionary is not None:
+            raise InputError(f"latent site {site!r}: cluster= and dictionary= apply to module "
+                             "sites (the latents are the splice's own dictionary)")
         return _latent_sweep(model, clean, corrupted, metric, found, method, direction, latents,
                              positions, batch_size, memory_fraction, atp, start,
                              (subject, samples, noise, noise_std, seed))
-    if latents is not None:
+    if dictionary is not None:
+        custom.check(dictionary, site, method)
+    elif latents is not None:
         raise InputError(f"latents= selects the latents of a latent site (an ii.attach "
                          f"splice); site {site!r} has none")
     if method == "atp*":
@@ -158,7 +170,7 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
             return _head_attribution(model, clean, corrupted, metric, site, layers, positions,
                                      heads, direction)
         if method != "activation":
-            raise _head_site_error(site, method)
+            raise choices.head_site_error(site, method)
         return head_sweep(model, clean, corrupted, metric, site=site, direction=direction,
                           layers=layers, positions=positions, heads=heads,
                           batch_size=batch_size or 16)
@@ -170,9 +182,11 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
     with torch.no_grad():
         run = prepare(model, adapter, clean, corrupted, metric, method, direction, subject,
                        samples, noise, noise_std, seed)
+    if dictionary is not None:
+        run.interchange = custom.interchange(dictionary, latents)
     grid = Grid(kind, index_list(layers, adapter.n_layers, "layer"),
                 index_list(positions, run.length, "position"),
-                index_list(heads, adapter.n_heads, "head"), _check_window(window, method),
+                index_list(heads, adapter.n_heads, "head"), choices.check_window(window, method),
                 adapter.n_layers)
     patcher = Patcher(model, adapter, grid, run, memory_fraction)
     if method == "attribution":
@@ -185,6 +199,8 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
     result = _result(model, grid, run, raw_rows, site, method, direction,
                      time.perf_counter() - start)
     result.patcher = patcher
+    if dictionary is not None:
+        result.extra.update(custom.describe(dictionary, latents))
     return result
 
 
@@ -241,6 +257,8 @@ def _engine(model: Model, adapter: Adapter, grid: Grid, run: Run, batch_size: in
                 noise=run.noise if name == "base" else None)
             run.settle(model, recorded[name])
         base, source = recorded["base"], recorded["source"]
+        if run.interchange is not None:
+            custom.replace_sources(base, source, run.interchange)
         engine = Engine(model, adapter, grid.kind, run.base_kwargs, base, source, run.bound(model),
                         run.positions, memory.budget(model.device, memory_fraction),
                         run.n_prompts, cells_per_chunk=batch_size)
@@ -266,64 +284,6 @@ def _result(model: Model, grid: Grid, run: Run, rows: torch.Tensor, site: str, m
         metric=repr(run.metric), seconds=seconds,
         extra={**({"window": grid.window} if method == "noise" else {}),
                "metric_positions": run.reads.describe(), **run.metric.no_per_prompt()})
-
-
-def _site_names(site: Any, model: Any = None) -> list[str]:
-    """The site names of ``site``: a name, names joined by commas, or a list of names (in
-    order, each once), all checked before anything runs (latent sites against ``model``'s
-    splices)."""
-    names = [n for n in site.split(",") if n.strip()] if isinstance(site, str) else site
-    if not isinstance(names, (list, tuple)):
-        raise InputError(f"site must be a site name or a list of names; got "
-                         f"{type(site).__name__}. {_SITES_HINT}")
-    strange = [name for name in names if not isinstance(name, str)]
-    if strange:
-        raise InputError(f"site={site!r}: {strange[0]!r} is not a site name. {_SITES_HINT}")
-    names = list(dict.fromkeys(name.strip() for name in names))
-    if not names:
-        raise InputError(f"site={site!r} names no site. {_SITES_HINT}")
-    for name in names:
-        if name not in SITES and name not in HEAD_SITES and (
-                model is None or latent_sites.find_splice(model, name) is None):
-            spliced = latent_sites.site_names(model) if model is not None else []
-            raise SiteError(f"unknown site {name!r}; sweep sites: "
-                            f"{', '.join([*SITES, *HEAD_SITES])}; latent sites (splices made "
-                            f"with ii.attach): {', '.join(spliced) or 'none attached'}")
-    return names
-
-
-_SITES_HINT = ("One site: site='resid_pre'; several, one result each (a dict by site): "
-               "site=['resid_pre', 'mlp_out'] or site='resid_pre,mlp_out'")
-
-
-def _check_sites(model: Any, sites: list[str], method: str, adapter: Adapter | None) -> None:
-    """Fail before the first of several sweeps, not after sweeping the others, when one site
-    does not exist in the model (resid_mid with a parallel residual) or for the method."""
-    model = wrap(model)
-    found = adapter_for(model, adapter)
-    for name in sites:
-        if name not in SITES and name not in HEAD_SITES:
-            latent_sites.check_method(name, method)
-            continue
-        if method == "atp*" and name not in atp_star.SITES:
-            raise SiteError(f"AtP* sweeps the sites {', '.join(atp_star.SITES)}; got {name!r}")
-        if name in SITES:
-            found.module(model.module, name, 0)
-        elif method not in ("activation", "path", "atp*") and not (
-                method == "attribution" and name in atp_star.HEAD_INPUT_SITES):
-            raise _head_site_error(name, method)
-
-
-def _atp_options(method: str, qk_fix: bool | None, grad_drop: bool | None) -> dict[str, bool]:
-    """AtP*'s switches (both on unless turned off); an error with another method."""
-    given = {k: v for k, v in (("qk_fix", qk_fix), ("grad_drop", grad_drop)) if v is not None}
-    if given and method != "atp*":
-        raise InputError(f"{', '.join(given)} switch parts of AtP* on or off: they apply to "
-                         f"method='atp*', not method={method!r}")
-    for name, value in given.items():
-        if not isinstance(value, bool):
-            raise InputError(f"{name}={value!r}: True or False")
-    return {"qk_fix": given.get("qk_fix", True), "grad_drop": given.get("grad_drop", True)}
 
 
 def _latent_sweep(model: Any, clean: Any, corrupted: Any, metric: Any, found: tuple,
@@ -361,22 +321,3 @@ def _head_attribution(model: Any, clean: Any, corrupted: Any, metric: Any, site:
                             grad_drop=False, qk_fix=False)
     result.method = "attribution"
     return result
-
-
-def _head_site_error(site: str, method: str) -> InputError:
-    return InputError(f"site {site!r} is swept with method='activation' (exact); "
-                      f"{method!r} covers the sites {', '.join(SITES)}")
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise InputError(f"{name}={value!r} is not one of: {', '.join(choices)}")
-
-
-def _check_window(window: int, method: str) -> int:
-    if not isinstance(window, int) or window < 1:
-        raise InputError(f"window={window!r}: the number of layers restored together, >= 1")
-    if window > 1 and method == "attribution":
-        raise InputError("window applies to activation patching and causal tracing, not to "
-                         "attribution patching")
-    return window

@@ -24,6 +24,9 @@ def sweep(model: Any, adapter: Adapter, grid: Any, run: Any) -> torch.Tensor:
     for name in ("base", "source") if run.base_is_clean else ("source", "base"):
         recorded[name] = _record(model, adapter, grid, run, name, layers)
     base, source = recorded["base"], recorded["source"]
+    if run.interchange is not None:       # custom sites: x' - x_base (see custom.py)
+        for layer in layers:
+            source.sites[layer] = run.interchange(base.sites[layer], source.sites[layer])
     metric = run.bound(model)
     with torch.enable_grad():
         scores = metric(base.logits)

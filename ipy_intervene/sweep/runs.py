@@ -36,6 +36,7 @@ class Run:
     base_is_clean: bool = False              # noising: corrupted values into the clean run
     noise: torch.Tensor | None = None
     baselines: tuple[float, float] = (math.nan, math.nan)   # (clean, corrupted)
+    interchange: Any = None    # custom sites: (base, source) -> the patched value (custom.py)
 
     @property
     def length(self) -> int:

@@ -129,8 +129,10 @@ def screen_and_verify(model: Any, clean: Any, corrupted: Any, metric: Any, *, si
     start = time.perf_counter()
     chosen = _top_indices(screen, top)
     exact_values = torch.full_like(screen.values, float("nan"))
+    custom = {} if options.get("dictionary") is None else {"dictionary": options["dictionary"]}
+    verify = {**custom, **({"latents": latents} if custom and latents is not None else {})}
     for index, value in _verify(model, clean, corrupted, metric, screen, chosen, direction,
-                                batch_size).items():
+                                batch_size, verify).items():
         exact_values[index] = value
     times["verify"] = time.perf_counter() - start
     cells = [{**_labels(screen, index), "index": index, "screen": float(screen.values[index]),
@@ -139,7 +141,7 @@ def screen_and_verify(model: Any, clean: Any, corrupted: Any, metric: Any, *, si
     if check:
         start = time.perf_counter()
         result.exact = patch_sweep(model, clean, corrupted, metric, site=site,
-                                   method="activation", batch_size=batch_size, **grid)
+                                   method="activation", batch_size=batch_size, **grid, **custom)
         times["check"] = time.perf_counter() - start
         result.caught = len(set(chosen) & set(_top_indices(result.exact, top)))
     return result
@@ -153,8 +155,8 @@ def _top_indices(result: SweepResult, k: int) -> list[tuple[int, ...]]:
 
 
 def _verify(model: Any, clean: Any, corrupted: Any, metric: Any, screen: SweepResult,
-            chosen: list[tuple[int, ...]], direction: str,
-            batch_size: int | None) -> dict[tuple[int, ...], float]:
+            chosen: list[tuple[int, ...]], direction: str, batch_size: int | None,
+            custom: dict[str, Any]) -> dict[tuple[int, ...], float]:
     """Exact values of the chosen cells: one ``patch_sweep`` per layer over the positions
     and heads of that layer's chosen cells, or per (layer, position) where that runs fewer
     cells (each call also records the two runs once)."""
@@ -174,7 +176,7 @@ def _verify(model: Any, clean: Any, corrupted: Any, metric: Any, screen: SweepRe
             sub = _subgrid(screen, group)
             exact = patch_sweep(model, clean, corrupted, metric, site=screen.site,
                                 method="activation", direction=direction,
-                                batch_size=batch_size, **sub)
+                                batch_size=batch_size, **sub, **custom)
             for cell in group:
                 out[cell] = float(exact.values[_local(screen, exact, cell)])
     return out
