@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ipy_intervene.batch import PositionError, past_end, trace_root
+from ipy_intervene.batch import PositionError, note_trace, past_end, trace_root
 from ipy_intervene.errors import InputError, InterventionError, SiteError
 from ipy_intervene.tl_habits import act_name_hint
 
@@ -94,6 +94,7 @@ def site_roots(tree: ast.AST, model_name: str) -> list[tuple[str, int]]:
 def check_other_models(roots: list[tuple[str, int]], ns: dict, model: Any, model_name: str,
                        model_type: type) -> None:
     """A cell tracing ``model`` that uses the sites of another model in ``ns``."""
+    note_trace(None, model.module)  # a new trace: no prompt length until its batch is made
     for name, line in roots:
         other = ns.get(name)
         if isinstance(other, model_type) and other.module is not model.module:

@@ -1,5 +1,7 @@
 """The model as a cell sees it: :class:`Model` and its module tree of envoys (loading is in
-:mod:`ipy_intervene.loading`, inputs in :mod:`ipy_intervene.batch`).
+:mod:`ipy_intervene.loading`, inputs in :mod:`ipy_intervene.encode` and
+:mod:`ipy_intervene.batch`). The tree follows ``model.module``: a module replaced or added
+after wrapping (``model.transformer.h[2] = block``) is what the next access sees.
 
 >>> import ipy_intervene as ii
 >>> model = ii.load_model("demo")
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import types
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -189,9 +192,13 @@ class Envoy:
             return module(*args, **kwargs)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("output", "input", "inputs"):
-            object.__setattr__(self, name, value)  # the property setters
+        own = getattr(type(self), name, None)
+        if isinstance(own, types.MemberDescriptorType) or (
+                isinstance(own, property) and own.fset is not None):
+            object.__setattr__(self, name, value)  # .output/.input/.inputs, model.tokenizer
             return
+        if isinstance(own, property) and not hasattr(self._module, name):
+            raise AttributeError(f"`.{name}` of model.{self._path or '(root)'} is read-only")
         if isinstance(value, nn.Module) or name in self._module._modules:
             where = f"model.{self._path}.{name}" if self._path else f"model.{name}"
             _check_replacement(where, value)

@@ -171,3 +171,20 @@ def test_replacing_a_module_inside_a_trace_is_refused_and_changes_nothing(model)
     assert model.module.transformer.h[2] is old
     assert "h" not in ns
     assert hook_count(model.module) == before and checksum(model.module) == weights
+
+
+def test_the_models_own_attributes_are_set_on_the_wrapper(model, demo):
+    other = demo.tokenizer
+    model.tokenizer = None
+    assert model.tokenizer is None and "tokenizer" not in vars(model.module)
+    model.tokenizer = other
+    assert model.tokenizer is other
+    with pytest.raises(AttributeError, match="read-only"):
+        model.transformer.h[0].path = "elsewhere"
+    with pytest.raises(AttributeError, match="read-only"):
+        model.transformer.module = nn.Linear(2, 2)
+    assert not hasattr(model.module.transformer, "path")
+    assert "module" not in model.module.transformer._modules
+    config = model.config
+    model.config = config  # the module's own attribute: still set on the module
+    assert model.module.config is config
