@@ -87,3 +87,13 @@ def test_the_last_position_still_reads_and_writes(demo):
         logits = demo.module(demo.to_tokens(SHORT)).logits
     assert torch.equal(ns["h"], seen["h"])
     torch.testing.assert_close(ns["logits"], logits, atol=1e-6, rtol=0)
+
+
+def test_an_index_error_before_the_batch_is_not_blamed_on_the_last_prompt(demo):
+    ii.trace(demo, "h = model.transformer.h[0].output", SHORT, namespace={})  # 7 tokens
+    source = ("y = torch.zeros(1, 7)[:, 20]\n"
+              "with tracer.invoke(p):\n    h = model.transformer.h[0].output\n")
+    with pytest.raises(IndexError) as info:
+        ii.trace(demo, source, namespace={"torch": torch, "p": SHORT})
+    assert not isinstance(info.value, SiteError)
+    assert "out of bounds" in str(info.value)
