@@ -199,8 +199,14 @@ def _check_setup_reads(setup, blocks, defs, setup_defs) -> None:
     written above it binds during the forward."""
     inside = {id(b.node) for b in blocks}
     for stmt in setup:
-        for node in _outside_blocks(stmt, inside):
-            if not (isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)):
+        nodes = list(_outside_blocks(stmt, inside))
+        local = {n.id for c in nodes if isinstance(c, ast.comprehension)
+                 for n in ast.walk(c.target) if isinstance(n, ast.Name)}
+        local |= {a.arg for f in nodes if isinstance(f, (ast.Lambda, ast.FunctionDef))
+                  for a in ast.walk(f.args) if isinstance(a, ast.arg)}
+        for node in nodes:
+            if not (isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)) \
+                    or node.id in local:
                 continue
             earlier = [b for b in blocks if b.line < node.lineno and node.id in defs[b.index]]
             if earlier and node.id not in setup_defs:

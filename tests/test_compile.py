@@ -128,3 +128,9 @@ def test_graph_view_renders_svg_and_falls_back_to_dot(monkeypatch):
     render_svg.cache_clear()
     assert "image/svg+xml" not in bundle and "digraph" in bundle["text/html"]
     assert "transformer.h[2].output" in bundle["text/plain"]
+
+
+def test_a_comprehension_between_invokes_may_reuse_an_invoke_s_name():
+    cell = compile_cell("with tracer.invoke(a):\n    p = 1\nxs = [p * 2 for p in ps]\n"
+                        "with tracer.invoke(xs[0]):\n    pass\n", has_input=False)
+    assert len(cell.invokes) == 2
