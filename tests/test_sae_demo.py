@@ -89,3 +89,37 @@ def test_bad_folders_say_what_is_wrong(tmp_path):
     with pytest.raises(InputError, match="normalize_activations"):
         load_sae(write_folder(tmp_path / "norm", {**cfg, "normalize_activations": "layer_norm"},
                               weights()))
+
+
+def test_the_demo_sae_ships_and_loads():
+    sae = ii.load_sae("demo")
+    assert (sae.d_in, sae.d_sae, sae.activation) == (128, 512, "relu")
+    assert sae.cfg["metadata"]["hook_name"] == "transformer.h[2]"
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(512), atol=1e-5)
+
+
+def test_the_demo_sae_reconstructs_sparsely_and_keeps_ioi(demo):
+    from ipy_intervene.demo.sae_train import quality
+
+    q = quality(ii.load_sae("demo"), demo.module, demo.tokenizer)
+    assert q.fvu < 0.15 and 1 < q.l0 < 30 and q.dead < 256
+    assert q.ioi_logit_diff_kept == q.ioi_logit_diff  # error kept: the forward is unchanged
+    assert q.ioi_logit_diff > 5 and abs(q.ioi_logit_diff_dropped / q.ioi_logit_diff - 1) < 0.25
+
+
+def test_training_is_seeded_and_reproducible(demo):
+    from ipy_intervene.demo.sae_train import activations, train
+
+    torch.set_num_threads(1)
+    try:
+        acts = activations(demo.module, demo.tokenizer, 64, seed=0)
+        a, b = train(acts, d_sae=64, steps=30, seed=0), train(acts, d_sae=64, steps=30, seed=0)
+        c = train(acts, d_sae=64, steps=30, seed=1)
+    finally:
+        torch.set_num_threads(_THREADS)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.W_enc, c.W_enc)
+    assert acts.shape[1] == 128 and len(acts) > 64
+
+
+_THREADS = torch.get_num_threads()
