@@ -255,18 +255,21 @@ class Model(Envoy):
         """The dotted name of ``module`` in the live tree (None if it is not in it). The
         cached names are checked against ``model.module`` and rebuilt when it changed."""
         names = self._names
-        name = names.get(id(module)) if names is not None else None
-        if name is None or self._at(name) is not module:
-            names = {id(m): n for n, m in self._module.named_modules()}
+        entry = names.get(id(module)) if names is not None else None
+        if entry is None or self._at(entry[1]) is not module:
+            names = {id(m): (n, tuple(n.split(".")) if n else ())
+                     for n, m in self._module.named_modules()}
             object.__setattr__(self, "_names", names)
-            name = names.get(id(module))
-        return name
+            entry = names.get(id(module))
+        return entry[0] if entry is not None else None
 
-    def _at(self, name: str) -> nn.Module | None:
-        try:
-            return self._module.get_submodule(name)
-        except AttributeError:
-            return None
+    def _at(self, parts: tuple[str, ...]) -> nn.Module | None:
+        module = self._module
+        for part in parts:
+            module = module._modules.get(part)
+            if module is None:
+                return None
+        return module
 
     def envoy_for(self, module: nn.Module) -> Envoy | None:
         """The envoy of one of this model's modules (for cells that use the raw module)."""
