@@ -306,3 +306,20 @@ def test_screen_and_verify_on_latents(demo, method):
         assert cell["latent"] == s.screen.latents[cell["index"][0]]
     assert 0 <= s.caught <= 4
     assert "image/svg+xml" in s._repr_mimebundle_()
+
+
+def test_magic_sweeps_a_latent_site(shell, demo):
+    sae = TinySAE(demo.config.n_embd, seed=4)
+    attach(demo, demo.transformer.h[2], sae)
+    shell.user_ns.update(clean=CLEAN, corrupt=CORRUPTED)
+    try:
+        shell.run_cell('%patch_sweep model --clean clean --corrupted corrupt --metric '
+                       'logit_diff("Mary", "John") --site sae:transformer.h[2] '
+                       '--positions [-1, 10] --quiet --out lat')
+        expected = ii.patch_sweep(demo, CLEAN, CORRUPTED, ii.logit_diff("Mary", "John"),
+                                  site="sae", positions=[-1, 10])
+    finally:
+        detach(demo)
+    got = shell.user_ns["lat"]
+    assert got.site == "sae:transformer.h[2]" and got.dims == ("latent", "pos")
+    torch.testing.assert_close(got.values, expected.values)

@@ -28,7 +28,11 @@ Activation patching (exact), attribution patching or causal tracing over a grid.
 MODEL and the values of expression options are Python, evaluated in the notebook as if typed
 in a cell; logit_diff(correct, wrong), prob(token) and logprob(token) are available where the
 notebook does not define those names. The SweepResult is returned (r = %patch_sweep ...),
-stored in _sweep (and in --out NAME) and shown once as a heatmap with sliders."""
+stored in _sweep (and in --out NAME) and shown once as a heatmap with sliders.
+
+--site also takes the latents of a dictionary spliced with ii.attach: --site sae (the splice
+named sae) or --site sae:transformer.h[2] (the one at that module); the grid is latent x
+position (--positions [-1]: the latents at one position)."""
 EXAMPLES = [
     '%patch_sweep model --clean clean --corrupted corrupt --metric logit_diff("Mary", "John")',
     '%patch_sweep model --clean clean --corrupted corrupt --metric logit_diff("Mary", "John") '
@@ -37,6 +41,8 @@ EXAMPLES = [
     "logits[:, -1, 5] --quiet",
     '%patch_sweep model --clean fact --method noise --subject "Thuzor Quenosk Fountain" '
     "--site mlp_out --window 3",
+    '%patch_sweep model --clean clean --corrupted corrupt --metric logit_diff("Mary", "John") '
+    "--site sae --positions [-1]",
 ]
 
 
