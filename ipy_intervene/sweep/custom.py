@@ -54,6 +54,8 @@ def interchange(dictionary: Any, latents: Any) -> Interchange:
     """``(base [rows, P, d], source [rows, P, d]) -> x'`` (see the module docstring)."""
 
     def patched(base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        if isinstance(dictionary, torch.nn.Module):   # as ii.attach does: the site's device
+            dictionary.to(base.device)
         dtype = _dtype(dictionary, base)
         with torch.no_grad():
             x = base.detach().to(dtype)
