@@ -1,0 +1,160 @@
+"""Recorded runs kept across cells (sweep/clean_runs.py): a repeated sweep reuses the clean and
+corrupted recordings and gives the same result; any change of the weights, the inputs, a
+recorded tensor or a hook on the model means a fresh run; memory stays bounded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ipy_intervene as ii
+from ipy_intervene.sites import SITES, adapter_for
+from ipy_intervene.sweep import clean_runs
+from ipy_intervene.sweep.record import record
+from conftest import CORRUPT, PROMPT, tiny_model
+
+MARY_JOHN = ii.logit_diff("Mary", "John")
+
+
+@pytest.fixture
+def model(demo):
+    """A fresh tiny GPT-2 (weights this test may change), the demo tokenizer."""
+    clean_runs.forget()
+    yield ii.wrap(tiny_model("gpt2", len(demo.tokenizer)), demo.tokenizer)
+    clean_runs.forget()
+
+
+def sweep(model, clean=PROMPT, corrupted=CORRUPT, **kw):
+    return ii.patch_sweep(model, clean, corrupted, MARY_JOHN, **kw)
+
+
+def fresh(model, **kw):
+    """The sweep with nothing kept from before."""
+    clean_runs.forget()
+    return sweep(model, **kw)
+
+
+def test_a_repeated_sweep_reuses_both_recordings_and_gives_the_same_values(model):
+    first = sweep(model)
+    assert clean_runs.stats()["misses"] == 2 and clean_runs.stats()["hits"] == 0
+    second = sweep(model)
+    assert clean_runs.stats()["hits"] == 2 and clean_runs.stats()["misses"] == 2
+    assert torch.equal(first.values, second.values) and torch.equal(first.raw, second.raw)
+    assert (first.clean, first.corrupted) == (second.clean, second.corrupted)
+    heads = sweep(model, site="head_out")            # other sites: their own recordings
+    assert torch.equal(heads.values, fresh(model, site="head_out").values)
+    assert first.top(3) == second.top(3)
+
+
+@pytest.mark.parametrize("change", ["add_", "data", "load_state_dict", "dtype_roundtrip"])
+def test_any_weight_change_means_a_fresh_run(model, change):
+    before = sweep(model)
+    weight = model.module.transformer.h[1].mlp.c_fc.weight
+    with torch.no_grad():
+        if change == "add_":
+            weight.add_(0.5)
+        elif change == "data":
+            weight.data = weight.data + 0.5
+        elif change == "load_state_dict":
+            state = {k: v.clone() for k, v in model.module.state_dict().items()}
+            state["transformer.h.1.mlp.c_fc.weight"] += 0.5
+            model.module.load_state_dict(state)
+        else:
+            model.module.double().float()
+            weight = model.module.transformer.h[1].mlp.c_fc.weight
+            weight.add_(0.5)
+    hits = clean_runs.stats()["hits"]
+    after = sweep(model)
+    assert clean_runs.stats()["hits"] == hits                     # nothing reused
+    assert not torch.equal(after.raw, before.raw)
+    assert torch.equal(after.raw, fresh(model).raw)
+
+
+def test_changing_a_weight_and_back_never_brings_the_stale_run_back(model):
+    original = sweep(model)
+    weight = model.module.transformer.h[0].attn.c_attn.weight
+    with torch.no_grad():
+        weight.mul_(2.0)
+    changed = sweep(model)
+    with torch.no_grad():
+        weight.div_(2.0)
+    back = sweep(model)
+    assert clean_runs.stats()["hits"] == 0
+    assert not torch.equal(changed.raw, original.raw)
+    torch.testing.assert_close(back.raw, original.raw, rtol=0, atol=1e-6)
+
+
+def test_other_inputs_and_a_recording_changed_in_place_are_not_reused(model):
+    adapter = adapter_for(model)
+    kwargs = model.prepare([PROMPT]).kwargs
+    ask = dict(kind=SITES["resid_pre"], layers=[0, 1], positions=None)
+    with torch.no_grad():
+        a = record(model, adapter, kwargs, **ask)
+        expected = a.logits.clone()
+        other = record(model, adapter, model.prepare([CORRUPT]).kwargs, **ask)
+        assert clean_runs.stats()["hits"] == 0 and not torch.equal(other.logits, expected)
+        a.logits.add_(1.0)                                  # a caller edits the recording
+        b = record(model, adapter, kwargs, **ask)
+        assert torch.equal(b.logits, expected) and clean_runs.stats()["hits"] == 0
+        c = record(model, adapter, kwargs, **ask)
+        assert clean_runs.stats()["hits"] == 1 and c.logits is b.logits
+        c.sites[0] = None                                   # containers are the caller's own
+        assert record(model, adapter, kwargs, **ask).sites[0] is not None
+
+
+def test_hooks_grad_training_and_noise_mean_a_fresh_run(model):
+    adapter = adapter_for(model)
+    kwargs = model.prepare([PROMPT]).kwargs
+    ask = dict(kind=SITES["resid_pre"], layers=[0], positions=None)
+    seen = []
+    handle = model.module.transformer.h[2].register_forward_hook(
+        lambda m, a, out: seen.append(1))
+    try:
+        with torch.no_grad():
+            record(model, adapter, kwargs, **ask)
+            record(model, adapter, kwargs, **ask)
+    finally:
+        handle.remove()
+    assert len(seen) == 2 and clean_runs.stats() == {"hits": 0, "misses": 0, "entries": 0,
+                                                     "bytes": 0}
+    record(model, adapter, kwargs, **ask)                   # grad on
+    model.module.train()
+    try:
+        with torch.no_grad():
+            record(model, adapter, kwargs, **ask)
+    finally:
+        model.module.eval()
+    with torch.no_grad():
+        noise = torch.zeros(1, kwargs["input_ids"].shape[1], 32)
+        record(model, adapter, kwargs, **ask, noise=noise)
+        record(model, adapter, kwargs, **ask, noise=noise)
+    assert clean_runs.stats()["entries"] == 0
+
+
+def test_memory_stays_bounded(model, monkeypatch):
+    names = ["Mary", "John", "Tom", "James", "Dan", "Sid"]
+    for name in names:
+        sweep(model, clean=PROMPT.replace("store", name), corrupted=CORRUPT.replace("store", name))
+    assert clean_runs.stats()["entries"] == clean_runs.MAX_ENTRIES
+    one = clean_runs.stats()["bytes"] // clean_runs.MAX_ENTRIES
+    monkeypatch.setattr(clean_runs, "MAX_BYTES", one * 2 + 1)
+    sweep(model, clean=PROMPT.replace("store", "park"), corrupted=CORRUPT.replace("store", "park"))
+    assert clean_runs.stats()["bytes"] <= one * 2 + 1 and clean_runs.stats()["entries"] <= 2
+
+
+def test_a_model_that_is_gone_leaves_nothing_behind(demo):
+    import gc
+    import weakref
+
+    clean_runs.forget()
+    model = ii.wrap(tiny_model("gpt2", len(demo.tokenizer)), demo.tokenizer)
+    sweep(model)
+    assert clean_runs.stats()["entries"] == 2
+    gone = weakref.ref(model.module)
+    del model
+    gc.collect()
+    assert gone() is None                      # the kept recordings do not hold the model
+    other = ii.wrap(tiny_model("gpt2", len(demo.tokenizer)), demo.tokenizer)
+    sweep(other)
+    assert clean_runs.stats()["hits"] == 0 and clean_runs.stats()["entries"] == 2
+    clean_runs.forget()
