@@ -323,3 +323,48 @@ def test_magic_sweeps_a_latent_site(shell, demo):
     got = shell.user_ns["lat"]
     assert got.site == "sae:transformer.h[2]" and got.dims == ("latent", "pos")
     torch.testing.assert_close(got.values, expected.values)
+
+
+@torch.no_grad()
+def test_latent_causal_tracing_equals_noised_runs_by_hand(demo):
+    """method="noise": the subject's embeddings noised (samples copies), one latent restored
+    to its clean value; the metric averaged over the copies."""
+    module, block = demo.module, demo.module.transformer.h[2]
+    sae = TinySAE(demo.config.n_embd, seed=5)
+    attach(demo, demo.transformer.h[2], sae)
+    try:
+        result = ii.patch_sweep(demo, PROMPT, metric=ii.logit_diff("Mary", "John"),
+                                site="sae", method="noise", subject=[1, 3], samples=3,
+                                seed=7, latents=range(8), positions=[1, 5, 14])
+    finally:
+        detach(demo)
+    kwargs = demo.prepare([PROMPT]).kwargs
+    emb = module.transformer.wte(kwargs["input_ids"])
+    std = 3.0 * float(emb[0, [1, 3]].std())
+    noise = torch.randn(3, 1, 15, demo.config.n_embd,
+                        generator=torch.Generator().manual_seed(7)) * std
+    keep = torch.zeros(15, dtype=torch.bool)
+    keep[[1, 3]] = True
+    noise = noise * keep[None, None, :, None]
+    clean = latents_of(module, block, sae, kwargs)
+    metric = metric_fn(demo)
+    expected = torch.zeros(8 * 3)
+    for c, (j, p) in enumerate((j, p) for j in range(8) for p in (1, 5, 14)):
+        scores = []
+        for s in range(3):
+            def restore(m, a, o, j=j, p=p):
+                x = first(o)
+                lat = sae.encode(x)
+                lat2 = lat.clone()
+                lat2[0, p, j] = clean[0, p, j]
+                return replace(o, sae.decode(lat2) + (x - sae.decode(lat)))
+            handles = [module.transformer.wte.register_forward_hook(
+                lambda m, a, o, s=s: o + noise[s]), block.register_forward_hook(restore)]
+            try:
+                scores.append(metric(module(**kwargs).logits))
+            finally:
+                for h in handles:
+                    h.remove()
+        expected[c] = torch.stack(scores).mean()
+    torch.testing.assert_close(result.raw.flatten(), expected, atol=1e-5, rtol=0)
+    assert result.direction == "causal tracing" and expected.std() > 1e-4
