@@ -15,7 +15,7 @@ from ipy_intervene.cache import ActivationCache, cache
 from ipy_intervene.decompose import DecomposeResult, decompose
 from ipy_intervene.errors import InterventionError
 from ipy_intervene.features import (SAE, Custom, Direction, Neurons, Splice, Subspace, attach,
-                                    attached, detach, load_sae)
+                                    attached, detach, feature_activations, load_sae)
 from ipy_intervene.lens import LensResult, lens
 from ipy_intervene.metrics import logit_diff, logprob, metric, prob
 from ipy_intervene.loading import load_model, wrap
@@ -38,7 +38,7 @@ __all__ += ["ActivationCache", "PatternBatch", "Positions", "cache", "positions"
 __all__ += ["DecomposeResult", "PatternResult", "RayCluster", "ScreenResult", "attention_patterns", "decompose",
             "debug", "path_patch", "screen_and_verify"]
 __all__ += ["Custom", "Direction", "Neurons", "SAE", "Splice", "Subspace", "attach", "attached",
-            "detach", "load_sae"]
+            "detach", "feature_activations", "load_sae"]
 
 
 def debug(on: bool = True) -> None:
