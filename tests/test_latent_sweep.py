@@ -368,3 +368,23 @@ def test_latent_causal_tracing_equals_noised_runs_by_hand(demo):
         expected[c] = torch.stack(scores).mean()
     torch.testing.assert_close(result.raw.flatten(), expected, atol=1e-5, rtol=0)
     assert result.direction == "causal tracing" and expected.std() > 1e-4
+
+
+def test_a_wide_latent_grid_shows_its_strongest_latents(demo):
+    attach(demo, demo.transformer.h[2], TinySAE(demo.config.n_embd, m=96, seed=6))
+    try:
+        result = ii.patch_sweep(demo, PROMPT, CORRUPT, ii.logit_diff("Mary", "John"),
+                                site="sae", positions=[-1, 10])
+    finally:
+        detach(demo)
+    view = result.show()
+    assert len(view.rows) == 40 and "40 of 96 latents" in view.figure.layout.title.text
+    strongest = result.top(1)[0]
+    assert f"#{strongest['latent']}" in view.rows
+    index = view.index()                          # the selection, as a grid index
+    assert result.latents[index[0]] == strongest["latent"]
+    shown = [int(label[1:]) for label in view.rows]
+    effect = (result.values - result.unpatched).abs().amax(1)
+    hidden = [j for j in result.latents if j not in shown]
+    assert float(effect[hidden].max()) <= float(effect[shown].min())
+    assert "#" in result._repr_mimebundle_()["image/svg+xml"]

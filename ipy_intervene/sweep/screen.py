@@ -75,15 +75,16 @@ class ScreenResult:
         hover)."""
         from ipy_intervene.widgets.heatmap import sweep_heatmap
 
-        from ipy_intervene.widgets.sweep_view import row_labels
+        from ipy_intervene.widgets.sweep_view import row_labels, shown_rows
 
         fig = self.screen.figure() if self.screen.dims[0] == "latent" else \
             sweep_heatmap(self.screen)
         if self.screen.dims == ("layer", "pos", "head"):
             return fig                         # one position shown: marks would mislead
         x_labels, y_labels = fig.data[0].x, row_labels(self.screen)
+        shown = set(shown_rows(self.screen))   # a latent grid draws its strongest rows
         marks = [(x_labels[c["index"][1]], y_labels[c["index"][0]], c["exact"])
-                 for c in self.cells]
+                 for c in self.cells if c["index"][0] in shown]
         fig.add_scatter(x=[m[0] for m in marks], y=[m[1] for m in marks], mode="markers",
                         marker={"symbol": "square-open", "size": 18, "color": "black"},
                         customdata=[m[2] for m in marks], name="verified",

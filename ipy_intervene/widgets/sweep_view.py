@@ -33,7 +33,11 @@ class SweepView:
         self.has_pos = "pos" in result.dims
         self.has_head = "head" in result.dims
         self.row_dim = result.dims[0]            # "layer", or "latent" for a latent site
-        self.rows = row_labels(result)
+        self.row_index = shown_rows(result)      # grid rows drawn (the strongest latents)
+        self.rows = [row_labels(result)[i] for i in self.row_index]
+        self.note = "" if len(self.row_index) == result.values.shape[0] else (
+            f"; the {len(self.row_index)} of {result.values.shape[0]} latents with the "
+            "largest effect")
         self.layer = _slider(self.row_dim, self.rows)
         self.pos = _slider("position", [result.tokens[p] for p in result.positions]) \
             if self.has_pos else None
@@ -69,7 +73,7 @@ class SweepView:
 
     def index(self) -> tuple[int, ...]:
         """The selected cell's grid index, in the result's dims order."""
-        chosen = {self.row_dim: self.layer.value,
+        chosen = {self.row_dim: self.row_index[self.layer.value],
                   "pos": self.pos.value if self.pos else None,
                   "head": self.head.value if self.head else None}
         return tuple(chosen[d] for d in self.result.dims)
@@ -77,8 +81,11 @@ class SweepView:
     def _strongest(self) -> dict[str, int]:
         flat = int(self.result.values.abs().nan_to_num(0.0).flatten().argmax())
         index = torch.unravel_index(torch.tensor(flat), self.result.values.shape)
-        return {"layer" if d == self.row_dim else d: int(i)
-                for d, i in zip(self.result.dims, index)}
+        found = {"layer" if d == self.row_dim else d: int(i)
+                 for d, i in zip(self.result.dims, index)}
+        row = found["layer"]
+        found["layer"] = self.row_index.index(row) if row in self.row_index else 0
+        return found
 
     def _on_slider(self, change: dict) -> None:
         if not self._selecting:  # select() refreshes once, after all its sliders moved
@@ -100,6 +107,8 @@ class SweepView:
         r = self.result
         if r.dims == ("layer", "pos", "head"):
             return r.values[:, :, self.head.value], r.raw[:, :, self.head.value]
+        if self.row_dim == "latent":
+            return r.values[self.row_index], r.raw[self.row_index]
         return r.values, r.raw
 
     def _x_labels(self) -> list[str]:
@@ -126,7 +135,7 @@ class SweepView:
                        showlegend=False, line={"color": "#444"},
                        hovertemplate="%{y}: %{x:.4f}<extra></extra>")])
         x_title = "position" if self.has_pos else "head"
-        layout = grid.grid_layout(x, y, title=grid.sweep_title(r), x_title=x_title)
+        layout = grid.grid_layout(x, y, title=(grid.sweep_title(r) + self.note), x_title=x_title)
         layout["xaxis"].update(domain=HEAT_DOMAIN, anchor="y")
         layout["xaxis2"] = {"domain": LINE_DOMAIN, "anchor": "y2", "range": _line_range(r),
                             "autorange": False, "automargin": False, "zeroline": False,
@@ -154,7 +163,7 @@ class SweepView:
         mark.update(x=[x[column]], y=[self.rows[layer]])
         line.update(x=values[:, column].tolist(), name=x[column])
         vals, text = grid.tick_text(x, selected=column, marked=self.subject)
-        title = grid.sweep_title(r) + (f"; head H{r.heads[self.head.value]}"
+        title = (grid.sweep_title(r) + self.note) + (f"; head H{r.heads[self.head.value]}"
                                        if self.has_head and self.has_pos else "")
         with self.figure.batch_update():  # layout only: one relayout
             layout = self.figure.layout
@@ -240,6 +249,19 @@ class SweepView:
         bundle.update(_images(fig))
         bundle["text/plain"] = repr(self.result)
         return bundle
+
+
+MAX_LATENT_ROWS = 40   # a latent grid draws its strongest rows: 16k SAE latents do not fit
+
+
+def shown_rows(result: Any, limit: int = MAX_LATENT_ROWS) -> list[int]:
+    """The grid rows a view draws: every layer; for a latent site, at most ``limit`` latents,
+    those farthest from the unpatched value anywhere (in grid order)."""
+    rows = result.values.shape[0]
+    if result.dims[0] != "latent" or rows <= limit:
+        return list(range(rows))
+    effect = (result.values - result.unpatched).nan_to_num(0.0).abs().amax(1)
+    return sorted(effect.argsort(descending=True, stable=True)[:limit].tolist())
 
 
 def row_labels(result: Any) -> list[str]:
