@@ -8,24 +8,15 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
-from torch import nn
 
 from ipy_intervene.compile import compile_cell
 from ipy_intervene.magics.command import TraceCommand
 from ipy_intervene.magics.evaluate import evaluate
+from ipy_intervene.magics.trace_def import (TracedCell, as_model, check_options, signature_of,
+                                            take_def)
 from ipy_intervene.magics.tracebacks import shorten, title_of
-from ipy_intervene.loading import wrap
 from ipy_intervene.model import Model
 from ipy_intervene.trace import NO_INPUT, TraceResult, run_compiled
-
-
-def as_model(value: Any, expr: str, magic: str) -> Model:
-    if isinstance(value, Model):
-        return value
-    if isinstance(value, nn.Module):
-        return wrap(value)
-    raise UsageError(f"{magic}: MODEL `{expr}` is a {type(value).__name__}; expected an "
-                     "ii.Model (ii.load_model(...)) or a torch.nn.Module")
 
 
 @magics_class
@@ -43,6 +34,9 @@ class TraceMagics(Magics):
               "checked, nothing computed or published")
     @argument("--out", metavar="NAME", help="also store the TraceResult in NAME")
     @argument("--quiet", action="store_true", help="display nothing")
+    @argument("--def", dest="define", metavar="NAME(ARGS)", help="define NAME(ARGS) in the "
+              "notebook, a function that runs this cell with ARGS bound and returns its "
+              "TraceResult (nothing runs now)")
     @no_var_expand
     @cell_magic
     def trace(self, line: str, cell: str) -> None:
@@ -75,10 +69,18 @@ class TraceMagics(Magics):
            ...: for step in tracer.steps():
            ...:     logits = model.lm_head.output
            ...: tokens = tracer.output
+        In [6]: %%trace model prompt --def steer(coef, latent=43)
+           ...: model.transformer.h[2].sae.latents.output[:, -1, latent] *= coef
+           ...: logits = model.lm_head.output
+        In [7]: [steer(c).names["logits"][0, -1].argmax() for c in (0.0, 1.0, 4.0)]
         """
+        line, define = take_def(line)
         command = TraceCommand.parse(line)
         args = parse_argstring(self.trace, f"_ {command.options}")
         shell = self.shell
+        if define is not None:
+            self._define(define, line, cell, command, args)
+            return
         model = as_model(evaluate(shell, command.model, "MODEL", "%%trace"), command.model,
                          "%%trace")
         input_ = NO_INPUT
@@ -112,6 +114,24 @@ class TraceMagics(Magics):
                                             self.shell.execution_count,
                                             raw_code=f"{magic_line}\n{cell}")
         return "\n" + source, filename
+
+    def _define(self, spec: str, line: str, cell: str, command: TraceCommand,
+                args: Any) -> None:
+        """``--def NAME(ARGS)``: compile the cell now, bind NAME to a :class:`TracedCell`."""
+        options = check_options(args)
+        name, signature = signature_of(spec, self.shell.user_ns)
+        source, filename = self._cache(f"%%trace {line} --def {spec}", cell)
+        shell = self.shell
+        try:
+            compiled = compile_cell(source, model_expr=command.model,
+                                    has_input=command.input is not None, filename=filename,
+                                    transform_ast=shell.transform_ast if shell.ast_transformers
+                                    else None)
+        except Exception as exc:
+            shorten(exc, filename, title_of(shell))
+            raise
+        shell.user_ns[name] = TracedCell(name, signature, shell, command, compiled, filename,
+                                         title_of(shell), options)
 
     def _run(self, model: Model, command: TraceCommand, source: str, filename: str,
              input_: Any, args: Any) -> TraceResult:
