@@ -250,7 +250,7 @@ def test_unknown_latent_site_names_the_attached_ones(demo):
                            site="resid_pre", latents=[1])
     finally:
         detach(demo)
-    with pytest.raises(SiteError, match="none attached"):
+    with pytest.raises(SiteError, match="unknown site 'sae'; sweep sites: resid_pre"):
         ii.patch_sweep(demo, PROMPT, CORRUPT, ii.logit_diff("Mary", "John"), site="sae")
 
 

@@ -34,9 +34,9 @@ def site_names(site: Any, model: Any = None) -> list[str]:
         if name not in SITES and name not in HEAD_SITES and (
                 model is None or latent_sites.find_splice(model, name) is None):
             spliced = latent_sites.site_names(model) if model is not None else []
+            latent = f"; latent sites (ii.attach): {', '.join(spliced)}" if spliced else ""
             raise SiteError(f"unknown site {name!r}; sweep sites: "
-                            f"{', '.join([*SITES, *HEAD_SITES])}; latent sites (splices made "
-                            f"with ii.attach): {', '.join(spliced) or 'none attached'}")
+                            f"{', '.join([*SITES, *HEAD_SITES])}{latent}")
     return names
 
 
@@ -75,7 +75,8 @@ def atp_options(method: str, qk_fix: bool | None, grad_drop: bool | None) -> dic
 
 
 def head_site_error(site: str, method: str) -> InputError:
-    return InputError(f"site {site!r} is swept with method='activation' (exact); "
+    also = ", 'attribution' or 'atp*'" if site in atp_star.HEAD_INPUT_SITES else ""
+    return InputError(f"site {site!r} is swept with method='activation' (exact){also}; "
                       f"{method!r} covers the sites {', '.join(SITES)}")
 
 
