@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import nbformat as nbf
+from examples_features import feature_circuits
 
 md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -306,7 +307,7 @@ def circuit_discovery() -> list:
     ]
 
 
-NOTEBOOKS = {"ioi_circuit": ioi_circuit, "ioi_activation_patching": ioi, "attribution_patching": attribution,
+NOTEBOOKS = {"feature_circuits": feature_circuits, "ioi_circuit": ioi_circuit, "ioi_activation_patching": ioi, "attribution_patching": attribution,
              "causal_tracing": causal_tracing, "generation_steering": generation_steering,
              "logit_lens": logit_lens, "circuit_discovery": circuit_discovery}
 
