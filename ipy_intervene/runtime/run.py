@@ -17,6 +17,7 @@ from torch import nn
 
 from ipy_intervene import active, attention, values
 from ipy_intervene.errors import InterventionError, SiteError, cell_line
+from ipy_intervene.generation import GenerateOptions
 from ipy_intervene.graph import InterventionGraph, Visit
 from ipy_intervene.hooks import HookSession
 from ipy_intervene.batch import Batch
@@ -39,16 +40,19 @@ class Outcome:
     steps: int
     seconds: float
     stopped_at: int | None = None
+    loss: Any = None                   # the model's loss, when the INPUT gave labels=
 
 
 class Run:
     """One running trace: what ``__ii__`` and ``tracer`` talk to."""
 
     def __init__(self, model: Model, cell: Any, graph: InterventionGraph, ns: dict,
-                 generate: int | None, session: HookSession, ignore_eos: bool = False) -> None:
+                 generate: int | None, session: HookSession, ignore_eos: bool = False,
+                 options: GenerateOptions | None = None) -> None:
         self.model, self.cell, self.graph, self.ns = model, cell, graph, ns
         self.filename = cell.filename
         self.generate, self.ignore_eos = generate, ignore_eos
+        self.options = options or GenerateOptions()
         self.sched = Scheduler(graph, generate)
         self.hooks = TraceHooks(session, self.sched, model.module)
         self.planned: list[tuple[int, Any, dict[str, Any]]] = []  # (block, INPUT, captured)
@@ -128,9 +132,14 @@ class Run:
         self.graph.regions[region].entered += 1
 
     def steps(self, n: int | None) -> Iterator[int]:
-        inv = self.sched.current(what="tracer.steps()")
+        """The steps the run takes: up to ``n`` (default: all asked for), fewer when every
+        prompt has stopped at end-of-text (the loop just ends)."""
+        sched = self.sched
+        inv = sched.current(what="tracer.steps()")
         total = self.generate if self.generate is not None else 1
         for step in range(total if n is None else min(n, total)):
+            if step > max(sched.step, 0) and not sched.wait(Request("step", step=step)):
+                return  # generation ended before this step
             inv.step = step
             yield step
 
@@ -152,8 +161,10 @@ class Run:
             kwargs.pop("position_ids", None)
             if self.ignore_eos:  # end-of-text is forbidden until the last step
                 kwargs["min_new_tokens"] = self.generate
-            return root.generate(*args, **kwargs, max_new_tokens=self.generate, do_sample=False,
-                                 pad_token_id=self.model._pad_id())
+            options = {"do_sample": False, **self.options.kwargs}
+            with self.options.seeded(self.model.device):
+                return root.generate(*args, **kwargs, max_new_tokens=self.generate,
+                                     pad_token_id=self.model._pad_id(), **options)
         except StopForward:
             return None
         finally:
@@ -162,7 +173,8 @@ class Run:
 
 def run_cell(model: Model, cell: Any, graph: InterventionGraph, plan: HookPlan, ns: dict, *,
              line_input: Any = NO_INPUT, generate: int | None = None,
-             grad: bool = False, fake: bool = False, ignore_eos: bool = False) -> Outcome:
+             grad: bool = False, fake: bool = False, ignore_eos: bool = False,
+             options: GenerateOptions | None = None) -> Outcome:
     """Run a validated ``cell`` in namespace ``ns`` against one forward of ``model``.
 
     Names the cell binds go straight into ``ns`` (the caller undoes them if this raises).
@@ -181,7 +193,7 @@ def run_cell(model: Model, cell: Any, graph: InterventionGraph, plan: HookPlan, 
             session.keep_grads(model.module)
         if plan.uses_attention_sites():
             attention.use_sites(session, model.module)
-        run = Run(model, cell, graph, ns, generate, session, ignore_eos)
+        run = Run(model, cell, graph, ns, generate, session, ignore_eos, options)
         try:
             with active.tracing(run):
                 output, batch = _interleave(run, cell, ns, line_input, plan, fake)
@@ -189,7 +201,7 @@ def run_cell(model: Model, cell: Any, graph: InterventionGraph, plan: HookPlan, 
             run.sched.kill()
     sched = run.sched
     return Outcome(graph, sched.final_output, batch, sched.step + 1,
-                   time.perf_counter() - start, sched.stop_line)
+                   time.perf_counter() - start, sched.stop_line, sched.loss)
 
 
 def _interleave(run: Run, cell: Any, ns: dict, line_input: Any, plan: HookPlan,
@@ -209,6 +221,9 @@ def _interleave(run: Run, cell: Any, ns: dict, line_input: Any, plan: HookPlan,
     with _real_tensors() if fake else nullcontext():  # inputs are real even in a dry run
         batch = run.model.prepare([x for _, x, _ in run.planned], line=line,
                                   new_tokens=run.generate or 0)
+    if run.generate is not None and "labels" in batch.kwargs:
+        raise InterventionError("labels= gives the loss of one forward; it does not go with "
+                                "--generate (generate takes no labels)", line=line)
     own: list[dict[str, Any]] = [{} for _ in run.planned]
     bodies = [(code, _body(cell, cell.invokes[code], ns, names, own[i]))
               for i, (code, _, names) in enumerate(run.planned)]

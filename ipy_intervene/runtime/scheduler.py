@@ -32,7 +32,7 @@ DONE = object()    # what an invoke's greenlet returns when its code has finishe
 class Request:
     """What an invoke's code is waiting for."""
 
-    kind: str                       # site | names | model_output
+    kind: str                       # site | names | model_output | step
     envoy: Envoy | None = None
     attr: str = ""                  # output | input | inputs | skip
     access: str = "read"            # read | arrive | write | edit | augment | skip
@@ -82,6 +82,7 @@ class Scheduler:
         self.step = -1
         self.running = self.finished = False
         self.final_output: Any = None
+        self.loss: Any = None                           # the model's loss, given labels=
         self.bound_names: set[str] = set()
         self.fired: dict[tuple[str, int], int] = {}     # (phase, module id) -> last step
         self.retained: dict[tuple[str, int], Any] = {}  # this step's holders of hooked modules
@@ -163,9 +164,11 @@ class Scheduler:
         return None
 
     def wanted(self, phase: str, key: int) -> bool:
-        return any(inv.pending is not None and inv.pending.kind == "site"
-                   and inv.pending.step == self.step and inv.pending.key == (phase, key)
-                   for inv in self.invokes)
+        return any(inv.pending is not None and (
+            inv.pending.kind == "site" and inv.pending.step == self.step
+            and inv.pending.key == (phase, key)
+            or inv.pending.kind == "step" and inv.pending.step <= self.step)
+            for inv in self.invokes)
 
     def wants_logits(self) -> bool:
         return self.generate is None and any(
@@ -206,6 +209,8 @@ class Scheduler:
     def _ready(self, req: Request, holder: Any, phase: str | None, key: int | None) -> bool:
         if req.kind == "names":
             return set(req.names) <= self.bound_names
+        if req.kind == "step":   # tracer.steps(): the step has begun, or the run is over
+            return self.step >= req.step or self.finished
         if req.kind == "model_output":
             if self.generate is None:
                 return isinstance(holder, Output) and holder.is_root
@@ -227,6 +232,8 @@ class Scheduler:
     def _answer(self, inv: Invoke, req: Request, holder: Any) -> Any:
         if req.kind == "names":
             return None
+        if req.kind == "step":
+            return self.step >= req.step
         if req.kind == "model_output":
             source = holder.value if self.generate is None else self.final_output
             out = values.take_rows(source, inv.rows, self.batch.size)
@@ -246,6 +253,7 @@ class Scheduler:
         self.finished = True
         self.final_output = output if self.generate is not None else getattr(output, "logits",
                                                                              output)
+        self.loss = getattr(output, "loss", None) if self.generate is None else None
         self.serve(None, None, None)
         for inv in self.invokes:
             tries = 0
