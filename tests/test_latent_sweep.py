@@ -245,6 +245,12 @@ def test_unknown_latent_site_names_the_attached_ones(demo):
         with pytest.raises(SiteError, match="latent 99 is out of range"):
             ii.patch_sweep(demo, PROMPT, CORRUPT, ii.logit_diff("Mary", "John"), site="sae",
                            latents=[99])
+        with pytest.raises(InputError, match="layers, window do not apply"):
+            ii.patch_sweep(demo, PROMPT, CORRUPT, ii.logit_diff("Mary", "John"), site="sae",
+                           layers=[1], window=3)
+        with pytest.raises(InputError, match="latent site 'sae:transformer.h.2.' is swept"):
+            ii.patch_sweep(demo, PROMPT, CORRUPT, ii.logit_diff("Mary", "John"), site="sae",
+                           method="path")
         with pytest.raises(InputError, match="latents= selects"):
             ii.patch_sweep(demo, PROMPT, CORRUPT, ii.logit_diff("Mary", "John"),
                            site="resid_pre", latents=[1])

@@ -146,9 +146,12 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
     atp = choices.atp_options(method, qk_fix, grad_drop)
     found = None if site in SITES or site in HEAD_SITES else latent_sites.find_splice(model, site)
     if found is not None:
-        if cluster is not None or dictionary is not None:
-            raise InputError(f"latent site {site!r}: cluster= and dictionary= apply to module "
-                             "sites (the latents are the splice's own dictionary)")
+        given = [k for k, v in (("layers", layers), ("heads", heads), ("cluster", cluster),
+                                ("dictionary", dictionary)) if v is not None] + (
+            ["window"] if window != 1 else [])
+        if given:
+            raise InputError(f"latent site {site!r}: {', '.join(given)} do not apply (its grid "
+                             "is latents x positions: latents=, positions=)")
         return _latent_sweep(model, clean, corrupted, metric, found, method, direction, latents,
                              positions, batch_size, memory_fraction, atp, start,
                              (subject, samples, noise, noise_std, seed))
