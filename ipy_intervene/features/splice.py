@@ -72,14 +72,22 @@ class Splice(nn.Module):
         """The spliced output for the target's output ``x`` (``source``: what is encoded,
         the target's input for a transcoder; ``x`` itself when None)."""
         src = x if source is None else source
+        if not isinstance(x, torch.Tensor) or not isinstance(src, torch.Tensor):
+            got = type(x if not isinstance(x, torch.Tensor) else src).__name__
+            raise SiteError(f"the splice at {self.target_path} needs a tensor (or a tuple "
+                            f"whose first element is one) as the module's "
+                            f"{'input' if source is not None else 'output'}; got {got}")
         dtype = _dtype(self.dictionary, x)
         lat = self._encode(src.to(dtype))
         with torch.no_grad():
             err = x.to(dtype) - self.dictionary.decode(lat)
-        versions = (lat._version, err._version)
+        if lat.requires_grad:  # an in-place edit must not touch what encode saved for backward
+            lat = lat.clone()
+        versions = _versions(lat, err)
         lat2 = self.latents(lat)
         err2 = self.error(err)
-        edited = lat2 is not lat or err2 is not err or versions != (lat._version, err._version)
+        edited = lat2 is not lat or err2 is not err or versions is None or \
+            versions != _versions(lat, err)
         if not edited and not torch.is_grad_enabled():
             return x
         return (self.dictionary.decode(lat2) + err2).to(x.dtype)
@@ -124,7 +132,6 @@ def attach(model: Any, at: Any, dictionary: nn.Module, *, name: str = "sae",
         splice.dictionary.to(param.device)
     target.add_module(name, splice)
     splice._handle = target.register_forward_hook(_route(splice), with_kwargs=True)
-    _forget_names(model)
     return splice
 
 
@@ -152,7 +159,6 @@ def detach(model: Any, at: Any = None) -> None:
             splice._handle.remove()
             splice._handle = None
         delattr(parent, child)
-    _forget_names(model)
 
 
 def attached(model: Any) -> dict[str, Splice]:
@@ -219,6 +225,7 @@ def _route(splice: Splice):
             return [new, *output[1:]]
         return new
 
+    hook.keep_in_dry_run = True  # part of the model, not an observer: a dry run should run it
     return hook
 
 
@@ -229,10 +236,13 @@ def _root(model: Any) -> nn.Module:
     return module
 
 
-def _forget_names(model: Any) -> None:
-    """The wrapper's cached module names (id -> path) are stale after the tree changed."""
-    if getattr(model, "_names", None) is not None and hasattr(model, "module"):
-        object.__setattr__(model, "_names", None)
+def _versions(*tensors: torch.Tensor) -> tuple[int, ...] | None:
+    """In-place edit counters (None for inference-mode tensors, which have none: then the
+    splice always decodes, which is right whether or not they were edited)."""
+    try:
+        return tuple(t._version for t in tensors)
+    except RuntimeError:
+        return None
 
 
 def _dtype(dictionary: nn.Module, x: torch.Tensor) -> torch.dtype:
