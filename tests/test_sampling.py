@@ -141,3 +141,40 @@ def test_lengths_and_positions_for_every_trace(demo):
     assert generated.prompt_length == max(result.lengths)
     with pytest.raises(InterventionError, match="did not generate"):
         result.new_tokens
+
+
+# -- the %%trace line: the generation options' table (magics/command.py) -----------------------
+
+def test_the_line_options_become_the_same_generate_keywords(demo):
+    from ipy_intervene.magics.command import TraceCommand, generate_values
+
+    line = ("model 'The' --generate 6 --do-sample --temperature 1.5 --top-k 20 --seed 3 "
+            "--generate-kwargs dict(repetition_penalty=1.3) --quiet")
+    command, texts = TraceCommand.parse(line).split_generation()
+    assert command.options == "--generate 6 --quiet"
+    options = generate_values(texts, lambda text, flag: eval(text))
+    assert options == dict(do_sample=True, temperature=1.5, top_k=20, seed=3,
+                           repetition_penalty=1.3)
+    by_line = ii.trace(demo, "x = 1", "The", generate=6, **options).output
+    torch.manual_seed(3)
+    assert torch.equal(by_line, generate_alone(demo, ["The"], 6, do_sample=True,
+                                               temperature=1.5, top_k=20,
+                                               repetition_penalty=1.3))
+
+
+def test_bad_generation_options_on_the_line_are_usage_errors():
+    from IPython.core.error import UsageError
+
+    from ipy_intervene.magics.command import TraceCommand, generate_values
+
+    with pytest.raises(UsageError, match="--seed is given twice"):
+        TraceCommand.parse("m 'x' --generate 2 --seed 1 --seed 2").split_generation()
+    with pytest.raises(UsageError, match="--do-sample takes no value"):
+        TraceCommand.parse("m 'x' --generate 2 --do-sample yes").split_generation()
+    with pytest.raises(UsageError, match="--temperature needs a value"):
+        TraceCommand.parse("m 'x' --generate 2 --temperature").split_generation()
+    with pytest.raises(UsageError, match="must be a dict"):
+        generate_values({"generate_kwargs": "[1]"}, lambda text, flag: eval(text))
+    with pytest.raises(UsageError, match="sets seed, which the line sets too"):
+        generate_values({"seed": "1", "generate_kwargs": "dict(seed=2)"},
+                        lambda text, flag: eval(text))

@@ -33,6 +33,28 @@ class TraceCommand:
         model, input_ = split_expressions(head, magic)
         return cls(model, input_, options)
 
+    def split_generation(self, magic: str = "%%trace") -> tuple["TraceCommand", dict[str, str]]:
+        """This command without its generation options (``GENERATE_OPTIONS``), and those
+        options' texts by name (:func:`generate_values` reads them).
+
+        >>> TraceCommand.parse("model 'x' --generate 3 --do-sample --seed 1").split_generation()
+        (TraceCommand(model='model', input="'x'", options='--generate 3'), {'do_sample': '', 'seed': '1'})
+        """
+        kept, found, rest = [], {}, self.options
+        while rest:
+            name_text = rest.split(None, 1)[0]
+            name = name_text[2:].replace("-", "_")
+            value, rest = split_options(rest[len(name_text):])
+            if name in GENERATE_OPTIONS:
+                option = GENERATE_OPTIONS[name]
+                if name in found:
+                    raise UsageError(f"{magic}: {option.flag} is given twice")
+                option.check(value.strip(), magic)
+                found[name] = value.strip()
+            else:
+                kept.append(f"{name_text} {value}".strip())
+        return TraceCommand(self.model, self.input, " ".join(kept)), found
+
 
 def _tokens(text: str) -> list[tokenize.TokenInfo]:
     try:
@@ -290,6 +312,44 @@ def manual(magic: str, summary: str, options: dict[str, Option], examples: list[
         "", "Examples", "--------",
         *(f"In [{i}]: {example}" for i, example in enumerate(examples, 1)),
     ])
+
+
+GENERATE_OPTIONS: dict[str, Option] = {o.name: o for o in (
+    Option("do_sample", FLAG, help="with --generate: sample the next token instead of taking "
+           "the likeliest", default="off: greedy"),
+    Option("temperature", EXPRESSION, "T", "with --do-sample: divide the logits by T", "1.0"),
+    Option("top_p", EXPRESSION, "P", "with --do-sample: sample from the smallest set of tokens "
+           "whose probability reaches P", "1.0"),
+    Option("top_k", EXPRESSION, "K", "with --do-sample: sample from the K likeliest tokens", "50"),
+    Option("seed", EXPRESSION, "N", "with --do-sample: draw what torch.manual_seed(N); "
+           "model.generate(...) draws (the notebook's random state is left as it was)"),
+    Option("generate_kwargs", EXPRESSION, "D", "with --generate: any other keyword of "
+           "model.generate, as a dict, e.g. dict(repetition_penalty=1.2) (checked by name)"),
+)}
+
+
+def generate_values(texts: dict[str, str], evaluate: Callable[[str, str], Any]) -> dict[str, Any]:
+    """The keywords for ``ii.trace``/``run_compiled(generate_options=...)`` from the texts
+    :meth:`TraceCommand.split_generation` found; ``--generate-kwargs`` must be a dict.
+
+    >>> generate_values({"do_sample": "", "seed": "1"}, lambda text, flag: eval(text))
+    {'do_sample': True, 'seed': 1}
+    """
+    values: dict[str, Any] = {}
+    for name, text in texts.items():
+        value = GENERATE_OPTIONS[name].read(text, evaluate)
+        if name != "generate_kwargs":
+            values[name] = value
+            continue
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise UsageError(f"--generate-kwargs must be a dict of keyword names to values, "
+                             f"e.g. dict(repetition_penalty=1.2); got {type(value).__name__}")
+        twice = sorted(set(value) & set(texts))
+        if twice:
+            raise UsageError(f"--generate-kwargs sets {', '.join(twice)}, which the line sets "
+                             "too: give each once")
+        values.update(value)
+    return values
 
 
 EDGE_OPTIONS: dict[str, Option] = {o.name: o for o in (
