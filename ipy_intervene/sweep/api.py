@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ipy_intervene.errors import InputError, SiteError
+from ipy_intervene.errors import InputError
 from ipy_intervene.hooks import entry_point
 from ipy_intervene.loading import warn_if_training, wrap
 from ipy_intervene.model import Model
