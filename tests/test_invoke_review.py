@@ -281,3 +281,25 @@ def test_statement_before_an_invoke_in_its_loop_reads_the_previous_item(demo):
             close(out, alone(demo, text))
 
     right_or_clear_error(demo, cell, ns, check)
+
+
+# -- 6. a list made before the invokes fills in forward order, not invoke order ------------
+
+@pytest.mark.xfail(strict=True, reason="the README says every invoke appends to a list made "
+                   "before the invokes 'in invoke order', but appends land in the order the "
+                   "forward reaches them: a layer loop written from the last layer down gives "
+                   "`outs` reversed against `layers`, and zip(layers, outs) pairs wrongly")
+def test_list_made_before_the_loop_is_in_invoke_order(demo):
+    ns = {"model": demo, "a": PROMPT}
+    cell = ("layers = [3, 2, 1, 0]\n"
+            "outs = []\n"
+            "for layer in layers:\n"
+            "    with tracer.invoke(a):\n"
+            "        outs.append(model.transformer.h[layer].output[0, -1])\n")
+
+    def check(ns):
+        seen = block_outputs(demo, PROMPT)
+        for layer, out in zip(ns["layers"], ns["outs"]):
+            close(out, seen[layer][0, -1])
+
+    right_or_clear_error(demo, cell, ns, check)
