@@ -62,14 +62,15 @@ def execute(notebook: str | Path, timeout: int = 600) -> "object":
     import tempfile
 
     import nbformat
-    from jupyter_client.manager import KernelManager
     from nbclient import NotebookClient
+    from traitlets.config import Config
 
     nb = nbformat.read(str(notebook), as_version=4)
     with tempfile.TemporaryDirectory(prefix="ii-kernel-") as sockets:
-        km = KernelManager(kernel_name="python3", transport="ipc",
-                           ip=str(Path(sockets) / "kernel"))
-        NotebookClient(nb, km=km, timeout=timeout, store_widget_state=False,
+        ipc = Config({"KernelManager": {"transport": "ipc", "ip": str(Path(sockets) / "kernel")}})
+        # the client makes (and so shuts down) its kernel manager, configured for IPC
+        NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=False,
+                       config=ipc,
                        resources={"metadata": {"path": str(Path(notebook).parent)}}).execute()
     return nb
 
