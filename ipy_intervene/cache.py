@@ -301,9 +301,9 @@ def _run_chunk(model: Model, adapter: Adapter, plan: list[tuple[str, int | None]
         if key[0] in ("head_out",):
             x = split_heads(x, adapter.n_heads)
         dims = _POS_DIMS.get(key[0], (0,))
+        x = x.to(device, dtype)          # one transfer per site and chunk, then per prompt
         for row, n in enumerate(lengths):
-            values[key].append(_one(x[row], dims, n, kept, len(input_ids) + row)
-                               .to(device, dtype).clone())
+            values[key].append(_one(x[row], dims, n, kept, len(input_ids) + row).clone())
     ids = batch.kwargs["input_ids"]
     input_ids += [ids[row, ids.shape[1] - n:].cpu() for row, n in enumerate(lengths)]
 
