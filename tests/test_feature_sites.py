@@ -200,3 +200,12 @@ def test_bad_sites_are_clear_errors(demo):
     finally:
         detach(demo)
     assert hook_count(demo.module) == before
+
+
+def test_a_direction_from_a_weight_row_holds_no_graph(demo):
+    v = demo.module.lm_head.weight[demo.token_id("Mary")] - demo.module.lm_head.weight[
+        demo.token_id("John")]
+    assert v.requires_grad
+    d = Direction(v)
+    assert not d.v.requires_grad and d.v.grad_fn is None
+    torch.testing.assert_close(d.v, (v / v.norm()).detach())

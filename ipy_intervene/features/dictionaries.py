@@ -28,7 +28,7 @@ class Direction(nn.Module):
 
     def __init__(self, v: torch.Tensor) -> None:
         super().__init__()
-        v = torch.as_tensor(v)
+        v = torch.as_tensor(v).detach()  # a weight row: its value, not its graph
         if v.dim() != 1 or not v.is_floating_point():
             raise InputError(f"a direction is a 1-d float tensor; got {v.dim()}-d {v.dtype}")
         norm = v.norm()
@@ -54,7 +54,7 @@ class Subspace(nn.Module):
 
     def __init__(self, basis: torch.Tensor) -> None:
         super().__init__()
-        basis = torch.as_tensor(basis)
+        basis = torch.as_tensor(basis).detach()
         if basis.dim() != 2 or not basis.is_floating_point():
             raise InputError(f"a subspace basis is a 2-d float tensor [k, d]; got "
                              f"{basis.dim()}-d {basis.dtype}")
