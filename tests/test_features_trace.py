@@ -318,3 +318,33 @@ def test_a_module_without_a_tensor_output_is_a_clear_error(demo):
     finally:
         detach(demo)
     assert hook_count(demo.module) == before
+
+
+def test_a_splice_edits_every_generation_step(demo):
+    sae = make_sae(128)
+    attach(demo, "transformer.h[2]", sae)
+    ns = {}
+    try:
+        ii.trace(demo, "for step in tracer.steps():\n"
+                       "    model.transformer.h[2].sae.latents.output[:, -1, :32] = 0\n"
+                       "tokens = tracer.output", PROMPT, namespace=ns, generate=4,
+                 ignore_eos=True)
+    finally:
+        detach(demo)
+
+    def hook(module, args, out):
+        x = out[0] if isinstance(out, tuple) else out
+        lat = by_hand(sae, x)
+        error = x - (lat @ sae.W_dec + sae.b_dec)
+        lat[:, -1, :32] = 0
+        new = lat @ sae.W_dec + sae.b_dec + error
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
+    enc = demo.tokenizer(PROMPT, return_tensors="pt")
+    with torch.no_grad(), hooks((demo.module.transformer.h[2], hook)):
+        want = demo.module.generate(**enc, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                    pad_token_id=demo.tokenizer.pad_token_id)
+    plain = demo.module.generate(**enc, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                 pad_token_id=demo.tokenizer.pad_token_id)
+    assert torch.equal(ns["tokens"], want)
+    assert not torch.equal(want, plain)
