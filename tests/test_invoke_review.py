@@ -303,3 +303,48 @@ def test_list_made_before_the_loop_is_in_invoke_order(demo):
             close(out, seen[layer][0, -1])
 
     right_or_clear_error(demo, cell, ns, check)
+
+
+# -- 7. an in-place change between invokes reaches the invokes registered before it --------
+
+STEER = torch.randn(128, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.xfail(strict=True, reason="run.Run.add_invoke keeps a reference to each captured "
+                   "name, not its value: `vec *= 2` between the invokes (it runs before the "
+                   "forward) doubles the vector the first invoke adds too")
+def test_tensor_changed_in_place_between_invokes(demo):
+    ns = {"model": demo, "a": PROMPT, "b": CORRUPT, "vec": STEER.clone()}
+    cell = ("with tracer.invoke(a):\n"
+            "    model.transformer.h[2].output = model.transformer.h[2].output + vec\n"
+            "    o1 = model.lm_head.output[0, -1]\n"
+            "vec *= 2\n"
+            "with tracer.invoke(b):\n"
+            "    model.transformer.h[2].output = model.transformer.h[2].output + vec\n"
+            "    o2 = model.lm_head.output[0, -1]\n")
+
+    def check(ns):
+        close(ns["o1"], alone(demo, PROMPT, 2, lambda m, a, o: o + STEER))
+        close(ns["o2"], alone(demo, CORRUPT, 2, lambda m, a, o: o + 2 * STEER))
+
+    right_or_clear_error(demo, cell, ns, check)
+
+
+@pytest.mark.xfail(strict=True, reason="same cause with a dict of settings changed in a loop of "
+                   "invokes: every invoke uses the last coefficient")
+def test_settings_dict_changed_in_a_loop_of_invokes(demo):
+    ns = {"model": demo, "prompts": PROMPTS, "vec": STEER}
+    cell = ("cfg = {}\n"
+            "outs = []\n"
+            "for c, p in zip([1.0, -2.0, 0.5], prompts):\n"
+            "    cfg['coef'] = c\n"
+            "    with tracer.invoke(p):\n"
+            "        model.transformer.h[2].output[:, -1] += cfg['coef'] * vec\n"
+            "        outs.append(model.lm_head.output[0, -1])\n")
+
+    def check(ns):
+        for c, text, out in zip([1.0, -2.0, 0.5], PROMPTS, ns["outs"]):
+            close(out, alone(demo, text, 2, lambda m, a, o, c=c: torch.cat(
+                [o[:, :-1], o[:, -1:] + c * STEER], 1)))
+
+    right_or_clear_error(demo, cell, ns, check)
