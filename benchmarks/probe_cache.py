@@ -4,7 +4,7 @@ run on the demo model. The probe: does the last token's residual stream say whic
 repeated (the subject: the first or the second name)? Ridge regression per layer, fitted on
 1,500 prompts, scored on 500.
 
-    python benchmarks/probe_cache.py [--prompts 2000] [--batch-size 64]
+    python benchmarks/probe_cache.py [--prompts 2000] [--batch-size 64] [--device cuda]
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ def naive(model: ii.Model, texts: list[str]) -> torch.Tensor:
             (out[0] if isinstance(out, tuple) else out)[0, -1].clone())) for b in blocks]
         try:
             with torch.no_grad():
-                model.module(**model.tokenizer(text, return_tensors="pt"))
+                model.module(**model.tokenizer(text, return_tensors="pt").to(model.device))
         finally:
             for h in handles:
                 h.remove()
-        rows.append(torch.stack(seen))
+        rows.append(torch.stack(seen).cpu())
     return torch.stack(rows)                                  # [prompts, layers, d]
 
 
@@ -67,8 +67,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu", help="where the model runs (the cache "
+                        "keeps its values on the CPU)")
     args = parser.parse_args()
     model = ii.load_model("demo")
+    model.module.to(args.device)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     texts, labels = prompts(args.prompts)
     train = args.prompts * 3 // 4
     ii.cache(model, texts[:8], sites="resid_post")            # warm-up
@@ -76,12 +80,14 @@ def main() -> None:
     start = time.perf_counter()
     full = ii.cache(model, texts, sites="resid_post", batch_size=args.batch_size)
     features = full.stack("resid_post", pos=-1)
+    sync()
     ours_s = time.perf_counter() - start
     start = time.perf_counter()
     last = ii.cache(model, texts, sites="resid_post", positions=-1, batch_size=args.batch_size)
     last_s = time.perf_counter() - start
     start = time.perf_counter()
     reference = naive(model, texts)
+    sync()
     naive_s = time.perf_counter() - start
 
     gap = float((features - reference).abs().max())
@@ -90,7 +96,8 @@ def main() -> None:
     accuracy = probe(features, labels, train)
     n_layers = features.shape[1]
     print(f"{args.prompts} prompts ({min(full.lengths)}..{max(full.lengths)} tokens) x "
-          f"{n_layers} layers, resid_post, demo model, CPU, {torch.get_num_threads()} threads")
+          f"{n_layers} layers, resid_post, demo model on {model.device}, "
+          f"{torch.get_num_threads()} CPU threads")
     print(f"ii.cache, every position: {ours_s:.2f} s, keeps {full.nbytes / 2**20:.1f} MiB")
     print(f"ii.cache, positions=-1:   {last_s:.2f} s, keeps {last.nbytes / 2**20:.2f} MiB")
     print(f"naive per-prompt loop:    {naive_s:.2f} s")
