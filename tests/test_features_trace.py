@@ -348,3 +348,12 @@ def test_a_splice_edits_every_generation_step(demo):
                                  pad_token_id=demo.tokenizer.pad_token_id)
     assert torch.equal(ns["tokens"], want)
     assert not torch.equal(want, plain)
+
+
+def test_attach_inside_a_running_trace_is_refused(demo):
+    before = hook_count(demo.module)
+    ns = {"sae": make_sae(128)}
+    with pytest.raises(SiteError, match="between cells"):
+        ii.trace(demo, "ii.attach(model, model.transformer.h[1], sae)\n"
+                       "h = model.transformer.h[1].output", PROMPT, namespace={**ns, "ii": ii})
+    assert attached(demo) == {} and hook_count(demo.module) == before

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ipy_intervene import active
 from ipy_intervene.errors import InputError, InterventionError, SiteError
 from ipy_intervene.hooks import first_tensor, input_key
 
@@ -113,6 +114,7 @@ def attach(model: Any, at: Any, dictionary: nn.Module, *, name: str = "sae",
     >>> splice.target_path, splice.kind
     ('transformer.h[2]', 'output')
     """
+    _not_in_a_trace("ii.attach")
     root = _root(model)
     path = at.path if hasattr(at, "path") and hasattr(at, "module") else at
     if not isinstance(path, str):
@@ -140,6 +142,7 @@ def detach(model: Any, at: Any = None) -> None:
 
     >>> ii.detach(model)                                                 # doctest: +SKIP
     """
+    _not_in_a_trace("ii.detach")
     path = None if at is None else (at.path if hasattr(at, "module") else at)
     if path is not None:
         target = resolve(_root(model), path)
@@ -234,6 +237,12 @@ def _root(model: Any) -> nn.Module:
     if not isinstance(module, nn.Module):
         raise InputError(f"expected an ii.Model or a torch.nn.Module; got {type(model).__name__}")
     return module
+
+
+def _not_in_a_trace(what: str) -> None:
+    if active.current_trace() is not None:
+        raise SiteError(f"{what} changes the model's module tree; call it between cells, not "
+                        "inside a running trace")
 
 
 def _versions(*tensors: torch.Tensor) -> tuple[int, ...] | None:
