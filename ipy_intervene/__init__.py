@@ -28,6 +28,7 @@ from ipy_intervene.sweep import SweepResult, patch_sweep
 from ipy_intervene.sweep.cluster import RayCluster
 from ipy_intervene.sweep.screen import ScreenResult, screen_and_verify
 from ipy_intervene.trace import TraceResult, trace
+from ipy_intervene.traced import traced
 
 __version__ = "0.1.0"
 __all__ = ["Adapter", "Envoy", "InterventionError", "LensResult", "Model", "SweepResult",
@@ -38,7 +39,7 @@ __all__ += ["ActivationCache", "PatternBatch", "Positions", "cache", "positions"
 __all__ += ["DecomposeResult", "PatternResult", "RayCluster", "ScreenResult", "attention_patterns", "decompose",
             "debug", "path_patch", "screen_and_verify"]
 __all__ += ["Custom", "Direction", "Neurons", "SAE", "Splice", "Subspace", "attach", "attached",
-            "detach", "feature_activations", "load_sae"]
+            "detach", "feature_activations", "load_sae", "traced"]
 
 
 def debug(on: bool = True) -> None:

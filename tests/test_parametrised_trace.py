@@ -127,3 +127,65 @@ def test_take_def_reads_nested_brackets():
     assert take_def("model p --def s(a, b=(1, [2])) --grad") == ("model p --grad",
                                                                  "s(a, b=(1, [2]))")
     assert take_def("model '--def x'") == ("model '--def x'", None)
+
+
+MODULE = '''
+import ipy_intervene as ii
+from ipy_intervene.traced import traced
+
+model = ii.load_model("demo")
+PROMPTS = {prompts!r}
+
+
+@traced(model, PROMPTS[0])
+def scale(coef, layer=1):
+    """Scale one MLP's output at the last position."""
+    model.transformer.h[layer].mlp.output[:, -1] *= coef
+    x = 1 / coef
+    logits = model.lm_head.output
+
+
+@traced(model, input=lambda i, **_: PROMPTS[i])
+def read(i, layer=2):
+    h = model.transformer.h[layer].output
+'''
+
+
+@pytest.fixture
+def module(tmp_path, monkeypatch):
+    import importlib
+
+    (tmp_path / "traced_cells.py").write_text(MODULE.format(prompts=[PROMPT, SHORT]))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("traced_cells")
+    yield mod
+    import sys
+    sys.modules.pop("traced_cells", None)
+
+
+def test_a_traced_function_equals_plain_hooks(module):
+    model = module.model
+    for coef, layer in [(0.5, 1), (2.0, 3)]:
+        result = module.scale(coef, layer=layer)
+        assert torch.equal(result.names["logits"], by_hand(model, PROMPT, layer, coef))
+    assert module.scale.__doc__.startswith("Scale one MLP") and not hasattr(module, "logits")
+    h = module.read(1).names["h"]
+    assert h.shape[1] == len(model.to_str_tokens(SHORT))
+
+
+def test_a_traced_function_names_its_own_lines(module):
+    before = hook_count(module.model.module)
+    with pytest.raises(ZeroDivisionError) as err:
+        module.scale(0.0)
+    assert "line 13" in " ".join(getattr(err.value, "__notes__", []))  # `x = 1 / coef`
+    with pytest.raises(SiteError, match="line 12: layer index 9 is past the end"):
+        module.scale(1.0, layer=9)
+    assert hook_count(module.model.module) == before
+
+
+def test_traced_needs_source(demo):
+    from ipy_intervene.errors import InputError
+    from ipy_intervene.traced import traced
+
+    with pytest.raises(InputError, match="not available"):
+        traced(demo, PROMPT)(eval("lambda coef: None"))
