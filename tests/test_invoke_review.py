@@ -375,3 +375,23 @@ def test_local_of_a_function_in_an_invoke_takes_over_the_loop_variable(demo):
             close(out, alone(demo, CORRUPT, layer, lambda m, a, o: o * 0))
 
     right_or_clear_error(demo, cell, ns, check)
+
+
+# -- confusing errors -----------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="a `break` in an invoke block of a loop of invokes is a "
+                   "raw Python SyntaxError ('break' outside loop) from compiling the invoke's "
+                   "function, not a CellSyntaxError saying the body runs during the forward")
+@pytest.mark.parametrize("word", ["break", "continue"])
+def test_break_in_an_invoke_of_a_loop_is_a_clear_error(demo, word):
+    ns = {"model": demo, "prompts": PROMPTS}
+    cell = ("outs = []\n"
+            "for p in prompts:\n"
+            "    with tracer.invoke(p):\n"
+            "        outs.append(model.lm_head.output[0, -1])\n"
+            "        if len(outs) == 2:\n"
+            f"            {word}\n")
+    with pytest.raises(CellSyntaxError, match="invoke") as info:
+        ii.trace(demo, cell, namespace=ns)
+    assert info.value.line == 6
+    assert hook_count(demo.module) == 0 and "outs" not in ns
