@@ -8,7 +8,7 @@ draws, and the global random state is as before afterwards.
 
 >>> check({"do_sample": True, "temperature": 0.7, "seed": 0}).kwargs
 {'do_sample': True, 'temperature': 0.7}
->>> check({"temprature": 0.7})
+>>> check({"temprature": 0.7})        # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
 ipy_intervene.errors.InputError: unknown generate option `temprature` (did you mean `temperature`?) ...
