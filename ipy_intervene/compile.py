@@ -168,12 +168,23 @@ def _parse_model_expr(model_expr: str) -> ast.expr:
 
 
 def _reject_return_and_yield(body: list[ast.stmt]) -> None:
-    todo: list[ast.AST] = list(body)
+    """An invoke's body runs during the forward, on its own: no ``return``/``yield``, and no
+    ``break``/``continue`` of a loop around the invoke (the loop has finished by then)."""
+    todo: list[tuple[ast.AST, bool]] = [(stmt, False) for stmt in body]
     while todo:
-        node = todo.pop()
+        node, in_loop = todo.pop()
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
             continue
         if isinstance(node, (ast.Return, ast.Yield, ast.YieldFrom, ast.Await)):
             raise CellSyntaxError(f"`{ast.unparse(node).split()[0]}` outside a function",
                                   line=node.lineno)
-        todo.extend(ast.iter_child_nodes(node))
+        if isinstance(node, (ast.Break, ast.Continue)) and not in_loop:
+            word = "break" if isinstance(node, ast.Break) else "continue"
+            raise CellSyntaxError(
+                f"`{word}` in an invoke block: its body runs during the forward, after the loop "
+                "around it has registered every invoke, so it cannot end that loop. Decide "
+                "before the `with` (`if ...: continue`), or skip the work inside the block",
+                line=node.lineno)
+        loop = isinstance(node, (ast.For, ast.While, ast.AsyncFor))
+        todo.extend((child, in_loop or (loop and child in node.body))
+                    for child in ast.iter_child_nodes(node))

@@ -25,11 +25,8 @@ import ast
 from dataclasses import dataclass, field
 
 from ipy_intervene.errors import CellSyntaxError
+from ipy_intervene.invoke_setup import Timeline, check_setup, mutated
 from ipy_intervene.syntax import TRACER, all_defs, all_uses
-
-#: method names that change the object they are called on (lists, dicts, sets, tensors' ``x_``)
-_MUTATORS = frozenset({"append", "extend", "insert", "update", "add", "setdefault", "pop",
-                       "remove", "clear", "__setitem__"})
 
 
 @dataclass
@@ -147,83 +144,49 @@ def _reject_inner_invokes(body: list[ast.stmt]) -> None:
 
 def name_rules(blocks: list[Block], setup: list[ast.stmt]) -> list[InvokeNames]:
     """Each block's names under the rule; a ``CellSyntaxError`` naming the name and the lines
-    where a read could come from several invokes, or runs before the invoke binds it."""
+    where a read could come from several invokes, or the set-up would need a value the
+    forward has not made yet."""
     defs = [all_defs(b.body) for b in blocks]
     uses = [all_uses(b.body) for b in blocks]
-    setup_defs = _setup_defs(setup, blocks)
-    _check_setup_reads(setup, blocks, defs, setup_defs)
-    rules = []
-    for k, block in enumerate(blocks):
-        flow_in = set()
-        for name in sorted(uses[k] - defs[k]):
-            binders = [i for i in range(len(blocks)) if i != k and name in defs[i]]
-            if not binders:
-                continue
-            if len(binders) > 1 or blocks[binders[0]].multi:
-                raise _ambiguous(name, block, [blocks[i] for i in binders])
-            flow_in.add(name)
-        rules.append(InvokeNames(own=defs[k], flow_in=flow_in, flow_out=set(),
-                                 params=(), arrive=set()))
+    timeline = Timeline(setup, blocks)
+    check_setup(timeline, blocks, uses, defs)
+    rules = [InvokeNames(own=defs[k], flow_in=_flow_in(timeline, block, uses[k] - defs[k]),
+                         flow_out=set(), params=(), arrive=set())
+             for k, block in enumerate(blocks)]
     for k, rule in enumerate(rules):
         rule.flow_out = {n for n in defs[k] if any(n in r.flow_in for r in rules)}
-        captured = (uses[k] & setup_defs) | (uses[k] & defs[k])
-        rule.params = tuple(sorted(captured - rule.flow_in - rule.flow_out
-                                   - _declared_global(blocks[k].body)))
+        captured = uses[k] - (rule.flow_in | rule.flow_out | _declared_global(blocks[k].body))
+        rule.params = tuple(sorted(n for n in captured if n in timeline.bindings))
         rule.arrive = rule.flow_in | _changed_by_others(k, blocks, uses[k] - defs[k])
     return rules
 
 
-def _setup_defs(setup: list[ast.stmt], blocks: list[Block]) -> set[str]:
-    inside = {id(b.node) for b in blocks}
-    names: set[str] = set()
-    for stmt in setup:
-        names |= all_defs([s for s in _outside_blocks(stmt, inside) if isinstance(s, ast.stmt)])
-    return names
+def _flow_in(timeline: Timeline, reader: Block, reads: set[str]) -> set[str]:
+    """The names ``reader`` takes, live, from the one other invoke that binds them, when that
+    is the binding it sees as written (the nearest above it, or, with none above, below)."""
+    loops = tuple(id(x) for x in reader.loops)
+    flow = set()
+    for name in sorted(reads):
+        seen = timeline.latest(name, reader.line, loops) or timeline.later(name, reader.line)
+        if all(b.block is None for b in seen):
+            continue  # the set-up's (or the notebook's) value, captured at registration
+        binders = [b.block for b in timeline.bindings[name] if b.block is not None]
+        setup = [b.line for b in seen if b.block is None]
+        if setup or len(binders) > 1 or binders[0].multi:
+            raise _ambiguous(name, reader, binders, setup)
+        flow.add(name)
+    return flow
 
 
-def _outside_blocks(stmt: ast.AST, inside: set[int]):
-    """Nodes of ``stmt`` that run before the forward: everything but invoke bodies (an
-    invoke's INPUT expression included)."""
-    todo = [stmt]
-    while todo:
-        node = todo.pop()
-        if id(node) in inside:
-            todo.extend(item.context_expr for item in node.items)
-            continue
-        yield node
-        todo.extend(ast.iter_child_nodes(node))
-
-
-def _check_setup_reads(setup, blocks, defs, setup_defs) -> None:
-    """A statement between invokes runs before the forward: it cannot read what an invoke
-    written above it binds during the forward."""
-    inside = {id(b.node) for b in blocks}
-    for stmt in setup:
-        nodes = list(_outside_blocks(stmt, inside))
-        local = {n.id for c in nodes if isinstance(c, ast.comprehension)
-                 for n in ast.walk(c.target) if isinstance(n, ast.Name)}
-        local |= {a.arg for f in nodes if isinstance(f, (ast.Lambda, ast.FunctionDef))
-                  for a in ast.walk(f.args) if isinstance(a, ast.arg)}
-        for node in nodes:
-            if not (isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)) \
-                    or node.id in local:
-                continue
-            earlier = [b for b in blocks if b.line < node.lineno and node.id in defs[b.index]]
-            if earlier and node.id not in setup_defs:
-                raise CellSyntaxError(
-                    f"`{node.id}` is read here, before the forward runs (statements between "
-                    f"invoke blocks run when the invokes are set up), but the invoke at line "
-                    f"{earlier[-1].line} binds it during the forward: move this line after "
-                    "the last invoke block", line=node.lineno)
-
-
-def _ambiguous(name: str, reader: Block, binders: list[Block]) -> CellSyntaxError:
+def _ambiguous(name: str, reader: Block, binders: list[Block],
+               setup: list[int]) -> CellSyntaxError:
     line = min((n.lineno for s in reader.body for n in ast.walk(s)
                 if isinstance(n, ast.Name) and n.id == name), default=reader.line)
-    who = " and ".join(b.describe() for b in binders)
+    who = " and ".join([f"the statement at line {n} (before the forward)" for n in setup]
+                       + [b.describe() for b in binders])
     return CellSyntaxError(
-        f"`{name}` is read here by the invoke at line {reader.line}, but {who} bind"
-        f"{'s' if len(binders) == 1 and not binders[0].multi else ''} it: every name an "
+        f"`{name}` is read here by the invoke at line {reader.line}, but {who} "
+        f"{'binds' if len(binders) + len(setup) == 1 else 'bind'} it: every name an "
         "invoke binds is that invoke's own, so which value is meant is ambiguous. Give each "
         f"value its own name, bind `{name}` in one invoke block (not in a loop of invokes), or "
         f"collect the values in a list created before the invokes (`{name}s = []`, then "
@@ -239,21 +202,4 @@ def _changed_by_others(k: int, blocks: list[Block], shared: set[str]) -> set[str
     """Names ``k`` reads (without binding) that another invoke changes in place: a list it
     appends to, a tensor it edits (``x[...] = v``, ``x.add_(v)``)."""
     others = [b for b in blocks if b.index != k or b.multi]
-    return {name for b in others for name in _mutated(b.body) if name in shared}
-
-
-def _mutated(body: list[ast.stmt]) -> set[str]:
-    names = set()
-    for node in (n for stmt in body for n in ast.walk(stmt)):
-        target = None
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-            attr = node.func.attr
-            if attr in _MUTATORS or (attr.endswith("_") and not attr.startswith("_")):
-                target = node.func.value
-        elif isinstance(node, (ast.Subscript, ast.Attribute)) and isinstance(node.ctx, ast.Store):
-            target = node.value
-        while isinstance(target, (ast.Subscript, ast.Attribute)):
-            target = target.value
-        if isinstance(target, ast.Name):
-            names.add(target.id)
-    return names
+    return {name for b in others for stmt in b.body for name in mutated(stmt) if name in shared}

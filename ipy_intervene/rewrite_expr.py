@@ -54,6 +54,8 @@ class ExprRewriter(ast.NodeTransformer):
             sid = self.b._add_site(func.value, "skip", "skip", node)
             return bridge_call("skip", [self.b._chain_expr(func.value), self.visit(node.args[0]),
                                          ast.Constant(sid)], node)
+        if self._shared_append(node):
+            return bridge_call("append", [func.value, self.visit(node.args[0])], node)
         chain = self.b.chain(func)
         if chain:
             sid = self.b._add_site(func, "call", "call", node)
@@ -62,6 +64,15 @@ class ExprRewriter(ast.NodeTransformer):
             call.keywords = [self.visit(k) for k in node.keywords]
             return call
         return self.generic_visit(node)
+
+    def _shared_append(self, node: ast.Call) -> bool:
+        """``xs.append(v)`` in an invoke, on a list it did not make: several invokes may
+        append to it, so the item goes where invoke order puts it (not where the forward
+        happens to be)."""
+        func, rule = node.func, self.b._rule()
+        return (rule is not None and isinstance(func, ast.Attribute) and func.attr == "append"
+                and isinstance(func.value, ast.Name) and func.value.id not in rule.own
+                and len(node.args) == 1 and not node.keywords)
 
     def visit_Subscript(self, node: ast.Subscript) -> ast.AST:
         """``layer.output[0]``: checked at run time (see :func:`habits.check_row0`)."""

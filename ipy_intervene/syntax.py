@@ -51,7 +51,7 @@ def _names(node: ast.AST) -> tuple[set[str], set[str]]:
     return stored - local, loaded - local
 
 
-def _header(stmt: ast.stmt) -> list[ast.AST]:
+def header_parts(stmt: ast.stmt) -> list[ast.AST]:
     """The parts of a statement that run when the statement itself runs (not its body)."""
     if isinstance(stmt, (ast.If, ast.While)):
         return [stmt.test]
@@ -70,7 +70,7 @@ def statement_names(stmt: ast.stmt) -> tuple[set[str], set[str]]:
     """(defs, uses) of a statement's own header (a compound statement's body is separate)."""
     defs: set[str] = set()
     uses: set[str] = set()
-    for part in _header(stmt):
+    for part in header_parts(stmt):
         stored, loaded = _names(part)
         defs |= stored
         uses |= loaded
@@ -82,12 +82,17 @@ def statement_names(stmt: ast.stmt) -> tuple[set[str], set[str]]:
 
 
 def all_defs(body: list[ast.stmt]) -> set[str]:
-    """Every name bound anywhere in ``body``, nested blocks included."""
+    """Every name bound in ``body``, nested blocks included (a function or class defined
+    there binds its name; what its own body binds is its own)."""
     out: set[str] = set()
-    for stmt in body:
-        for node in ast.walk(stmt):
-            if isinstance(node, ast.stmt):
-                out |= statement_names(node)[0]
+    todo: list[ast.AST] = list(body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.stmt):
+            out |= statement_names(node)[0]
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
+                                 ast.Lambda)):
+            todo.extend(ast.iter_child_nodes(node))
     return out
 
 

@@ -137,12 +137,18 @@ def serve_value(sched: "Scheduler", req: "Request", current: Any, rows: slice, b
     (``arrive``: the moment a change is about to be made; nothing to do yet).
 
     Reads are served before writes, and what a read gave stays as it was: an in-place change
-    of a value that shares memory with an earlier read of this step is made on a copy, which
-    the forward goes on with (so ``pat = m.output`` then ``m.output[:, 0] = 0`` keeps ``pat``)."""
+    of memory an earlier read of this step was given is made on a copy, which the forward
+    goes on with (so ``pat = m.output`` then ``m.output[:, 0] = 0`` keeps ``pat``), and a
+    second read of the same memory gets such a copy too (so ``m.output.mul_(0)``, or a helper
+    that edits what it is passed, leaves ``pat`` as well)."""
     if req.access == "arrive":
         return None
     if req.access == "read":
         value = values.take_rows(current, rows, batch)
+        if sched.was_read(value):  # read again: what the first read gave must stay
+            current = _copy(current)
+            setter(current)
+            value = values.take_rows(current, rows, batch)
         sched.record(req, value)
         sched.reads.append(value)
         return value

@@ -109,6 +109,14 @@ class Facade:
         names = sys._getframe(1).f_globals
         active.require_trace("tracer.invoke").add_invoke(code, input_, names)
 
+    def append(self, items: Any, value: Any) -> None:
+        """``items.append(value)`` from an invoke: in a trace, at its invoke's place."""
+        run = active.current_trace()
+        if run is None or not _own(run) or type(items) is not list:
+            items.append(value)
+        else:
+            run.append_in_order(items, value)
+
     def fill(self, items: list, values: Iterable[Any]) -> None:
         """``name = [... for ...]`` that other invokes read: ``items`` grows as the forward
         reaches each value, so they can use it layer by layer."""

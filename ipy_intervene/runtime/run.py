@@ -13,6 +13,7 @@ from types import FunctionType
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+import torch
 from torch import nn
 
 from ipy_intervene import active, attention, values
@@ -56,6 +57,8 @@ class Run:
         self.sched = Scheduler(graph, generate)
         self.hooks = TraceHooks(session, self.sched, model.module)
         self.planned: list[tuple[int, Any, dict[str, Any]]] = []  # (block, INPUT, captured)
+        self.appended: dict[int, tuple[list, int, list[int]]] = {}  # list id -> (list, base, counts)
+        self.taken: list[tuple[str, Any, int, int]] = []  # tensors invokes took, their versions
 
     # -- requests from the cell (through the facade) -----------------------------------------
 
@@ -115,7 +118,34 @@ class Run:
         if self.sched.batch is not None:
             raise InterventionError("invokes are added before the forward; this one comes too late")
         params = self.cell.invokes[code].params
-        self.planned.append((code, input_, {p: names[p] for p in params if p in names}))
+        taken = {p: names[p] for p in params if p in names}
+        self.planned.append((code, input_, taken))
+        self.taken += [(p, v, v._version, code) for p, v in taken.items()
+                       if isinstance(v, torch.Tensor) and not v.is_inference()]
+
+    def check_taken(self) -> None:
+        """A tensor an invoke took, changed in place by a later statement of the set-up
+        (``vec *= 2``), would reach that invoke changed: the set-up runs before the forward."""
+        for name, value, version, code in self.taken:
+            if value._version != version:
+                raise InterventionError(
+                    f"`{name}` was changed in place after the invoke at line "
+                    f"{self.cell.invokes[code].line} took it (statements between invokes run "
+                    f"before the forward, so that invoke would see the change too): make a new "
+                    f"tensor instead (`{name} = {name} * 2`, not `{name} *= 2`)",
+                    line=self.cell.invokes[code].line)
+
+    def append_in_order(self, items: list, value: Any) -> None:
+        """Put ``value`` after what earlier invokes (and this one) appended to ``items``, so
+        a list several invokes fill is in invoke order whatever order the forward takes."""
+        inv = self.sched.current(required=False)
+        if inv is None:
+            items.append(value)
+            return
+        _, base, counts = self.appended.setdefault(
+            id(items), (items, len(items), [0] * len(self.sched.invokes)))
+        counts[inv.index] += 1
+        items.insert(base + sum(counts[:inv.index + 1]) - 1, value)
 
     def wait_for(self, names: tuple[str, ...], line: int) -> None:
         __tracebackhide__ = True
@@ -213,6 +243,7 @@ def _interleave(run: Run, cell: Any, ns: dict, line_input: Any, plan: HookPlan,
         run.planned = [(0, line_input, {})]
     else:
         exec(cell.before, ns)  # the statements up to the last invoke; registers each invoke
+        run.check_taken()
         if not run.planned:
             raise InterventionError("the cell registered no invoke: the loops around its "
                                     "`with tracer.invoke(...)` blocks ran no iteration",

@@ -175,9 +175,9 @@ class Scheduler:
             inv.pending is not None and inv.pending.kind == "model_output" for inv in self.invokes)
 
     def was_read(self, value: Any) -> bool:
-        """Whether ``value`` shares memory with a value a read was served this step."""
-        shared = _storages(value)
-        return bool(shared) and any(shared & _storages(read) for read in self.reads)
+        """Whether ``value`` overlaps memory a read of this step was served."""
+        mine = _spans(value)
+        return bool(mine) and any(_overlap(mine, _spans(read)) for read in self.reads)
 
     def new_step(self) -> None:
         self.step += 1
@@ -295,15 +295,25 @@ def _binding_lines(graph: InterventionGraph, names: tuple[str, ...], line: int |
     return f" (line {', '.join(map(str, lines))})" if lines else ""
 
 
-def _storages(value: Any) -> set[int]:
-    """The memory a value's tensors live in (none for fake tensors of a dry run)."""
+Span = tuple[int, int, int]  # (storage, first byte, last byte + 1)
+
+
+def _spans(value: Any) -> list[Span]:
+    """The bytes a value's tensors can reach (none for fake tensors of a dry run)."""
     if isinstance(value, torch.Tensor):
-        if isinstance(value, FakeTensor):
-            return set()
-        return {value.untyped_storage().data_ptr()}
+        if isinstance(value, FakeTensor) or value.numel() == 0:
+            return []
+        size = value.element_size()
+        start = value.storage_offset() * size
+        reach = sum((n - 1) * abs(st) for n, st in zip(value.shape, value.stride())) + 1
+        return [(value.untyped_storage().data_ptr(), start, start + reach * size)]
     if isinstance(value, (tuple, list)):
-        return set().union(*(_storages(v) for v in value)) if value else set()
-    return set()
+        return [span for v in value for span in _spans(v)]
+    return []
+
+
+def _overlap(a: list[Span], b: list[Span]) -> bool:
+    return any(p == q and s < f and t < e for p, s, e in a for q, t, f in b)
 
 
 def _runner(body: Callable[[], Any]) -> Callable[..., Any]:
