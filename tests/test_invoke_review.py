@@ -395,3 +395,118 @@ def test_break_in_an_invoke_of_a_loop_is_a_clear_error(demo, word):
         ii.trace(demo, cell, namespace=ns)
     assert info.value.line == 6
     assert hook_count(demo.module) == 0 and "outs" not in ns
+
+
+# -- more ways for a cell's function or an object to see one value for every invoke ---------
+
+def scaled_each(demo, ns):
+    for out, s, text in zip(ns["outs"], [1.0, 0.0, 0.5], PROMPTS):
+        close(out, alone(demo, text, 2, lambda m, a, o, s=s: o * s))
+
+
+LOOP = ("outs = []\n"
+        "for s, p in zip([1.0, 0.0, 0.5], prompts):\n"
+        "{pre}"
+        "    with tracer.invoke(p):\n"
+        "        model.transformer.h[2].output = {call}(model.transformer.h[2].output)\n"
+        "        outs.append(model.lm_head.output[0, -1])\n")
+
+
+@pytest.mark.xfail(strict=True, reason="a helper that reads the loop variable through another "
+                   "helper (`steer` calls `g`, `g` reads `s`): every invoke gets the last `s`")
+def test_helper_reads_the_loop_variable_through_another_helper(demo):
+    cell = ("def g(h):\n    return h * s\n"
+            "def steer(h):\n    return g(h)\n" + LOOP.format(pre="", call="steer"))
+    right_or_clear_error(demo, cell, {"model": demo, "prompts": PROMPTS},
+                         lambda ns: scaled_each(demo, ns))
+
+
+@pytest.mark.xfail(strict=True, reason="a lambda kept in a dict made in the loop of invokes: "
+                   "every invoke gets the last `s`")
+def test_lambda_in_a_dict_reads_the_loop_variable(demo):
+    cell = LOOP.format(pre="    fns = {'f': lambda h: h * s}\n", call="fns['f']")
+    right_or_clear_error(demo, cell, {"model": demo, "prompts": PROMPTS},
+                         lambda ns: scaled_each(demo, ns))
+
+
+@pytest.mark.xfail(strict=True, reason="a method of a class defined in the cell reads the loop "
+                   "variable: every invoke gets the last `s`")
+def test_method_of_a_cell_class_reads_the_loop_variable(demo):
+    cell = ("class Steer:\n    def __call__(self, h):\n        return h * s\n"
+            "st = Steer()\n" + LOOP.format(pre="", call="st"))
+    right_or_clear_error(demo, cell, {"model": demo, "prompts": PROMPTS},
+                         lambda ns: scaled_each(demo, ns))
+
+
+@pytest.mark.xfail(strict=True, reason="an in-place change through another name (`alias = w; "
+                   "alias *= 2`) between invokes reaches the invoke registered before it")
+def test_tensor_changed_in_place_through_an_alias_between_invokes(demo):
+    ns = {"model": demo, "a": PROMPT, "b": CORRUPT, "vec": STEER}
+    cell = ("w = vec.clone()\n"
+            "with tracer.invoke(a):\n"
+            "    model.transformer.h[2].output = model.transformer.h[2].output + w\n"
+            "    o1 = model.lm_head.output[0, -1]\n"
+            "alias = w\n"
+            "alias *= 2\n"
+            "with tracer.invoke(b):\n"
+            "    model.transformer.h[2].output = model.transformer.h[2].output + w\n"
+            "    o2 = model.lm_head.output[0, -1]\n")
+
+    def check(ns):
+        close(ns["o1"], alone(demo, PROMPT, 2, lambda m, a, o: o + STEER))
+        close(ns["o2"], alone(demo, CORRUPT, 2, lambda m, a, o: o + 2 * STEER))
+
+    right_or_clear_error(demo, cell, ns, check)
+
+
+@pytest.mark.xfail(strict=True, reason="a tensor inside a list filled in place in the loop of "
+                   "invokes (`coefs[0].fill_(c)`): every invoke uses the last coefficient")
+def test_tensor_in_a_list_filled_in_place_in_a_loop_of_invokes(demo):
+    ns = {"model": demo, "prompts": PROMPTS, "vec": STEER}
+    cell = ("coefs = [torch.tensor(1.0)]\n"
+            "outs = []\n"
+            "for c, p in zip([1.0, -2.0, 0.5], prompts):\n"
+            "    coefs[0].fill_(c)\n"
+            "    with tracer.invoke(p):\n"
+            "        model.transformer.h[2].output[:, -1] += coefs[0] * vec\n"
+            "        outs.append(model.lm_head.output[0, -1])\n")
+    ns["torch"] = torch
+
+    def check(ns):
+        for c, text, out in zip([1.0, -2.0, 0.5], PROMPTS, ns["outs"]):
+            close(out, alone(demo, text, 2, lambda m, a, o, c=c: torch.cat(
+                [o[:, :-1], o[:, -1:] + c * STEER], 1)))
+
+    right_or_clear_error(demo, cell, ns, check)
+
+
+# -- ordinary patterns that must keep running (they give the right numbers today) -----------
+
+def test_dict_of_lists_made_between_invokes_runs(demo):
+    """`res[layer] = []` between invokes, then each invoke appends to `res[layer]`: every item
+    of the dict is made once and never changed, so this is unambiguous and must not be refused."""
+    ns = {"model": demo, "prompts": PROMPTS}
+    ii.trace(demo, "res = {}\n"
+                   "for layer in range(2):\n"
+                   "    res[layer] = []\n"
+                   "    for p in prompts:\n"
+                   "        with tracer.invoke(p):\n"
+                   "            model.transformer.h[layer].output[:, -1] = 0\n"
+                   "            res[layer].append(model.lm_head.output[0, -1])\n", namespace=ns)
+    for layer in range(2):
+        assert len(ns["res"][layer]) == len(PROMPTS)
+        for out, text in zip(ns["res"][layer], PROMPTS):
+            close(out, alone(demo, text, layer, lambda m, a, o: torch.cat(
+                [o[:, :-1], o[:, -1:] * 0], 1)))
+
+
+def test_labels_appended_between_invokes_run(demo):
+    ns = {"model": demo, "prompts": PROMPTS}
+    ii.trace(demo, "outs, labels = [], []\n"
+                   "for p in prompts:\n"
+                   "    labels.append(p[:4])\n"
+                   "    with tracer.invoke(p):\n"
+                   "        outs.append(model.lm_head.output[0, -1])\n", namespace=ns)
+    assert ns["labels"] == [p[:4] for p in PROMPTS]
+    for out, text in zip(ns["outs"], PROMPTS):
+        close(out, alone(demo, text))
