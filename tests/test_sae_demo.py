@@ -110,9 +110,13 @@ def test_the_demo_sae_reconstructs_sparsely_and_keeps_ioi(demo):
 def test_training_is_seeded_and_reproducible(demo):
     from ipy_intervene.demo.sae_train import activations, train
 
+    from tests.conftest import hook_count
+
+    before = hook_count(demo.module)
     torch.set_num_threads(1)
     try:
         acts = activations(demo.module, demo.tokenizer, 64, seed=0)
+        assert hook_count(demo.module) == before  # no hook left (output_hidden_states leaves some)
         a, b = train(acts, d_sae=64, steps=30, seed=0), train(acts, d_sae=64, steps=30, seed=0)
         c = train(acts, d_sae=64, steps=30, seed=1)
     finally:

@@ -23,6 +23,7 @@ from ipy_intervene.demo.evaluate import held_out_ioi, last_logits, token_id
 from ipy_intervene.features.sae import SAE
 from ipy_intervene.features.saelens import DEMO_SAE, save_sae
 from ipy_intervene.features.splice import attach, detach
+from ipy_intervene.hooks import site_hooks
 
 SITE = "transformer.h[2]"
 LAYER = 2
@@ -58,8 +59,11 @@ def activations(model, tokenizer, n_docs: int, seed: int, batch: int = 256) -> t
         texts = [data.training_text(rng, pairs, facts, words)
                  for _ in range(min(batch, n_docs - start))]
         enc = tokenizer(texts, padding=True, padding_side="right", return_tensors="pt")
-        hidden = model(**enc, output_hidden_states=True).hidden_states[LAYER + 1]
-        out.append(hidden[enc.attention_mask.bool()])
+        seen: list[torch.Tensor] = []
+        # our own hook, removed after: output_hidden_states would leave transformers' hooks
+        with site_hooks([(model.transformer.h[LAYER], "block_out", seen.append)]):
+            model(**enc)
+        out.append(seen[0][enc.attention_mask.bool()])
     return torch.cat(out)
 
 
