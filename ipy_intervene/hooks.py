@@ -161,12 +161,15 @@ class HookSession:
     @uninterruptible
     def set_aside_hooks(self, module: nn.Module) -> None:
         """Hooks that others put on ``module`` and its children are not called during the
-        session (a dry run); they are back, unchanged, when it ends."""
+        session (a dry run); they are back, unchanged, when it ends. Hooks marked
+        ``keep_in_dry_run`` (a spliced dictionary's: part of the model) stay."""
         for sub in module.modules():
             tables = {name: sub.__dict__[name] for name in _HOOK_TABLES if name in sub.__dict__}
             self._set_aside.append((sub, tables))
+            kept = {key for table in tables.values() for key, fn in table.items()
+                    if getattr(fn, "keep_in_dry_run", False)}  # part of the model (a splice)
             for name, table in tables.items():
-                sub.__dict__[name] = type(table)()
+                sub.__dict__[name] = type(table)((k, v) for k, v in table.items() if k in kept)
 
     @uninterruptible
     def grad_mode(self, enabled: bool) -> None:

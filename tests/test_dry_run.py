@@ -61,3 +61,18 @@ def test_branching_on_a_value_stops_the_dry_run_with_a_note(watched):
                       dry_run=True)
     assert "stopped at line 2" in result.note
     assert ns == {"model": model} and calls == []
+
+
+def test_a_dry_run_runs_a_spliced_dictionary_and_still_sets_your_hooks_aside(watched):
+    model, calls = watched
+    ii.attach(model, model.transformer.h[2], ii.load_sae("demo"))
+    try:
+        result = ii.trace(model, "lat = model.transformer.h[2].sae.latents.output\n"
+                                 "model.transformer.h[2].sae.latents.output[:, -1, 5] = 0\n",
+                          PROMPT, namespace={"model": model}, dry_run=True)
+        sites = [s for s in result.graph.sites if s.visits]
+        assert [s.visits[0].shape for s in sites] == [(1, 15, 512), (1, 15, 512)]
+        assert calls == []
+    finally:
+        ii.detach(model)
+    assert hook_count(model.module) == 1  # your hook, back; the splice's is gone
