@@ -38,9 +38,11 @@ def test_the_embedding_row_is_block_0s_input_decoded(demo):
 def test_the_view_has_an_embed_row_below_the_layers(demo):
     view = LensView(ii.lens(demo, PROMPT))
     heat = view.figure.data[0]
-    assert heat.y == ("L0", "L1", "L2", "L3", "embed")
+    assert heat.y == ("embed", "L0", "L1", "L2", "L3")            # data rows = plot rows
     assert view.figure.layout.yaxis.categoryarray == ("embed", "L0", "L1", "L2", "L3")
-    view._on_click(heat, SimpleNamespace(point_inds=[(4, 2)]), None)
+    view._on_click(heat, SimpleNamespace(point_inds=[(2, 5)]), None)
+    assert (view.layer.value, view.pos.value) == (1, 5) and view.figure.data[1].y == ("L1",)
+    view._on_click(heat, SimpleNamespace(point_inds=[(0, 2)]), None)
     assert view.layer.value == "embed" and view.figure.data[1].y == ("embed",)
     assert "after the embeddings" in view.detail.value
     assert view._shapes()[0]["y0"] == -0.5                   # the bottom row

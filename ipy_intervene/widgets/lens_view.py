@@ -33,7 +33,7 @@ class LensView:
     def __init__(self, result: Any, k: int = 5) -> None:
         self.result, self.k = result, k
         self.embed = getattr(result, "embedding", None) is not None
-        self.layer = _slider("layer", self._order())
+        self.layer = _slider("layer", self._rows())
         if self.embed:   # slider values: "embed", then the indices into result.layers
             self.layer.options = [("embed", "embed")] + [
                 (f"L{l}", i) for i, l in enumerate(result.layers)]
@@ -49,13 +49,8 @@ class LensView:
                                     self.detail], layout=widgets.Layout(width="100%"))
 
     def _rows(self) -> list[str]:
-        """The heatmap's rows in data order: the layers, then ``embed``."""
-        return [f"L{l}" for l in self.result.layers] + (["embed"] if self.embed else [])
-
-    def _order(self) -> list[str]:
-        """The rows from the bottom of the plot up: ``embed``, then the layers."""
-        rows = self._rows()
-        return rows[-1:] + rows[:-1] if self.embed else rows
+        """The heatmap's rows, bottom up: ``embed`` (where the lens has it), then the layers."""
+        return (["embed"] if self.embed else []) + [f"L{l}" for l in self.result.layers]
 
     def _row_label(self, layer: Any) -> str:
         return "embed" if layer == "embed" else f"L{self.result.layers[layer]}"
@@ -63,7 +58,7 @@ class LensView:
     def _top1(self) -> tuple[list[list[float]], list[list[str]]]:
         probs = self.result.probs
         if self.embed:
-            probs = torch.cat([probs, self.result.embedding[None]])
+            probs = torch.cat([self.result.embedding[None], probs])
         best = probs.max(-1)
         words = [[self.result.decode([int(i)]).strip() or repr(self.result.decode([int(i)]))
                   for i in row] for row in best.indices]
@@ -94,7 +89,7 @@ class LensView:
 
     def _layout(self) -> dict[str, Any]:
         r = self.result
-        layout = grid.grid_layout(r.tokens, self._order(),
+        layout = grid.grid_layout(r.tokens, self._rows(),
                                   title="logit lens: top-1 token after each layer",
                                   x_title="position")
         bottom = ticks.bottom_margin(r.tokens)
@@ -104,7 +99,7 @@ class LensView:
         return layout
 
     def _shapes(self) -> list[dict[str, Any]]:
-        return [grid.cell_outline(self.pos.value, self._order().index(
+        return [grid.cell_outline(self.pos.value, self._rows().index(
             self._row_label(self.layer.value)))]
 
     def _figure(self) -> Any:
@@ -119,7 +114,10 @@ class LensView:
     def _on_click(self, trace: Any, points: Any, state: Any) -> None:
         if points.point_inds:
             row, col = points.point_inds[0]
-            self.layer.value = "embed" if row == len(self.result.layers) else row
+            if self.embed:   # row 0 is the embedding row
+                self.layer.value = "embed" if row == 0 else row - 1
+            else:
+                self.layer.value = row
             self.pos.value = col
 
     def _refresh(self) -> None:
