@@ -92,7 +92,7 @@ def test_patch_sweep_routes_attention_sites_lists_and_path_patching(demo):
     assert torch.equal(path.raw, ii.path_patch(demo, PROMPT, CORRUPT, METRIC,
                                                receivers=[(3, 0)]).raw)
     with pytest.raises(InputError, match="method='activation'"):
-        ii.patch_sweep(demo, PROMPT, CORRUPT, METRIC, site="head_q", method="attribution")
+        ii.patch_sweep(demo, PROMPT, CORRUPT, METRIC, site="head_pattern", method="attribution")
 
 
 def test_the_magic_sweeps_several_sites_and_paths(shell):

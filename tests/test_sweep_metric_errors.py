@@ -136,8 +136,8 @@ def test_a_bad_site_list_is_an_error_before_any_sweep_runs(demo, site, error, me
 
 def test_a_site_list_stops_before_any_sweep_when_one_site_cannot_be_swept(demo):
     metric, calls = counting(demo)
-    with pytest.raises(InputError, match="site 'head_q' is swept with method='activation'"):
-        ii.patch_sweep(demo, PROMPT, CORRUPT, metric, site=["resid_pre", "head_q"],
+    with pytest.raises(InputError, match="site 'head_pattern' is swept with method='activation'"):
+        ii.patch_sweep(demo, PROMPT, CORRUPT, metric, site=["resid_pre", "head_pattern"],
                        method="attribution")
     parallel = ii.wrap(tiny_model("neox", len(demo.tokenizer)), demo.tokenizer)
     with pytest.raises(SiteError, match="resid_mid` does not exist in gpt_neox models"):

@@ -267,13 +267,12 @@ def circuit_discovery() -> list:
            "patching that head's keys from the clean run into the corrupted one. A key acts "
            "only through the softmax, where a linear estimate fails when the pattern "
            "saturates; the QK fix recomputes the pattern exactly."),
-        code('from ipy_intervene.sweep.atp_star import sweep as atp_star\n\n'
-             'exact = ii.patch_sweep(model, clean, corrupt, metric, site="head_k")\n'
+        code('exact = ii.patch_sweep(model, clean, corrupt, metric, site="head_k")\n'
              'estimates = {\n'
-             '    "attribution": atp_star(model, clean, corrupt, metric, site="head_k", '
-             'qk_fix=False, grad_drop=False),\n'
-             '    "QK fix": atp_star(model, clean, corrupt, metric, site="head_k", '
-             'grad_drop=False),\n'
+             '    "attribution": ii.patch_sweep(model, clean, corrupt, metric, site="head_k", '
+             'method="attribution"),\n'
+             '    "QK fix": ii.patch_sweep(model, clean, corrupt, metric, site="head_k", '
+             'method="atp*", grad_drop=False),\n'
              '    "AtP* (QK fix + GradDrop)": ii.patch_sweep(model, clean, corrupt, metric, '
              'site="head_k", method="atp*"),\n}'),
         code('def top(result, k=5):\n'

@@ -49,6 +49,7 @@ class EdgeResult:
     metric: str
     seconds: float
     inputs: tuple | None = field(default=None, repr=False)   # (model, clean, corrupted, metric)
+    direction: str = "denoising"  # which run is patched into which (see ii.edge_attribution)
 
     def edges(self, k: int | None = None) -> list[Edge]:
         """``(sender, receiver, score)``, largest ``|score|`` first; ``k`` of them (all).
@@ -94,6 +95,7 @@ class EdgeResult:
 
     def __repr__(self) -> str:
         return (f"EdgeResult({self.method}{'' if self.method == 'eap' else f', steps={self.steps}'}"
+                f"{'' if self.direction == 'denoising' else f', {self.direction}'}"
                 f", {self.metric}: clean {self.clean_metric:+.4f}, corrupted "
                 f"{self.corrupted_metric:+.4f}; {self.graph.n_edges} edges, "
                 f"{self.seconds:.2f} s)")
