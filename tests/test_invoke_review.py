@@ -556,3 +556,58 @@ def test_helper_called_through_another_name_reads_the_loop_variable(demo):
     cell = "def f(h):\n    return h * s\ng = f\n" + LOOP.format(pre="", call="g")
     right_or_clear_error(demo, cell, {"model": demo, "prompts": PROMPTS},
                          lambda ns: scaled_each(demo, ns))
+
+
+# -- appends in invoke order (ea267c9): what other ways of filling a list do ---------------
+
+def layer_outputs_in_order(demo, layers, outs):
+    seen = block_outputs(demo, PROMPT)
+    assert len(outs) == len(layers)
+    for layer, out in zip(layers, outs):
+        close(out, seen[layer][0, -1])
+
+
+@pytest.mark.xfail(strict=True, reason="run.Run.append_in_order inserts an invoke's item before "
+                   "items a later invoke appended earlier in the forward, so `outs[-1]` just "
+                   "after `outs.append(x)` is another invoke's item (here layer 0's for the "
+                   "layer-3 invoke)")
+def test_last_item_right_after_append_is_the_invokes_own(demo):
+    ns = {"model": demo, "a": PROMPT}
+    cell = ("outs = []\n"
+            "mine = {}\n"
+            "for layer in [3, 0]:\n"
+            "    with tracer.invoke(a):\n"
+            "        outs.append(model.transformer.h[layer].output[0, -1])\n"
+            "        mine[layer] = outs[-1]\n")
+    right_or_clear_error(demo, cell, ns, lambda ns: layer_outputs_in_order(
+        demo, [3, 0], [ns["mine"][3], ns["mine"][0]]))
+
+
+@pytest.mark.xfail(strict=True, reason="same cause: an index taken as len(outs) - 1 after the "
+                   "append points at another invoke's item once a later insert shifts it")
+def test_index_taken_after_append_points_at_the_invokes_item(demo):
+    ns = {"model": demo, "a": PROMPT}
+    cell = ("outs = []\n"
+            "idx = {}\n"
+            "for layer in [3, 0]:\n"
+            "    with tracer.invoke(a):\n"
+            "        outs.append(model.transformer.h[layer].output[0, -1])\n"
+            "        idx[layer] = len(outs) - 1\n")
+    right_or_clear_error(demo, cell, ns, lambda ns: layer_outputs_in_order(
+        demo, [3, 0], [ns["outs"][ns["idx"][3]], ns["outs"][ns["idx"][0]]]))
+
+
+@pytest.mark.xfail(strict=True, reason="rewrite_expr._shared_append only reorders `name.append(v)`: "
+                   "`res['x'].append(v)` and `outs.extend([v])` still fill in forward order, "
+                   "reversed against `layers` here")
+@pytest.mark.parametrize("fill", ["res['x'].append({v})", "outs.extend([{v}])"])
+def test_other_ways_of_filling_a_shared_list_are_in_invoke_order(demo, fill):
+    ns = {"model": demo, "a": PROMPT}
+    cell = ("outs = []\n"
+            "res = {'x': outs}\n"
+            "layers = [3, 2, 1, 0]\n"
+            "for layer in layers:\n"
+            "    with tracer.invoke(a):\n"
+            f"        {fill.format(v='model.transformer.h[layer].output[0, -1]')}\n")
+    right_or_clear_error(demo, cell, ns,
+                         lambda ns: layer_outputs_in_order(demo, ns["layers"], ns["outs"]))
