@@ -95,6 +95,8 @@ class LensView:
         bottom = ticks.bottom_margin(r.tokens)
         layout["xaxis"] = ticks.axis(r.tokens, title="position")
         layout["margin"]["b"] = bottom
+        if self.embed:   # room for the longer row label
+            layout["margin"]["l"] = grid.MARGIN["l"] + 12
         layout["height"] += bottom - grid.bottom_margin(r.tokens)
         return layout
 
