@@ -2,9 +2,10 @@
 its padding (TransformerLens's ``run_with_cache`` habit, for many prompts at once).
 
 The prompts run in chunks of ``batch_size`` (left-padded, so every prompt sees the positions
-it has alone); only the sites and layers asked for are kept, on ``device`` (default: the
-CPU), so memory grows with what you keep, not with the model. A progress bar shows the
-chunks of a large set.
+it has alone; by default as many prompts as keep one chunk's values of the sites asked for
+under :data:`CHUNK_BYTES`, at most 64); only the sites and layers asked for are kept, on
+``device`` (default: the CPU), so memory grows with what you keep, not with the model. A
+progress bar shows the chunks of a large set.
 
 Site names: the sweep vocabulary (``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``,
 ``mlp_out``, ``head_out``), the sites inside attention (``q``, ``k``, ``v``, ``pattern``,
@@ -39,6 +40,7 @@ from ipy_intervene.loading import warn_if_training, wrap
 from ipy_intervene.model import Model
 from ipy_intervene.sites import SITES, Adapter, adapter_for, get_path, split_heads
 
+CHUNK_BYTES = 1 << 30     # one chunk's values of the sites asked for, at most (default size)
 ATTENTION_SITES = attention.SITES
 ALL_SITES = ("embed", *SITES, *ATTENTION_SITES)
 # the position dimensions of one prompt's value (query dims first)
@@ -193,7 +195,7 @@ def _index(pos: int, length: int, prompt: int) -> int:
 @entry_point
 def cache(model: Any, prompts: Any, sites: Sequence[str] | str = ("resid_post",),
           layers: Sequence[int] | int | None = None, *, positions: Sequence[int] | int | None = None,
-          batch_size: int = 64, device: Any = "cpu", dtype: torch.dtype | None = None,
+          batch_size: int | None = None, device: Any = "cpu", dtype: torch.dtype | None = None,
           adapter: Adapter | None = None) -> ActivationCache:
     """Run ``prompts`` (a prompt, a list of prompts or of token-id lists, or a 2-D id tensor)
     and keep ``sites`` at ``layers`` (default: all), each prompt without its padding.
@@ -211,6 +213,8 @@ def cache(model: Any, prompts: Any, sites: Sequence[str] | str = ("resid_post",)
     items = _prompts(prompts)
     plan = _plan([sites] if isinstance(sites, str) else list(sites), layers, adapter)
     kept = _positions(positions)
+    if batch_size is None:
+        batch_size = _chunk_size(model, adapter, plan, items)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive int; got {batch_size!r}")
     values: dict[tuple[str, int | None], list[torch.Tensor]] = {key: [] for key in plan}
@@ -223,6 +227,19 @@ def cache(model: Any, prompts: Any, sites: Sequence[str] | str = ("resid_post",)
                        input_ids, torch.device(device), dtype)
     decode = model.tokenizer.decode if model.tokenizer is not None else None
     return ActivationCache(values, input_ids, adapter.n_layers, kept, decode)
+
+
+def _chunk_size(model: Model, adapter: Adapter, plan: list[tuple[str, int | None]],
+                items: list[Any]) -> int:
+    """Prompts per chunk: the chunk's site values (at the longest prompt's length) stay under
+    CHUNK_BYTES; at most 64."""
+    length = model.prepare(items).length
+    param = next(model.module.parameters())
+    d_model = model.module.get_input_embeddings().weight.shape[1]
+    heads = adapter.n_heads
+    per_position = {"pattern": heads * length, "result": heads * d_model}
+    row = sum(per_position.get(site, d_model) for site, _ in plan) * length
+    return max(1, min(64, CHUNK_BYTES // max(1, row * param.element_size())))
 
 
 def _quiet() -> bool:

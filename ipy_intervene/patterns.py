@@ -167,9 +167,10 @@ class PatternBatch(list):
 @entry_point
 def attention_patterns(model: Any, source: Any, layers: Sequence[int] | None = None, *,
                        tokens: Any = None, prompt: int = 0,
-                       batch_size: int = 64) -> "PatternResult | PatternBatch":
+                       batch_size: int | None = None) -> "PatternResult | PatternBatch":
     """Every head's attention pattern for one prompt (one forward), for each prompt of a
-    batch (a :class:`PatternBatch`, read in chunks of ``batch_size``, each prompt without
+    batch (a :class:`PatternBatch`, read in chunks of ``batch_size`` (default: what fits
+    ``ii.cache``'s chunk budget), each prompt without
     padding), or patterns a ``%%trace`` cell published: a tensor ``[head, query, key]`` or
     ``[prompt, head, query, key]`` (one layer), or a list of them (one per layer).
 
@@ -193,7 +194,7 @@ def attention_patterns(model: Any, source: Any, layers: Sequence[int] | None = N
 
 
 def _read(model: Model, source: Any, layers: Sequence[int] | None,
-          batch_size: int) -> "PatternResult | PatternBatch":
+          batch_size: int | None) -> "PatternResult | PatternBatch":
     from ipy_intervene.cache import cache
 
     warn_if_training(model)

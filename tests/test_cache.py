@@ -173,3 +173,23 @@ def test_bad_requests_are_errors_and_leave_nothing(demo):
     with pytest.raises(SiteError, match="not in this cache"):
         c["mlp_out", 0]
     assert (hook_count(demo.module), checksum(demo.module)) == before
+
+
+def test_the_default_chunk_keeps_a_chunks_values_under_the_budget(demo, monkeypatch):
+    import importlib
+
+    cache_module = importlib.import_module("ipy_intervene.cache")
+    texts = [PROMPT] * 10                                       # 15 tokens each
+    per_prompt = (4 * 15 + 128) * 15 * 4       # pattern [4, 15, 15] + resid_post [15, 128], fp32
+    monkeypatch.setattr(cache_module, "CHUNK_BYTES", per_prompt * 3)
+    rows = []
+    handle = demo.module.register_forward_pre_hook(
+        lambda m, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        c = make_cache(demo, texts, sites=["pattern", "resid_post"], layers=[1])
+    finally:
+        handle.remove()
+    assert rows == [3, 3, 3, 1]
+    whole = make_cache(demo, texts, sites=["pattern", "resid_post"], layers=[1], batch_size=10)
+    for i in range(10):
+        assert torch.equal(c["pattern", 1][i], whole["pattern", 1][i])
