@@ -169,10 +169,10 @@ def attention_patterns(model: Any, source: Any, layers: Sequence[int] | None = N
                        tokens: Any = None, prompt: int = 0,
                        batch_size: int | None = None) -> "PatternResult | PatternBatch":
     """Every head's attention pattern for one prompt (one forward), for each prompt of a
-    batch (a :class:`PatternBatch`, read in chunks of ``batch_size`` (default: what fits
-    ``ii.cache``'s chunk budget), each prompt without
-    padding), or patterns a ``%%trace`` cell published: a tensor ``[head, query, key]`` or
-    ``[prompt, head, query, key]`` (one layer), or a list of them (one per layer).
+    batch (a :class:`PatternBatch`, each prompt without padding, read in chunks of
+    ``batch_size``; default: what fits ``ii.cache``'s chunk budget), or patterns a
+    ``%%trace`` cell published: a tensor ``[head, query, key]`` or ``[prompt, head, query,
+    key]`` (one layer), or a list of them (one per layer).
 
     ``layers``: the layers to read (default: all); for published patterns, the layer numbers
     of the tensors given (default 0, 1, ...). ``prompt``: the row of a published batch.
