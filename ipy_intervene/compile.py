@@ -61,6 +61,7 @@ class CompiledCell:
     site_parts: dict[int, tuple[Part, ...]]
     model_expr: str = "model"
     other_roots: list[tuple[str, int]] = field(default_factory=list)  # habits.site_roots
+    varying: tuple[str, ...] = ()  # set-up names whose value differs between invokes
 
     def fresh_graph(self) -> InterventionGraph:
         """A copy of the graph for one run to annotate."""
@@ -103,7 +104,7 @@ def _compile(source, model_expr, has_input, filename, transform_ast) -> Compiled
         builder.finish()
         return CompiledCell(graph, None, invokes, None, filename, builder.parts, model_expr,
                             roots)
-    rules = name_rules(blocks, setup)
+    rules, varying = name_rules(blocks, setup)
     builder = _GraphBuilder(graph, source, model_node, rules)
     for block in blocks:  # each block becomes ``__ii__.add_invoke(k, INPUT)`` in the set-up
         _replace(setup, block.node, locate(ast.Expr(bridge_call(
@@ -122,7 +123,7 @@ def _compile(source, model_expr, has_input, filename, transform_ast) -> Compiled
     after_code = builder.part(after, "after", "after the forward", cell_region, None, filename)
     builder.finish()
     return CompiledCell(graph, before, invokes, after_code, filename, builder.parts, model_expr,
-                        roots)
+                        roots, tuple(sorted(varying)))
 
 
 def _label(block: Block) -> str:
@@ -144,7 +145,8 @@ def _replace(body: list[ast.stmt], old: ast.stmt, new: ast.stmt) -> bool:
             if isinstance(value, list) and value and isinstance(value[0], ast.stmt):
                 if _replace(value, old, new):
                     return True
-            elif isinstance(value, list) and value and isinstance(value[0], ast.excepthandler):
+            elif isinstance(value, list) and value and isinstance(value[0], (ast.excepthandler,
+                                                                             ast.match_case)):
                 if any(_replace(h.body, old, new) for h in value):
                     return True
     return False

@@ -38,7 +38,6 @@ class Timeline:
         self.blocks = {id(b.node): b for b in blocks}
         self.bindings: dict[str, list[Binding]] = {}
         self.reads: list[tuple[ast.Name, tuple[int, ...]]] = []        # set-up reads
-        self.changes: list[tuple[str, int, tuple[int, ...]]] = []    # set-up in-place changes
         self.functions: list[tuple[str, ast.AST, tuple[int, ...]]] = []  # set-up defs, lambdas
         for stmt in setup:
             self._walk(stmt, ())
@@ -66,7 +65,8 @@ class Timeline:
             if isinstance(value, list) and value and isinstance(value[0], ast.stmt):
                 for child in value:
                     self._walk(child, inner if field != "orelse" else loops)
-            elif isinstance(value, list) and value and isinstance(value[0], ast.excepthandler):
+            elif isinstance(value, list) and value and isinstance(value[0], (ast.excepthandler,
+                                                                             ast.match_case)):
                 for handler in value:
                     for child in handler.body:
                         self._walk(child, inner)
@@ -79,8 +79,6 @@ class Timeline:
         for sub in _walk_no_functions(node):
             if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load) and sub.id not in local:
                 self.reads.append((sub, loops))
-        for name in mutated(node):
-            self.changes.append((name, getattr(node, "lineno", 0), loops))
 
     def _note_functions(self, stmt: ast.stmt, loops: tuple[int, ...]) -> None:
         if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -104,13 +102,19 @@ class Timeline:
     def later(self, name: str, line: int) -> list[Binding]:
         return [b for b in self.bindings.get(name, []) if b.line >= line]
 
-    def varying(self, first_invoke: int) -> set[str]:
-        """Names whose value can differ between invokes: bound by an invoke, by a set-up
-        statement in a loop around invokes, or after the first invoke."""
+    def varying(self) -> set[str]:
+        """Set-up names whose value can differ between invokes: bound in a loop around
+        invokes or after the first invoke, or set by a function of the cell (``global``)."""
+        first = min(b.line for b in self.blocks.values())
         around = {x for b in self.blocks.values() for x in map(id, b.loops)}
         return {name for name, found in self.bindings.items()
-                if any(b.block is not None or b.line > first_invoke or set(b.loops) & around
-                       for b in found)}
+                if any(b.block is None and (b.line > first or set(b.loops) & around)
+                       for b in found)} | self.set_by_functions
+
+    @property
+    def set_by_functions(self) -> set[str]:
+        return {n for _, f, _ in self.functions if isinstance(f, ast.FunctionDef)
+                for g in ast.walk(f) if isinstance(g, ast.Global) for n in g.names}
 
 
 def free_names(function: ast.AST) -> set[str]:
@@ -157,9 +161,8 @@ def _walk_no_functions(node: ast.AST) -> Iterator[ast.AST]:
 
 def check_setup(timeline: Timeline, blocks: list, uses: list[set[str]],
                 defs: list[set[str]]) -> None:
-    """The set-up runs before the forward: it cannot read what an invoke binds, change in
-    place what an invoke registered before it reads, or hand the invokes a function that
-    reads names whose value differs from invoke to invoke."""
+    """The set-up runs before the forward: it cannot read what an invoke binds, or hand the
+    invokes a function that reads a name an invoke binds (each invoke's own)."""
     for node, loops in timeline.reads:
         seen = timeline.latest(node.id, node.lineno, loops)
         block = next((b.block for b in seen if b.block is not None), None)
@@ -169,23 +172,14 @@ def check_setup(timeline: Timeline, blocks: list, uses: list[set[str]],
                 f"invoke blocks run when the invokes are set up), but the invoke at line "
                 f"{block.line} binds it during the forward: move this line after the last "
                 "invoke block", line=node.lineno)
-    for name, line, loops in timeline.changes:
-        for b in blocks:
-            earlier = b.line < line or set(map(id, b.loops)) & set(loops)
-            if earlier and name in uses[b.index] - defs[b.index]:
-                raise CellSyntaxError(
-                    f"`{name}` is changed in place here, while the invokes are set up, and the "
-                    f"invoke at line {b.line} reads it: the forward runs after the set-up, so "
-                    f"every invoke would see only the last change. Give each invoke a value of "
-                    f"its own (a loop variable, or a new object: `{name} = ...`)", line=line)
-    varying = timeline.varying(min(b.line for b in blocks))
+    bound_by_invokes = set().union(*defs)
     called = set().union(*uses)
     for name, function, loops in timeline.functions:
-        reads = sorted(free_names(function) & varying)
+        reads = sorted(free_names(function) & bound_by_invokes)
         if name in called and reads:
             raise CellSyntaxError(
                 f"`{name}`, called by the invokes during the forward, reads "
-                f"{', '.join(f'`{r}`' for r in reads)} from the notebook, whose value differs "
-                f"from invoke to invoke (each invoke has its own): when the forward runs it "
-                f"would hold only one of them. Pass it as an argument (`{name}(..., "
-                f"{reads[0]})`)", line=function.lineno)
+                f"{', '.join(f'`{r}`' for r in reads)} from the notebook, but an invoke binds "
+                f"it as its own name, which a function defined outside the invoke does not "
+                f"see. Pass it as an argument (`{name}(..., {reads[0]})`)",
+                line=function.lineno)

@@ -15,7 +15,7 @@ last invoke run after the forward.
 >>> tree = ast.parse("with tracer.invoke(a):\\n    x = 1\\nfor p in ps:\\n"
 ...                  "    with tracer.invoke(p):\\n        y = x\\n")
 >>> setup, blocks, after = find_blocks(tree, has_input=False)
->>> [(b.line, b.multi) for b in blocks], [sorted(n.flow_in) for n in name_rules(blocks, setup)]
+>>> [(b.line, b.multi) for b in blocks], [sorted(n.flow_in) for n in name_rules(blocks, setup)[0]]
 ([(1, False), (4, True)], [[], ['x']])
 """
 
@@ -122,7 +122,8 @@ def _collect(stmt: ast.stmt, loops: list[ast.stmt], blocks: list[Block]) -> bool
             here = inner if name != "orelse" else loops
             for child in value:
                 found |= _collect(child, here, blocks)
-        elif isinstance(value, list) and value and isinstance(value[0], ast.excepthandler):
+        elif isinstance(value, list) and value and isinstance(value[0], (ast.excepthandler,
+                                                                         ast.match_case)):
             for handler in value:
                 for child in handler.body:
                     found |= _collect(child, inner, blocks)
@@ -142,10 +143,12 @@ def _reject_inner_invokes(body: list[ast.stmt]) -> None:
 
 # -- the names rule -------------------------------------------------------------------------
 
-def name_rules(blocks: list[Block], setup: list[ast.stmt]) -> list[InvokeNames]:
+def name_rules(blocks: list[Block], setup: list[ast.stmt]
+               ) -> tuple[list[InvokeNames], set[str]]:
     """Each block's names under the rule; a ``CellSyntaxError`` naming the name and the lines
     where a read could come from several invokes, or the set-up would need a value the
-    forward has not made yet."""
+    forward has not made yet; and the set-up names whose value differs between invokes
+    (each invoke's value is the notebook's while its code runs, for functions that read it)."""
     defs = [all_defs(b.body) for b in blocks]
     uses = [all_uses(b.body) for b in blocks]
     timeline = Timeline(setup, blocks)
@@ -158,7 +161,7 @@ def name_rules(blocks: list[Block], setup: list[ast.stmt]) -> list[InvokeNames]:
         captured = uses[k] - (rule.flow_in | rule.flow_out | _declared_global(blocks[k].body))
         rule.params = tuple(sorted(n for n in captured if n in timeline.bindings))
         rule.arrive = rule.flow_in | _changed_by_others(k, blocks, uses[k] - defs[k])
-    return rules
+    return rules, timeline.varying()
 
 
 def _flow_in(timeline: Timeline, reader: Block, reads: set[str]) -> set[str]:

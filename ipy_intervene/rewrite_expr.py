@@ -55,7 +55,8 @@ class ExprRewriter(ast.NodeTransformer):
             return bridge_call("skip", [self.b._chain_expr(func.value), self.visit(node.args[0]),
                                          ast.Constant(sid)], node)
         if self._shared_append(node):
-            return bridge_call("append", [func.value, self.visit(node.args[0])], node)
+            return bridge_call("append", [self.visit(func.value), ast.Constant(func.attr),
+                                          self.visit(node.args[0])], node)
         chain = self.b.chain(func)
         if chain:
             sid = self.b._add_site(func, "call", "call", node)
@@ -66,13 +67,17 @@ class ExprRewriter(ast.NodeTransformer):
         return self.generic_visit(node)
 
     def _shared_append(self, node: ast.Call) -> bool:
-        """``xs.append(v)`` in an invoke, on a list it did not make: several invokes may
-        append to it, so the item goes where invoke order puts it (not where the forward
-        happens to be)."""
+        """``xs.append(v)`` / ``xs.extend(vs)`` (also ``d["k"].append(v)``) in an invoke, on
+        a list it did not make: several invokes may fill it, so when the forward ends its
+        items are put in invoke order (not the order the forward happened to reach them)."""
         func, rule = node.func, self.b._rule()
-        return (rule is not None and isinstance(func, ast.Attribute) and func.attr == "append"
-                and isinstance(func.value, ast.Name) and func.value.id not in rule.own
-                and len(node.args) == 1 and not node.keywords)
+        if (rule is None or not isinstance(func, ast.Attribute)
+                or func.attr not in ("append", "extend") or len(node.args) != 1 or node.keywords):
+            return False
+        root = func.value
+        while isinstance(root, (ast.Attribute, ast.Subscript)):
+            root = root.value
+        return isinstance(root, ast.Name) and root.id not in rule.own
 
     def visit_Subscript(self, node: ast.Subscript) -> ast.AST:
         """``layer.output[0]``: checked at run time (see :func:`habits.check_row0`)."""

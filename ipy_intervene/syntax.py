@@ -55,6 +55,8 @@ def header_parts(stmt: ast.stmt) -> list[ast.AST]:
     """The parts of a statement that run when the statement itself runs (not its body)."""
     if isinstance(stmt, (ast.If, ast.While)):
         return [stmt.test]
+    if isinstance(stmt, ast.Match):
+        return [stmt.subject]
     if isinstance(stmt, (ast.For, ast.AsyncFor)):
         return [stmt.target, stmt.iter]
     if isinstance(stmt, (ast.With, ast.AsyncWith)):

@@ -188,7 +188,7 @@ def test_read_then_edit_through_a_helper(demo):
 
 # -- 4. positive positions in invokes of different lengths --------------------------------
 
-@pytest.mark.xfail(strict=True, reason="a position from the start in an invoke shorter than the "
+@pytest.mark.xfail(strict=True, reason="designed (README: positions count in the padded batch), kept as the record of a known limitation: a position from the start in an invoke shorter than the "
                    "longest indexes the left-padded rows: `[0, 2]` of the 7-token prompt is a "
                    "padding position (8 pads), returned with no message")
 def test_position_from_the_start_in_a_shorter_invoke(demo):
@@ -369,8 +369,6 @@ LOOP = ("outs = []\n"
         "        outs.append(model.lm_head.output[0, -1])\n")
 
 
-@pytest.mark.xfail(strict=True, reason="a helper that reads the loop variable through another "
-                   "helper (`steer` calls `g`, `g` reads `s`): every invoke gets the last `s`")
 def test_helper_reads_the_loop_variable_through_another_helper(demo):
     cell = ("def g(h):\n    return h * s\n"
             "def steer(h):\n    return g(h)\n" + LOOP.format(pre="", call="steer"))
@@ -378,16 +376,12 @@ def test_helper_reads_the_loop_variable_through_another_helper(demo):
                          lambda ns: scaled_each(demo, ns))
 
 
-@pytest.mark.xfail(strict=True, reason="a lambda kept in a dict made in the loop of invokes: "
-                   "every invoke gets the last `s`")
 def test_lambda_in_a_dict_reads_the_loop_variable(demo):
     cell = LOOP.format(pre="    fns = {'f': lambda h: h * s}\n", call="fns['f']")
     right_or_clear_error(demo, cell, {"model": demo, "prompts": PROMPTS},
                          lambda ns: scaled_each(demo, ns))
 
 
-@pytest.mark.xfail(strict=True, reason="a method of a class defined in the cell reads the loop "
-                   "variable: every invoke gets the last `s`")
 def test_method_of_a_cell_class_reads_the_loop_variable(demo):
     cell = ("class Steer:\n    def __call__(self, h):\n        return h * s\n"
             "st = Steer()\n" + LOOP.format(pre="", call="st"))
@@ -435,10 +429,6 @@ def test_tensor_in_a_list_filled_in_place_in_a_loop_of_invokes(demo):
 
 # -- ordinary patterns that must keep running (they give the right numbers today) -----------
 
-@pytest.mark.xfail(strict=True, reason="regression in ea267c9: invoke_setup refuses `res[layer] = []` "
-                   "between invokes ('`res` is changed in place here ... every invoke would see "
-                   "only the last change'), though each invoke reads its own item res[layer] and "
-                   "the numbers were right before")
 def test_dict_of_lists_made_between_invokes_runs(demo):
     """`res[layer] = []` between invokes, then each invoke appends to `res[layer]`: every item
     of the dict is made once and never changed, so this is unambiguous and must not be refused."""
@@ -469,8 +459,6 @@ def test_labels_appended_between_invokes_run(demo):
         close(out, alone(demo, text))
 
 
-@pytest.mark.xfail(strict=True, reason="invokes._collect does not look inside `match` cases: the "
-                   "error says the cell has no invoke block although it has one")
 def test_invoke_inside_match_is_run_or_named(demo):
     ns = {"model": demo, "prompts": PROMPTS}
     cell = ("outs = []\n"
@@ -539,9 +527,6 @@ def test_shell_position_from_the_start_in_a_shorter_invoke(shell, demo):
     pytest.param("class Cfg:\n    pass\ncfg = Cfg()\n",
                  "    setattr(cfg, 'v', s)\n", "cfg.v", id="setattr"),
 ])
-@pytest.mark.xfail(strict=True, reason="the set-up changes what the invokes read through a call "
-                   "check_setup cannot see (a method, a function with `global`, setattr): it "
-                   "runs before the forward, so every invoke uses the last item's value")
 def test_state_set_by_a_call_in_a_loop_of_invokes(demo, define, pre, expr):
     cell = define + LOOP.format(pre=pre, call="").replace(
         "= (model.transformer.h[2].output)", f"= model.transformer.h[2].output * {expr}")
@@ -549,9 +534,6 @@ def test_state_set_by_a_call_in_a_loop_of_invokes(demo, define, pre, expr):
                          lambda ns: scaled_each(demo, ns))
 
 
-@pytest.mark.xfail(strict=True, reason="check_setup looks for the helper by the name it was "
-                   "defined with: called through another name (`g = f`), its read of the loop "
-                   "variable is not seen and every invoke gets the last `s`")
 def test_helper_called_through_another_name_reads_the_loop_variable(demo):
     cell = "def f(h):\n    return h * s\ng = f\n" + LOOP.format(pre="", call="g")
     right_or_clear_error(demo, cell, {"model": demo, "prompts": PROMPTS},
@@ -567,10 +549,6 @@ def layer_outputs_in_order(demo, layers, outs):
         close(out, seen[layer][0, -1])
 
 
-@pytest.mark.xfail(strict=True, reason="run.Run.append_in_order inserts an invoke's item before "
-                   "items a later invoke appended earlier in the forward, so `outs[-1]` just "
-                   "after `outs.append(x)` is another invoke's item (here layer 0's for the "
-                   "layer-3 invoke)")
 def test_last_item_right_after_append_is_the_invokes_own(demo):
     ns = {"model": demo, "a": PROMPT}
     cell = ("outs = []\n"
@@ -583,8 +561,9 @@ def test_last_item_right_after_append_is_the_invokes_own(demo):
         demo, [3, 0], [ns["mine"][3], ns["mine"][0]]))
 
 
-@pytest.mark.xfail(strict=True, reason="same cause: an index taken as len(outs) - 1 after the "
-                   "append points at another invoke's item once a later insert shifts it")
+@pytest.mark.xfail(strict=True, reason="known limitation (README): items several invokes "
+                   "append to one list are put in invoke order when the forward ends, so an "
+                   "index taken during the forward (len(outs) - 1) is the forward's order")
 def test_index_taken_after_append_points_at_the_invokes_item(demo):
     ns = {"model": demo, "a": PROMPT}
     cell = ("outs = []\n"
@@ -597,9 +576,6 @@ def test_index_taken_after_append_points_at_the_invokes_item(demo):
         demo, [3, 0], [ns["outs"][ns["idx"][3]], ns["outs"][ns["idx"][0]]]))
 
 
-@pytest.mark.xfail(strict=True, reason="rewrite_expr._shared_append only reorders `name.append(v)`: "
-                   "`res['x'].append(v)` and `outs.extend([v])` still fill in forward order, "
-                   "reversed against `layers` here")
 @pytest.mark.parametrize("fill", ["res['x'].append({v})", "outs.extend([{v}])"])
 def test_other_ways_of_filling_a_shared_list_are_in_invoke_order(demo, fill):
     ns = {"model": demo, "a": PROMPT}

@@ -109,13 +109,14 @@ class Facade:
         names = sys._getframe(1).f_globals
         active.require_trace("tracer.invoke").add_invoke(code, input_, names)
 
-    def append(self, items: Any, value: Any) -> None:
-        """``items.append(value)`` from an invoke: in a trace, at its invoke's place."""
+    def append(self, items: Any, how: str, value: Any) -> None:
+        """``items.append(value)`` (or ``extend``) from an invoke: in a trace, noted so the
+        list ends in invoke order."""
         run = active.current_trace()
         if run is None or not _own(run) or type(items) is not list:
-            items.append(value)
+            getattr(items, how)(value)
         else:
-            run.append_in_order(items, value)
+            run.append_in_order(items, how, value)
 
     def fill(self, items: list, values: Iterable[Any]) -> None:
         """``name = [... for ...]`` that other invokes read: ``items`` grows as the forward

@@ -26,6 +26,7 @@ from ipy_intervene.model import Envoy, Model
 from ipy_intervene.runtime import facade
 from ipy_intervene.runtime.hooks import StopForward, TraceHooks
 from ipy_intervene.runtime.scheduler import OUT, Request, Scheduler
+from ipy_intervene.runtime.taken import changed, fingerprint
 from ipy_intervene.validate import HookPlan, check_called
 
 NO_INPUT = object()  # no INPUT on the magic line
@@ -57,8 +58,9 @@ class Run:
         self.sched = Scheduler(graph, generate)
         self.hooks = TraceHooks(session, self.sched, model.module)
         self.planned: list[tuple[int, Any, dict[str, Any]]] = []  # (block, INPUT, captured)
-        self.appended: dict[int, tuple[list, int, list[int]]] = {}  # list id -> (list, base, counts)
-        self.taken: list[tuple[str, Any, int, int]] = []  # tensors invokes took, their versions
+        self.appended: dict[int, tuple[list, int, list]] = {}  # list id -> (list, base, items)
+        self.taken: list[tuple[str, Any, tuple, int]] = []  # what invokes took, fingerprinted
+        self.varying: list[dict[str, Any]] = []  # per invoke: its values of cell.varying
 
     # -- requests from the cell (through the facade) -----------------------------------------
 
@@ -120,32 +122,49 @@ class Run:
         params = self.cell.invokes[code].params
         taken = {p: names[p] for p in params if p in names}
         self.planned.append((code, input_, taken))
-        self.taken += [(p, v, v._version, code) for p, v in taken.items()
-                       if isinstance(v, torch.Tensor) and not v.is_inference()]
+        self.varying.append({n: names[n] for n in self.cell.varying if n in names})
+        for name, value in taken.items():
+            seen = fingerprint(value)
+            if seen is not None:
+                self.taken.append((name, value, seen, code))
 
     def check_taken(self) -> None:
-        """A tensor an invoke took, changed in place by a later statement of the set-up
-        (``vec *= 2``), would reach that invoke changed: the set-up runs before the forward."""
-        for name, value, version, code in self.taken:
-            if value._version != version:
+        """A value an invoke took, changed in place by a later statement of the set-up
+        (``vec *= 2``, ``cfg["coef"] = c``), would reach that invoke changed: the set-up
+        runs before the forward."""
+        for name, value, seen, code in self.taken:
+            if changed(seen, value):
                 raise InterventionError(
-                    f"`{name}` was changed in place after the invoke at line "
+                    f"`{name}` was changed in place by the set-up after the invoke at line "
                     f"{self.cell.invokes[code].line} took it (statements between invokes run "
-                    f"before the forward, so that invoke would see the change too): make a new "
-                    f"tensor instead (`{name} = {name} * 2`, not `{name} *= 2`)",
+                    f"before the forward, so that invoke would see the change too). Give each "
+                    f"invoke its own value: a new object (`{name} = {name} * 2`, not "
+                    f"`{name} *= 2`; a new dict), or a loop variable",
                     line=self.cell.invokes[code].line)
 
-    def append_in_order(self, items: list, value: Any) -> None:
-        """Put ``value`` after what earlier invokes (and this one) appended to ``items``, so
-        a list several invokes fill is in invoke order whatever order the forward takes."""
+    def enter(self, inv: Any) -> None:
+        """Before an invoke's code runs: the set-up names that differ between invokes hold
+        its values (for functions of the cell that read them)."""
+        if self.cell.varying:
+            self.ns.update(self.varying[inv.index])
+
+    def append_in_order(self, items: list, how: str, value: Any) -> None:
+        """``items.append(value)`` now (the invoke may read ``items[-1]`` next), noting which
+        invoke added what, so that :meth:`order_appends` puts the items in invoke order."""
         inv = self.sched.current(required=False)
-        if inv is None:
-            items.append(value)
-            return
-        _, base, counts = self.appended.setdefault(
-            id(items), (items, len(items), [0] * len(self.sched.invokes)))
-        counts[inv.index] += 1
-        items.insert(base + sum(counts[:inv.index + 1]) - 1, value)
+        start = len(items)
+        getattr(items, how)(value)
+        if inv is not None:
+            _, base, added = self.appended.setdefault(id(items), (items, start, []))
+            added.extend((inv.index, i, item) for i, item in enumerate(items[start:], len(added)))
+
+    def order_appends(self) -> None:
+        """After the forward: each list several invokes filled holds their items in invoke
+        order (what each invoke added, in its own order), when nothing else changed it."""
+        for items, base, added in self.appended.values():
+            tail = items[base:]
+            if len(tail) == len(added) and all(a is b for a, (_, _, b) in zip(tail, added)):
+                items[base:] = [item for _, _, item in sorted(added, key=lambda t: t[:2])]
 
     def wait_for(self, names: tuple[str, ...], line: int) -> None:
         __tracebackhide__ = True
@@ -239,11 +258,13 @@ def _interleave(run: Run, cell: Any, ns: dict, line_input: Any, plan: HookPlan,
     """The set-up (which registers the invokes), the invokes interleaved with the forward,
     then the code after it."""
     __tracebackhide__ = True
+    after_setup: dict[str, Any] = {}
     if line_input is not NO_INPUT:
         run.planned = [(0, line_input, {})]
     else:
         exec(cell.before, ns)  # the statements up to the last invoke; registers each invoke
         run.check_taken()
+        after_setup = {n: ns[n] for n in cell.varying if n in ns}
         if not run.planned:
             raise InterventionError("the cell registered no invoke: the loops around its "
                                     "`with tracer.invoke(...)` blocks ran no iteration",
@@ -258,10 +279,15 @@ def _interleave(run: Run, cell: Any, ns: dict, line_input: Any, plan: HookPlan,
     own: list[dict[str, Any]] = [{} for _ in run.planned]
     bodies = [(code, _body(cell, cell.invokes[code], ns, names, own[i]))
               for i, (code, _, names) in enumerate(run.planned)]
-    run.sched.start(bodies, batch)
-    run.hooks.install(plan)
-    output = run.forward(batch)
-    run.sched.finish(output)
+    run.sched.enter = run.enter
+    try:
+        run.sched.start(bodies, batch)
+        run.hooks.install(plan)
+        output = run.forward(batch)
+        run.sched.finish(output)
+    finally:
+        ns.update(after_setup)  # the set-up's last values, as the cell leaves them
+    run.order_appends()
     for names in own:  # each invoke's own names, in invoke order: the last one's stay
         ns.update(names)
     if cell.after is not None:

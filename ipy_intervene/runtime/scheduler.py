@@ -90,6 +90,7 @@ class Scheduler:
         self.serving: tuple[str, int] | None = None     # the hook whose requests are served now
         self.skips: dict[int, list] = {}
         self.stop_line: int | None = None
+        self.enter: Callable[[Invoke], None] | None = None  # called before an invoke resumes
 
     # -- invokes ---------------------------------------------------------------------------
 
@@ -242,6 +243,8 @@ class Scheduler:
 
     def _resume(self, inv: Invoke, value: Any, error: BaseException | None = None) -> Request | None:
         __tracebackhide__ = True
+        if self.enter is not None:
+            self.enter(inv)
         result = inv.glet.throw(error) if error is not None else inv.glet.switch(value)
         return None if result is DONE else result
 
