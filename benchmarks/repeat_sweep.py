@@ -2,7 +2,9 @@
 corrupted runs of the first (``sweep/clean_runs.py``) instead of running them again. Measured
 in one process after a warm-up on other prompts, each shape three times (median): the first
 sweep (nothing kept), the second (recordings reused), and the second with reuse off (the same
-work as the first: the baseline that shows how much is the reuse, not a warm cache).
+work as the first: the baseline that shows how much is the reuse, not a warm cache). Then the
+identical sweep through ``memo.memoized(ii.patch_sweep)`` (``sweep/memo.py``: the whole result
+of an identical sweep), first and second call.
 
     python benchmarks/repeat_sweep.py
 """
@@ -15,7 +17,7 @@ import time
 import torch
 
 import ipy_intervene as ii
-from ipy_intervene.sweep import clean_runs
+from ipy_intervene.sweep import clean_runs, memo
 
 CLEAN = "When Mary and John went to the store , John gave a drink to"
 CORRUPT = "When Mary and John went to the store , Mary gave a drink to"
@@ -55,6 +57,22 @@ def measure(model: ii.Model, n: int, **kw) -> tuple[float, float, float]:
     return statistics.median(first), statistics.median(second), statistics.median(again)
 
 
+def measure_memo(model: ii.Model, n: int, **kw) -> tuple[float, float]:
+    fast = memo.memoized(ii.patch_sweep)
+    first, second = [], []
+    for _ in range(3):
+        memo.forget(), clean_runs.forget()
+        start = time.perf_counter()
+        a = fast(model, [CLEAN] * n, [CORRUPT] * n, METRIC, **kw)
+        first.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        b = fast(model, [CLEAN] * n, [CORRUPT] * n, METRIC, **kw)
+        second.append(time.perf_counter() - start)
+        assert b.extra.get("reused") and torch.equal(a.raw, b.raw)
+    memo.forget()
+    return statistics.median(first), statistics.median(second)
+
+
 def main() -> None:
     model = ii.load_model("demo")
     for kw in SHAPES.values():      # warm-up: other prompts, every code path once
@@ -64,11 +82,16 @@ def main() -> None:
                        **{k: v for k, v in kw.items() if k != "n"})
     print(f"demo model, CPU, {torch.get_num_threads()} threads; median of 3")
     print(f"{'shape':<52} {'first':>8} {'second':>8} {'no reuse':>9}  first/second")
+    memo_rows = []
     for name, kw in SHAPES.items():
         n = kw.pop("n")
         first, second, again = measure(model, n, **kw)
         print(f"{name:<52} {first * 1e3:7.1f}ms {second * 1e3:7.1f}ms {again * 1e3:8.1f}ms"
               f"  {first / second:5.2f}x  (no reuse / second {again / second:.2f}x)")
+        memo_rows.append((name, *measure_memo(model, n, **kw)))
+    print("the same sweep again through memo.memoized(ii.patch_sweep):")
+    for name, first, second in memo_rows:
+        print(f"{name:<52} {first * 1e3:7.1f}ms {second * 1e3:7.2f}ms  {first / second:7.0f}x")
     clean_runs.forget()
 
 

@@ -158,3 +158,61 @@ def test_a_model_that_is_gone_leaves_nothing_behind(demo):
     sweep(other)
     assert clean_runs.stats()["hits"] == 0 and clean_runs.stats()["entries"] == 2
     clean_runs.forget()
+
+
+# -- whole sweeps (sweep/memo.py): an identical sweep returns the earlier result ----------------
+
+from ipy_intervene.sweep import memo  # noqa: E402
+
+
+@pytest.fixture
+def remembered():
+    memo.forget()
+    yield memo.memoized(ii.patch_sweep)
+    memo.forget()
+
+
+def test_an_identical_sweep_returns_the_earlier_result(model, remembered):
+    first = remembered(model, PROMPT, CORRUPT, MARY_JOHN)
+    second = remembered(model, PROMPT, CORRUPT, ii.logit_diff("Mary", "John"))  # equal metric
+    assert memo.stats()["hits"] == 1 and second.extra.get("reused") is True
+    assert "reused" not in first.extra
+    assert torch.equal(second.raw, first.raw) and torch.equal(second.raw, fresh(model).raw)
+    assert second.patcher is first.patcher                       # views work on it
+    remembered(model, PROMPT, CORRUPT, MARY_JOHN, site="mlp_out")   # other options: run
+    remembered(model, PROMPT, CORRUPT, ii.logit_diff("John", "Mary"))  # other answers: run
+    remembered(model, [PROMPT], [CORRUPT], MARY_JOHN)            # other INPUT: run
+    assert memo.stats()["hits"] == 1 and memo.stats()["misses"] == 4
+
+
+def test_a_weight_change_or_an_edited_result_means_a_fresh_sweep(model, remembered):
+    first = remembered(model, PROMPT, CORRUPT, MARY_JOHN)
+    with torch.no_grad():
+        model.module.transformer.h[2].mlp.c_proj.weight.add_(0.3)
+    after = remembered(model, PROMPT, CORRUPT, MARY_JOHN)
+    assert memo.stats()["hits"] == 0 and not torch.equal(after.raw, first.raw)
+    after.values[0, 0] = 123.0                                   # the user edits a result
+    again = remembered(model, PROMPT, CORRUPT, MARY_JOHN)
+    assert memo.stats()["hits"] == 0 and float(again.values[0, 0]) != 123.0
+
+
+def test_callable_metrics_hooks_and_training_always_run(model, remembered):
+    calls = []
+
+    def metric(logits):
+        calls.append(1)
+        return logits[:, -1, 5] - logits[:, -1, 6]
+
+    remembered(model, PROMPT, CORRUPT, metric)
+    n = len(calls)
+    remembered(model, PROMPT, CORRUPT, metric)
+    assert len(calls) == 2 * n and memo.stats() == {"hits": 0, "misses": 0, "entries": 0}
+    handle = model.module.transformer.h[0].register_forward_hook(lambda m, a, o: None)
+    try:
+        remembered(model, PROMPT, CORRUPT, MARY_JOHN)
+        remembered(model, PROMPT, CORRUPT, MARY_JOHN)
+    finally:
+        handle.remove()
+    assert memo.stats()["hits"] == 0 and memo.stats()["entries"] == 0
+    assert memo.metric_key(ii.prob("Mary")) == ("Prob", ("Mary",))
+    assert memo.metric_key(metric) is None
