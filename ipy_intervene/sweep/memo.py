@@ -60,7 +60,7 @@ def memoized(sweep: Callable[..., Any]) -> Callable[..., Any]:
                 options.get("dictionary") is not None or not isinstance(module, nn.Module) or \
                 not _reusable(module):
             return sweep(*args, **kwargs)
-        state = clean_runs._state(module)
+        state = (clean_runs._state(module), id(getattr(model, "tokenizer", None)))
         found = _find(module, state, key, options)
         if found is not None:
             _counts["hits"] += 1
