@@ -150,7 +150,82 @@ def main() -> None:
     print(f"{sum(ok for _, ok, _ in RESULTS)} passed, {sum(not ok for _, ok, _ in RESULTS)} failed")
 
 
-EXTRA: list[Callable] = []   # checks of the feature and session work, added below
+def features(cpu, gpu, half) -> None:
+    """SAE splice on CUDA: unchanged forward bit for bit, edits and a latent sweep as on the CPU."""
+    metric = ii.logit_diff("Mary", "John")
+    edit = ("model.transformer.h[2].sae.latents.output[:, -1, 43] = 0\n"
+            "logits = model.lm_head.output[0, -1]\n")
+    for model in (cpu, gpu, half):
+        ii.attach(model, model.transformer.h[2], ii.load_sae("demo"))
+    try:
+        @check("features: spliced SAE leaves the CUDA forward unchanged bit for bit (fp32, fp16)")
+        def _same() -> str:
+            for model in (gpu, half):
+                ns = {"model": model}
+                ii.trace(model, "logits = model.lm_head.output", PROMPTS[0], namespace=ns)
+                plain = model.module.transformer.h[2].sae  # present; compare with it detached
+                ii.detach(model)
+                bare = {"model": model}
+                ii.trace(model, "logits = model.lm_head.output", PROMPTS[0], namespace=bare)
+                ii.attach(model, model.transformer.h[2], plain.dictionary)
+                assert torch.equal(ns["logits"], bare["logits"]), "the splice changed the forward"
+            return ""
+
+        @check("features: a latent edit on CUDA equals the CPU (1e-4), fp16 top-1")
+        def _edit() -> str:
+            got = {}
+            for name, model in (("cpu", cpu), ("gpu", gpu), ("half", half)):
+                ns = {"model": model}
+                ii.trace(model, edit, PROMPTS[0], namespace=ns)
+                got[name] = ns["logits"].float().cpu()
+            assert max_rel(got["gpu"], got["cpu"]) <= 1e-4
+            assert int(got["half"].argmax()) == int(got["cpu"].argmax())
+            return f"fp32 {max_rel(got['gpu'], got['cpu']):.1e}, fp16 {max_rel(got['half'], got['cpu']):.1e}"
+
+        @check("features: latent sweep (256 latents, last position) CUDA == CPU (1e-4)")
+        def _sweep() -> str:
+            kw = dict(site="sae", latents=list(range(256)), positions=[-1])
+            a = ii.patch_sweep(cpu, PROMPTS[0], CLEAN, metric, **kw).raw
+            sync(); t0 = time.perf_counter()
+            b = ii.patch_sweep(gpu, PROMPTS[0], CLEAN, metric, **kw).raw
+            sync(); t1 = time.perf_counter()
+            assert max_rel(b.cpu(), a) <= 1e-4, f"{max_rel(b.cpu(), a):.2e}"
+            return f"{max_rel(b.cpu(), a):.1e}, CUDA sweep {1000 * (t1 - t0):.1f} ms"
+    finally:
+        for model in (cpu, gpu, half):
+            ii.detach(model)
+
+
+def session(cpu, gpu, half) -> None:
+    """The activation cache and seeded sampling on CUDA."""
+    @check("cache: ii.cache on CUDA equals the CPU per prompt, unpadded (1e-4)")
+    def _cache() -> str:
+        a = ii.cache(cpu, PROMPTS, sites=["resid_post", "pattern"])
+        b = ii.cache(gpu, PROMPTS, sites=["resid_post", "pattern"])
+        worst = 0.0
+        for key in (("resid_post", 1), ("pattern", 1)):
+            for x, y in zip(a[key], b[key]):
+                assert x.shape == y.shape
+                worst = max(worst, max_rel(y.float().cpu(), x))
+        assert worst <= 1e-4, f"{worst:.2e}"
+        return f"{worst:.1e}"
+
+    @check("sampling: --generate with do_sample and a seed equals model.generate with that seed (CUDA)")
+    def _sample() -> str:
+        result = ii.trace(gpu, "x = 1", PROMPTS[1], namespace={"model": gpu}, generate=8,
+                          do_sample=True, temperature=0.7, seed=3)
+        ids_ = ids(gpu, PROMPTS[1])
+        torch.manual_seed(3)
+        torch.cuda.manual_seed_all(3)
+        want = gpu.module.generate(ids_, attention_mask=torch.ones_like(ids_), max_new_tokens=8,
+                                   do_sample=True, temperature=0.7,
+                                   pad_token_id=gpu.tokenizer.pad_token_id)
+        got = result.output
+        assert torch.equal(got.cpu()[:, :want.shape[1]], want.cpu()), f"{got.tolist()} != {want.tolist()}"
+        return ""
+
+
+EXTRA: list[Callable] = [features, session]
 
 
 if __name__ == "__main__":
