@@ -178,3 +178,20 @@ def test_bad_generation_options_on_the_line_are_usage_errors():
     with pytest.raises(UsageError, match="sets seed, which the line sets too"):
         generate_values({"seed": "1", "generate_kwargs": "dict(seed=2)"},
                         lambda text, flag: eval(text))
+
+
+def test_the_magic_samples_what_model_generate_draws_with_that_seed(shell, demo):
+    shell.run_cell('%%trace model "When Mary and John went to the store" --generate 6 '
+                   '--do-sample --temperature 0.7 --top-k 20 --seed 3 --quiet\n'
+                   'tokens = tracer.output\n')
+    ids = demo.to_tokens("When Mary and John went to the store")
+    torch.manual_seed(3)
+    want = demo.module.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                do_sample=True, temperature=0.7, top_k=20,
+                                pad_token_id=demo.tokenizer.pad_token_id)
+    assert torch.equal(shell.user_ns["tokens"], want)
+    shell.run_cell('%%trace model "When Mary and John went to the store" --generate 6 '
+                   '--do-sample --seed 3 --def draw()\nt = tracer.output\n')
+    first, again = shell.user_ns["draw"]().names["t"], shell.user_ns["draw"]().names["t"]
+    assert torch.equal(first, again)
+    assert hook_count(demo.module) == 0

@@ -163,6 +163,6 @@ def check_options(args: Any) -> dict[str, Any]:
     if extra:
         raise UsageError(f"%%trace --def: {', '.join(extra)} do not go with --def (the "
                          "function returns the TraceResult); it keeps --generate, "
-                         "--ignore-eos and --grad")
+                         "--ignore-eos, --grad and the sampling options")
     return {"generate": args.generate, "ignore_eos": args.ignore_eos, "grad": args.grad,
-            "dry_run": False}
+            "dry_run": False, "generate_options": getattr(args, "generate_options", None)}

@@ -10,7 +10,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import display
 
 from ipy_intervene.compile import compile_cell
-from ipy_intervene.magics.command import TraceCommand
+from ipy_intervene.magics.command import TraceCommand, generate_values
 from ipy_intervene.magics.evaluate import evaluate
 from ipy_intervene.magics.trace_def import (TracedCell, as_model, check_options, signature_of,
                                             take_def)
@@ -69,15 +69,23 @@ class TraceMagics(Magics):
            ...: for step in tracer.steps():
            ...:     logits = model.lm_head.output
            ...: tokens = tracer.output
-        In [6]: %%trace model prompt --def steer(coef, latent=43)
+        In [6]: %%trace model "When Mary and John" --generate 8 --do-sample --temperature 0.7 --seed 0
+           ...: tokens = tracer.output
+        In [7]: %%trace model prompt --def steer(coef, latent=43)
            ...: model.transformer.h[2].sae.latents.output[:, -1, latent] *= coef
            ...: logits = model.lm_head.output
-        In [7]: [steer(c).names["logits"][0, -1].argmax() for c in (0.0, 1.0, 4.0)]
+        In [8]: [steer(c).names["logits"][0, -1].argmax() for c in (0.0, 1.0, 4.0)]
+
+        Sampling options (with --generate): --do-sample, --temperature T, --top-p P,
+        --top-k K, --seed N (draws what torch.manual_seed(N); model.generate(...) draws),
+        --generate-kwargs DICT (any other keyword of model.generate, checked by name).
         """
         line, define = take_def(line)
-        command = TraceCommand.parse(line)
+        command, sampling = TraceCommand.parse(line).split_generation()
         args = parse_argstring(self.trace, f"_ {command.options}")
         shell = self.shell
+        args.generate_options = generate_values(
+            sampling, lambda text, flag: evaluate(shell, text, flag, "%%trace"))
         if define is not None:
             self._define(define, line, cell, command, args)
             return
@@ -142,8 +150,8 @@ class TraceMagics(Magics):
                                 transform_ast=shell.transform_ast if shell.ast_transformers
                                 else None)
         result = run_compiled(model, compiled, shell.user_ns, input_, generate=args.generate,
-                              ignore_eos=args.ignore_eos,
-                              grad=args.grad, dry_run=args.dry_run)
+                              ignore_eos=args.ignore_eos, grad=args.grad,
+                              dry_run=args.dry_run, generate_options=args.generate_options)
         shell.user_ns["_trace"] = result
         if args.out:
             shell.user_ns[args.out] = result
