@@ -168,8 +168,6 @@ def test_layer_and_head_out_of_range_name_what_exists(demo, demo_patterns):
         demo_patterns.top_heads(key="Bob")
     with pytest.raises(InputError, match="occurs more than once"):
         demo_patterns.top_heads(key="John")
-    with pytest.raises(InputError, match="reads one prompt; got 2"):
-        attention_patterns(demo, [PROMPT, PROMPT])
 
 
 # -- the view ------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def test_lens_view_sliders_and_clicks(demo):
     before = view.detail.value
     view.layer.value = 0
     assert view.figure.data[1].y == ("L0",) and view.detail.value != before
-    view._on_click(view.figure.data[0], SimpleNamespace(point_inds=[(1, 2)]), None)
+    view._on_click(view.figure.data[0], SimpleNamespace(point_inds=[(2, 2)]), None)  # row 0: embed
     assert (view.layer.value, view.pos.value) == (1, 2)
     assert "top 5 after layer 1, Mary (2)" in view.detail.value
     bundle = view._repr_mimebundle_()
