@@ -9,7 +9,11 @@
 ((4, 15), ('layer', 'pos'))
 """
 
-from ipy_intervene.sweep.api import patch_sweep
+from ipy_intervene.sweep import api, memo
 from ipy_intervene.sweep.result import SweepResult
+
+#: ``ii.patch_sweep``: the same sweep again (same model, weights, inputs, options and a
+#: built-in metric) gives the earlier result, marked ``extra["reused"]`` (see ``memo``)
+patch_sweep = memo.memoized(api.patch_sweep)
 
 __all__ = ["SweepResult", "patch_sweep"]
