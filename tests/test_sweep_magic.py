@@ -141,3 +141,27 @@ def test_edge_attribution_magic_bad_method_names_the_choices(sweep_shell):
     with pytest.raises(InputError, match="eap-ig"):
         sweep_shell.run_cell('%edge_attribution model --clean clean --corrupted corrupt '
                              '--metric logit_diff("Mary", "John") --method eap-xx')
+
+
+def test_latent_and_estimate_options_on_the_line_equal_the_python_call(sweep_shell, demo):
+    ii.attach(demo, demo.transformer.h[2], ii.load_sae("demo"))
+    try:
+        line = ('model --clean clean --corrupted corrupt --metric logit_diff("Mary", "John") '
+                '--site sae --latents [1, 43] --positions [-1] --quiet')
+        magic = sweep_shell.run_line_magic("patch_sweep", line)
+        python = ii.patch_sweep(demo, PROMPT, CORRUPT, ii.logit_diff("Mary", "John"),
+                                site="sae", latents=[1, 43], positions=[-1])
+        assert magic.dims == ("latent", "pos") and torch.equal(magic.raw, python.raw)
+    finally:
+        ii.detach(demo)
+    line = ('model --clean clean --corrupted corrupt --metric logit_diff("Mary", "John") '
+            '--site head_k --method atp* --grad-drop False --quiet')
+    magic = sweep_shell.run_line_magic("patch_sweep", line)
+    python = ii.patch_sweep(demo, PROMPT, CORRUPT, ii.logit_diff("Mary", "John"), site="head_k",
+                            method="atp*", grad_drop=False)
+    assert torch.equal(magic.raw, python.raw)
+    edges = sweep_shell.run_line_magic("edge_attribution", 'model --clean clean --corrupted '
+                                       'corrupt --metric logit_diff("Mary", "John") '
+                                       '--direction noising')
+    assert edges.direction == "noising"
+    assert hook_count(demo.module) == 0

@@ -189,7 +189,8 @@ SWEEP_OPTIONS: dict[str, Option] = {o.name: o for o in (
            "one number per prompt", "with --method noise, the probability of the clean prediction"),
     Option("site", WORD, "S", "resid_pre, resid_mid, resid_post, attn_out, mlp_out ([layer, "
            "pos]); head_out, head_q, head_k, head_v, head_pattern ([layer, head]); "
-           "head_out_pos, head_q_pos, ... ([layer, pos, head]); several, comma-separated "
+           "head_out_pos, head_q_pos, ... ([layer, pos, head]); the latents of an ii.attach "
+           "splice: sae, sae:transformer.h[2] ([latent, pos]); several, comma-separated "
            "(a dict of results)", "resid_pre"),
     Option("method", WORD, "M", "activation (exact), attribution ((clean - corrupted) . grad, "
            "from two forwards and one backward), atp* (AtP*: attribution with the QK fix and "
@@ -203,6 +204,14 @@ SWEEP_OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("layers", EXPRESSION, "L", "the layers to sweep, e.g. range(2, 4)", "all"),
     Option("positions", EXPRESSION, "P", "the positions to sweep, e.g. [-1, 10]", "all"),
     Option("heads", EXPRESSION, "H", "the heads to sweep, for head sites", "all"),
+    Option("latents", EXPRESSION, "K", "the latents to sweep, for latent sites (or the "
+           "coordinates of --dictionary)", "all"),
+    Option("dictionary", EXPRESSION, "D", "a custom site at every layer of --site: "
+           "ii.Direction(v), ii.Subspace(basis), ii.Neurons(ids, d_in), ii.Custom(enc, dec)"),
+    Option("qk_fix", EXPRESSION, "B", "with --method atp*: recompute attention patterns "
+           "exactly for queries and keys", "True"),
+    Option("grad_drop", EXPRESSION, "B", "with --method atp*: GradDrop over the layers",
+           "True"),
     Option("subject", EXPRESSION, "S", _NOISE + "the subject's text (or its token positions) "
            "to noise"),
     Option("samples", EXPRESSION, "N", _NOISE + "noised copies of the clean run", "10"),
@@ -362,6 +371,8 @@ EDGE_OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("method", WORD, "M", "eap (2 forwards, 1 backward) or eap-ig (integrated "
            "gradients over --steps points)", "eap"),
     Option("steps", EXPRESSION, "N", "with --method eap-ig: the interpolation points", "5"),
+    Option("direction", WORD, "D", "denoising (clean values into the corrupted run) or "
+           "noising (corrupted into clean, the EAP papers' convention)", "denoising"),
     Option("out", NAME, "NAME", "also store the EdgeResult in NAME (it is always in _edges)"),
 )}
 
