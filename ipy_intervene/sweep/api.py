@@ -21,7 +21,7 @@ from ipy_intervene.sweep.paths import path_patch
 from ipy_intervene.sweep.inputs import index_list
 from ipy_intervene.sweep.record import record
 from ipy_intervene.sweep.result import SweepResult, normalised
-from ipy_intervene.sweep.runs import Run, prepare
+from ipy_intervene.sweep.runs import CellPatcher, Run, prepare
 from ipy_intervene.sweep.staircase import Cell, Engine
 
 METHODS = ("activation", "attribution", "atp*", "noise", "path")
@@ -207,7 +207,7 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
     return result
 
 
-class Patcher:
+class Patcher(CellPatcher):
     """The exact patched run of one grid cell, on demand (the sweep view's detail panel).
 
     >>> result.patcher.top_tokens((1, 10), k=3)        # doctest: +SKIP
@@ -226,25 +226,6 @@ class Patcher:
             self._engine = _engine(self.model, self.adapter, self.grid, self.run,
                                    batch_size, self.memory_fraction)
         return self._engine
-
-    @entry_point
-    def probs(self, index: Sequence[int]) -> torch.Tensor:
-        """Next-token probabilities ``[prompts, vocab]`` at the last metric position under
-        the patch of the cell at grid ``index`` (averaged over noise samples)."""
-        flat = 0
-        for i, size in zip(index, self.grid.shape):
-            flat = flat * size + int(i)
-        with torch.no_grad():
-            logits = self.engine().cell_logits(self._cells[flat])[:, -1].float()
-        probs = logits.softmax(-1)
-        return probs.view(-1, self.run.n_prompts, probs.shape[-1]).mean(0)
-
-    def top_tokens(self, index: Sequence[int], k: int = 5,
-                   prompt: int = 0) -> list[tuple[str, float]]:
-        """The ``k`` likeliest next tokens of one prompt under one cell's patch."""
-        top = self.probs(index)[prompt].topk(k)
-        decode = self.model.tokenizer.decode if self.model.tokenizer is not None else str
-        return [(decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
 
 
 def _engine(model: Model, adapter: Adapter, grid: Grid, run: Run, batch_size: int | None,

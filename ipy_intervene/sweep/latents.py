@@ -36,7 +36,7 @@ from ipy_intervene.sweep.attribution import _check_differentiable, _grad_root
 from ipy_intervene.sweep.inputs import index_list
 from ipy_intervene.sweep.record import Recording, record
 from ipy_intervene.sweep.result import SweepResult, normalised
-from ipy_intervene.sweep.runs import Run
+from ipy_intervene.sweep.runs import CellPatcher, Run
 from ipy_intervene.sweep.staircase import Engine, _bits
 
 METHODS = ("activation", "attribution", "atp*", "noise")
@@ -251,7 +251,7 @@ def attribution_rows(model: Any, adapter: Adapter, run: Run, splice: Splice, sit
     return grid, scores[None] + rows.float()
 
 
-class LatentPatcher:
+class LatentPatcher(CellPatcher):
     """The exact patched run of one latent cell, on demand (the sweep view's detail panel).
 
     >>> result.patcher.top_tokens((3, 0), k=3)       # doctest: +SKIP
@@ -263,20 +263,6 @@ class LatentPatcher:
 
     def engine(self, batch_size: int | None = None) -> LatentEngine:
         return self._engine
-
-    def probs(self, index: Sequence[int]) -> torch.Tensor:
-        """Next-token probabilities ``[prompts, vocab]`` at the metric's last position."""
-        flat = int(index[0]) * len(self.grid.positions) + int(index[1])
-        with torch.no_grad():
-            logits = self._engine.cell_logits(self._cells[flat])[:, -1].float()
-        probs = logits.softmax(-1)
-        return probs.view(-1, self.run.n_prompts, probs.shape[-1]).mean(0)
-
-    def top_tokens(self, index: Sequence[int], k: int = 5,
-                   prompt: int = 0) -> list[tuple[str, float]]:
-        top = self.probs(index)[prompt].topk(k)
-        decode = self.model.tokenizer.decode if self.model.tokenizer is not None else str
-        return [(decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
 
 
 def check_method(site: str, method: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ipy_intervene.errors import InputError
+from ipy_intervene.hooks import entry_point
 from ipy_intervene.metrics import Metric, Prob, as_metric
 from ipy_intervene.model import Model
 from ipy_intervene.sites import Adapter, get_path
@@ -99,3 +100,30 @@ def _prepare_noise(model: Model, adapter: Adapter, clean: Any, metric: Any, subj
     noise_rows = subject_noise(mask, embeddings.shape[-1], samples, std, seed)
     return Run(base, batch.kwargs, metric, declared_reads(metric, batch.length), batch.size,
                token_labels(model, batch), noise=noise_rows.to(embeddings.device, embeddings.dtype))
+
+
+class CellPatcher:
+    """One grid cell's exact patched run, on demand, for the sweep view's detail panel;
+    a sweep's patcher says how its engine is built (``engine()``) and which ``model``,
+    ``grid`` (with ``shape``), ``run`` and ``_cells`` it has."""
+
+    def engine(self, batch_size: int | None = None) -> Any:
+        raise NotImplementedError
+
+    @entry_point
+    def probs(self, index: Any) -> torch.Tensor:
+        """Next-token probabilities ``[prompts, vocab]`` at the last metric position under
+        the patch of the cell at grid ``index`` (averaged over noise samples)."""
+        flat = 0
+        for i, size in zip(index, self.grid.shape):
+            flat = flat * size + int(i)
+        with torch.no_grad():
+            logits = self.engine().cell_logits(self._cells[flat])[:, -1].float()
+        probs = logits.softmax(-1)
+        return probs.view(-1, self.run.n_prompts, probs.shape[-1]).mean(0)
+
+    def top_tokens(self, index: Any, k: int = 5, prompt: int = 0) -> list[tuple[str, float]]:
+        """The ``k`` likeliest next tokens of one prompt under one cell's patch."""
+        top = self.probs(index)[prompt].topk(k)
+        decode = self.model.tokenizer.decode if self.model.tokenizer is not None else str
+        return [(decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
