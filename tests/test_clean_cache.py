@@ -9,7 +9,7 @@ import torch
 
 import ipy_intervene as ii
 from ipy_intervene.sites import SITES, adapter_for
-from ipy_intervene.sweep import clean_runs
+from ipy_intervene.sweep import api, clean_runs
 from ipy_intervene.sweep.record import record
 from conftest import CORRUPT, PROMPT, tiny_model
 
@@ -25,7 +25,8 @@ def model(demo):
 
 
 def sweep(model, clean=PROMPT, corrupted=CORRUPT, **kw):
-    return ii.patch_sweep(model, clean, corrupted, MARY_JOHN, **kw)
+    """The sweep without the whole-result memo (ii.patch_sweep has it): recordings only."""
+    return api.patch_sweep(model, clean, corrupted, MARY_JOHN, **kw)
 
 
 def fresh(model, **kw):
@@ -168,7 +169,7 @@ from ipy_intervene.sweep import memo  # noqa: E402
 @pytest.fixture
 def remembered():
     memo.forget()
-    yield memo.memoized(ii.patch_sweep)
+    yield memo.memoized(api.patch_sweep)
     memo.forget()
 
 
@@ -178,7 +179,7 @@ def test_an_identical_sweep_returns_the_earlier_result(model, remembered):
     assert memo.stats()["hits"] == 1 and second.extra.get("reused") is True
     assert "reused" not in first.extra
     assert torch.equal(second.raw, first.raw) and torch.equal(second.raw, fresh(model).raw)
-    assert second.patcher is first.patcher                       # views work on it
+    assert second.patcher.top_tokens((1, 3)) == first.patcher.top_tokens((1, 3))  # views work
     remembered(model, PROMPT, CORRUPT, MARY_JOHN, site="mlp_out")   # other options: run
     remembered(model, PROMPT, CORRUPT, ii.logit_diff("John", "Mary"))  # other answers: run
     remembered(model, [PROMPT], [CORRUPT], MARY_JOHN)            # other INPUT: run
@@ -216,3 +217,20 @@ def test_callable_metrics_hooks_and_training_always_run(model, remembered):
     assert memo.stats()["hits"] == 0 and memo.stats()["entries"] == 0
     assert memo.metric_key(ii.prob("Mary")) == ("Prob", ("Mary",))
     assert memo.metric_key(metric) is None
+
+
+def test_ii_patch_sweep_remembers_a_sweep_without_keeping_its_model_alive(demo):
+    import gc
+    import weakref
+
+    memo.forget()
+    model = ii.wrap(tiny_model("gpt2", len(demo.tokenizer)), demo.tokenizer)
+    first = ii.patch_sweep(model, PROMPT, CORRUPT, MARY_JOHN)
+    again = ii.patch_sweep(model, PROMPT, CORRUPT, MARY_JOHN)
+    assert again.extra.get("reused") is True and torch.equal(again.raw, first.raw)
+    assert again.patcher.top_tokens((0, 0)) == first.patcher.top_tokens((0, 0))
+    gone = weakref.ref(model.module)
+    del model, first, again
+    gc.collect()
+    assert gone() is None
+    memo.forget()

@@ -58,22 +58,29 @@ def reuse(module: nn.Module, kwargs: dict[str, Any], ask: tuple,
     if not _reusable(module):
         return run()
     state = _state(module)
-    for entry in list(_entries):
-        if entry.module() is None:
-            _entries.remove(entry)
-            continue
-        if entry.module() is module and entry.ask == ask and entry.state == state and \
-                _same_inputs(entry.kwargs, kwargs):
-            if all(t._version == v for t, v in entry.versions):
-                _entries.remove(entry)
-                _entries.append(entry)             # the most recent last
-                _counts["hits"] += 1
-                return copy(entry.recording)
-            _entries.remove(entry)                 # changed in place since: stale
+    entry = find(_entries, lambda e: e.module() is module and e.ask == ask and
+                 e.state == state and _same_inputs(e.kwargs, kwargs))
+    if entry is not None:
+        _counts["hits"] += 1
+        return copy(entry.recording)
     _counts["misses"] += 1
     recording = run()
     _keep(module, state, ask, kwargs, recording, tensors(recording))
     return copy(recording)
+
+
+def find(entries: list, matches: Callable[[Any], bool]) -> Any:
+    """The kept entry that ``matches``, moved last (the most recent); entries whose module
+    is gone, or whose tensors were changed in place since, are dropped on the way."""
+    for entry in list(entries):
+        if entry.module() is None:
+            entries.remove(entry)
+        elif matches(entry):
+            entries.remove(entry)
+            if all(t._version == v for t, v in entry.versions):
+                entries.append(entry)
+                return entry
+    return None
 
 
 def forget() -> None:

@@ -64,7 +64,7 @@ def memoized(sweep: Callable[..., Any]) -> Callable[..., Any]:
         found = _find(module, state, key, options)
         if found is not None:
             _counts["hits"] += 1
-            return _copy(found, reused=True)
+            return _with_model(_copy(found, reused=True), model)
         _counts["misses"] += 1
         result = sweep(*args, **kwargs)
         _keep(module, state, key, options, result)
@@ -110,18 +110,9 @@ def _reusable(module: nn.Module) -> bool:
 
 
 def _find(module: nn.Module, state: tuple, key: tuple, options: dict[str, Any]) -> Any:
-    for entry in list(_entries):
-        if entry.module() is None:
-            _entries.remove(entry)
-            continue
-        if entry.module() is module and entry.metric == key and entry.state == state and \
-                _same(entry.options, options):
-            if all(t._version == v for t, v in entry.versions):
-                _entries.remove(entry)
-                _entries.append(entry)
-                return entry.result
-            _entries.remove(entry)           # its tensors were changed in place: stale
-    return None
+    entry = clean_runs.find(_entries, lambda e: e.module() is module and e.metric == key and
+                            e.state == state and _same(e.options, options))
+    return None if entry is None else entry.result
 
 
 def _same(kept: dict[str, Any], now: dict[str, Any]) -> bool:
@@ -148,10 +139,37 @@ def _keep(module: nn.Module, state: tuple, key: tuple, options: dict[str, Any],
         return
     tensors = [t for r in _results(result) for t in (r.values, r.raw, r.prompt_values)
                if isinstance(t, torch.Tensor)]
-    _entries.append(_Entry(weakref.ref(module), state, key, kept, result,
+    _entries.append(_Entry(weakref.ref(module), state, key, kept, _without_model(result),
                            [(t, t._version) for t in tensors]))
     while len(_entries) > MAX_ENTRIES:
         _entries.pop(0)
+
+
+def _without_model(result: Any) -> Any:
+    """A copy to keep that does not keep the model alive: its patcher (the view's exact
+    per-cell runs) without the model and its engine; rebuilt on reuse by
+    :func:`_with_model` (a patcher that cannot be rebuilt is dropped)."""
+    if isinstance(result, dict):
+        return {k: _without_model(v) for k, v in result.items()}
+    out = copy.copy(result)
+    patcher = getattr(result, "patcher", None)
+    if patcher is not None:
+        rebuildable = hasattr(patcher, "memory_fraction")  # api.Patcher builds its engine
+        out.patcher = copy.copy(patcher) if rebuildable else None
+        if rebuildable:
+            out.patcher.model, out.patcher._engine = None, None
+    return out
+
+
+def _with_model(result: Any, model: Any) -> Any:
+    if isinstance(result, dict):
+        return {k: _with_model(v, model) for k, v in result.items()}
+    if getattr(result, "patcher", None) is not None:
+        from ipy_intervene.loading import wrap
+
+        result.patcher = copy.copy(result.patcher)
+        result.patcher.model = wrap(model)
+    return result
 
 
 def _results(result: Any) -> list[Any]:
