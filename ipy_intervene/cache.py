@@ -134,21 +134,17 @@ class ActivationCache:
         return out, mask
 
     def stack(self, site: str, pos: int = -1, layers: Sequence[int] | None = None) -> torch.Tensor:
-        """One position of every prompt (``pos`` counted in each prompt; -1: its last token)
-        at ``layers`` (default: all kept): ``[prompts, layers, ...]``, the features of a
-        probe.
+        """One position of every prompt (``pos`` counted in each prompt; -1: its last token;
+        an error when the cache did not keep it) at ``layers`` (default: all kept):
+        ``[prompts, layers, ...]``, the features of a probe.
 
         >>> X = c.stack("resid_post", pos=-1)        # [prompts, layers, d_model]  # doctest: +SKIP
         """
         chosen = self.layers(site) if layers is None else [self._key((site, l))[1] for l in layers]
         if not chosen:
             raise SiteError(self._missing(site))
-        dim = _POS_DIMS.get(site, (0,))[0]
-        rows = []
-        for layer in chosen:
-            values = self.values[(site, layer)]
-            rows.append(torch.stack([v.select(dim, _index(pos, v.shape[dim], i))
-                                     for i, v in enumerate(values)]))
+        rows = [torch.stack([self.at((site, layer), i, pos) for i in range(len(self))])
+                for layer in chosen]
         return torch.stack(rows, 1)
 
     def at(self, key: Any, prompt: int, pos: int) -> torch.Tensor:

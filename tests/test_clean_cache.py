@@ -155,6 +155,7 @@ def test_a_model_that_is_gone_leaves_nothing_behind(demo):
     del model
     gc.collect()
     assert gone() is None                      # the kept recordings do not hold the model
+    assert clean_runs.stats()["entries"] == 0   # and are dropped with it
     other = ii.wrap(tiny_model("gpt2", len(demo.tokenizer)), demo.tokenizer)
     sweep(other)
     assert clean_runs.stats()["hits"] == 0 and clean_runs.stats()["entries"] == 2
@@ -192,9 +193,9 @@ def test_a_weight_change_or_an_edited_result_means_a_fresh_sweep(model, remember
         model.module.transformer.h[2].mlp.c_proj.weight.add_(0.3)
     after = remembered(model, PROMPT, CORRUPT, MARY_JOHN)
     assert memo.stats()["hits"] == 0 and not torch.equal(after.raw, first.raw)
-    after.values[0, 0] = 123.0                                   # the user edits a result
+    after.values[0, 0] = 123.0                 # the user edits a result: not what is kept
     again = remembered(model, PROMPT, CORRUPT, MARY_JOHN)
-    assert memo.stats()["hits"] == 0 and float(again.values[0, 0]) != 123.0
+    assert float(again.values[0, 0]) != 123.0 and torch.equal(again.raw, after.raw)
 
 
 def test_callable_metrics_hooks_and_training_always_run(model, remembered):
@@ -233,4 +234,37 @@ def test_ii_patch_sweep_remembers_a_sweep_without_keeping_its_model_alive(demo):
     del model, first, again
     gc.collect()
     assert gone() is None
+    memo.forget()
+
+
+@pytest.mark.parametrize("edit", ["data_mul", "data_setitem", "swap_activation"])
+def test_edits_that_keep_the_version_still_mean_a_fresh_sweep(demo, edit):
+    """`p.data` edits keep `p._version`; a swapped submodule has no weights: both count."""
+    memo.forget()
+    clean_runs.forget()
+    model = ii.wrap(tiny_model("gpt2", len(demo.tokenizer)), demo.tokenizer)
+    ii.patch_sweep(model, PROMPT, CORRUPT, MARY_JOHN)
+    block = model.module.transformer.h[1]
+    if edit == "data_mul":
+        block.mlp.c_fc.weight.data.mul_(0.5)
+    elif edit == "data_setitem":
+        block.mlp.c_fc.weight.data[0] = 1.0
+    else:
+        block.mlp.act = torch.nn.ReLU().eval()
+    after = ii.patch_sweep(model, PROMPT, CORRUPT, MARY_JOHN)
+    assert "reused" not in after.extra and clean_runs.stats()["hits"] == 0
+    assert torch.equal(after.raw, fresh(model).raw)
+    memo.forget()
+
+
+def test_a_reused_result_has_values_of_its_own(model):
+    memo.forget()
+    first = ii.patch_sweep(model, PROMPT, CORRUPT, MARY_JOHN)
+    second = ii.patch_sweep(model, PROMPT, CORRUPT, MARY_JOHN)
+    assert second.extra.get("reused") is True
+    kept = first.values.clone()
+    second.values.sub_(1.0)                       # the user edits one result
+    assert torch.equal(first.values, kept)
+    third = ii.patch_sweep(model, PROMPT, CORRUPT, MARY_JOHN)
+    assert torch.equal(third.values, kept)
     memo.forget()

@@ -143,14 +143,9 @@ def path_oracle(model, p, text, i, x):
 
 def grad_oracle(model, p, text, i, x):
     seen = {}
-
-    def keep(mod, args, out):
-        out.retain_grad()
-        seen["h"] = out
-
-    logits = run_hooked(model, text, post=[(block(p, 1), keep)], grad_at=True)
-    logits[0, -1, x["tok"]].backward()
-    return seen["h"].grad
+    logits = run_hooked(model, text, post=[(block(p, 1), capture(seen, "h"))], grad_at=True)
+    (grad,) = torch.autograd.grad(logits[0, -1, x["tok"]], seen["h"])  # no .grad left on weights
+    return grad
 
 
 def block(p, layer: int) -> str:

@@ -78,7 +78,7 @@ class Splice(nn.Module):
             raise SiteError(f"the splice at {self.target_path} needs a tensor (or a tuple "
                             f"whose first element is one) as the module's "
                             f"{'input' if source is not None else 'output'}; got {got}")
-        dtype = _dtype(self.dictionary, x)
+        dtype = dictionary_dtype(self.dictionary, x)
         lat = self._encode(src.to(dtype))
         with torch.no_grad():
             err = x.to(dtype) - self.dictionary.decode(lat)
@@ -254,7 +254,7 @@ def _versions(*tensors: torch.Tensor) -> tuple[int, ...] | None:
         return None
 
 
-def _dtype(dictionary: nn.Module, x: torch.Tensor) -> torch.dtype:
+def dictionary_dtype(dictionary: nn.Module, x: torch.Tensor) -> torch.dtype:
     """The dictionary's float dtype (its first float parameter or buffer), else ``x``'s."""
     for tensor in (*dictionary.parameters(), *dictionary.buffers()):
         if tensor.is_floating_point():

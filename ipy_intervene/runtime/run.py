@@ -144,9 +144,9 @@ class Run:
 
     def enter(self, inv: Any) -> None:
         """Before an invoke's code runs: the set-up names that differ between invokes hold
-        its values (for functions of the cell that read them)."""
-        if self.cell.varying:
-            self.ns.update(self.varying[inv.index])
+        its values (for functions of the cell that read them). Installed only for cells
+        that have such names."""
+        self.ns.update(self.varying[inv.index])
 
     def append_in_order(self, items: list, how: str, value: Any) -> None:
         """``items.append(value)`` now (the invoke may read ``items[-1]`` next), noting which
@@ -279,7 +279,7 @@ def _interleave(run: Run, cell: Any, ns: dict, line_input: Any, plan: HookPlan,
     own: list[dict[str, Any]] = [{} for _ in run.planned]
     bodies = [(code, _body(cell, cell.invokes[code], ns, names, own[i]))
               for i, (code, _, names) in enumerate(run.planned)]
-    run.sched.enter = run.enter
+    run.sched.enter = run.enter if cell.varying else None
     try:
         run.sched.start(bodies, batch)
         run.hooks.install(plan)

@@ -69,6 +69,11 @@ def reuse(module: nn.Module, kwargs: dict[str, Any], ask: tuple,
     return copy(recording)
 
 
+def _purge(gone: "weakref.ref[nn.Module]") -> None:
+    """A model was garbage-collected: drop its recordings at once (they may hold GPU memory)."""
+    _entries[:] = [e for e in _entries if e.module is not gone]
+
+
 def find(entries: list, matches: Callable[[Any], bool]) -> Any:
     """The kept entry that ``matches``, moved last (the most recent); entries whose module
     is gone, or whose tensors were changed in place since, are dropped on the way."""
@@ -102,7 +107,7 @@ def _keep(module: nn.Module, state: tuple, ask: tuple, kwargs: dict[str, Any], r
         return
     inputs = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
               for k, v in kwargs.items()}
-    _entries.append(_Entry(weakref.ref(module), state, ask, inputs, recording,
+    _entries.append(_Entry(weakref.ref(module, _purge), state, ask, inputs, recording,
                            [(t, t._version) for t in unique], nbytes))
     while len(_entries) > MAX_ENTRIES or sum(e.nbytes for e in _entries) > MAX_BYTES:
         _entries.pop(0)
@@ -124,16 +129,33 @@ def _global_hooks() -> bool:
 
 
 def _state(module: nn.Module) -> tuple:
-    """What the weights are now: storage, shape, dtype, device and version of each tensor,
-    and the attention implementation of each config."""
+    """What the model is now: storage, shape, dtype, device, version and the bits of each
+    parameter and buffer (an edit through ``p.data`` keeps the version, not the bits), the
+    module tree (a submodule swapped for one without weights), and the attention
+    implementation of each config."""
     tensors = [*module.named_parameters(remove_duplicate=False),
                *module.named_buffers(remove_duplicate=False)]
-    weights = tuple((name, t.data_ptr(), tuple(t.shape), t.dtype, str(t.device), t._version)
-                    for name, t in tensors)
+    weights = tuple((name, t.data_ptr(), tuple(t.shape), t.dtype, str(t.device), t._version,
+                     _bits(t)) for name, t in tensors)
+    tree = tuple((name, type(m), id(m)) for name, m in module.named_modules())
     configs = tuple(sorted({(n, getattr(m.config, "_attn_implementation", None))
                             for n, m in module.named_modules() if hasattr(m, "config")},
                            key=str))
-    return weights, configs
+    return weights, tree, configs
+
+
+_INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> int | None:
+    """A checksum of a tensor's bits (its values read as integers, summed in chunks so no
+    large copy is made), or None where it has none (meta tensors, odd widths)."""
+    if t.device.type == "meta" or t.numel() == 0 or t.element_size() not in _INT_OF_WIDTH \
+            or t.dtype.is_complex or t.dtype == torch.bool:
+        return None
+    with torch.no_grad():
+        ints = t.detach().reshape(-1).view(_INT_OF_WIDTH[t.element_size()])
+        return sum(int(chunk.sum(dtype=torch.int64)) for chunk in ints.split(1 << 22))
 
 
 def _same_inputs(kept: dict[str, Any], now: dict[str, Any]) -> bool:

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 
 from ipy_intervene.errors import InputError
+from ipy_intervene.features.splice import dictionary_dtype
 from ipy_intervene.sweep.inputs import index_list
 
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -56,7 +57,7 @@ def interchange(dictionary: Any, latents: Any) -> Interchange:
     def patched(base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         if isinstance(dictionary, torch.nn.Module):   # as ii.attach does: the site's device
             dictionary.to(base.device)
-        dtype = _dtype(dictionary, base)
+        dtype = dictionary_dtype(dictionary, base)
         with torch.no_grad():
             x = base.detach().to(dtype)
             lat = dictionary.encode(x)
@@ -79,9 +80,3 @@ def describe(dictionary: Any, latents: Any) -> dict[str, Any]:
     """For ``result.extra``."""
     return {"dictionary": repr(dictionary).replace("\n", " "),
             "latents": "all" if latents is None else list(latents)}
-
-
-def _dtype(dictionary: Any, x: torch.Tensor) -> torch.dtype:
-    """The splice's rule: the dictionary's first parameter's float dtype, else ``x``'s."""
-    param = next(iter(getattr(dictionary, "parameters", lambda: [])()), None)
-    return param.dtype if param is not None and param.is_floating_point() else x.dtype

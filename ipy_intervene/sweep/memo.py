@@ -92,6 +92,11 @@ def metric_key(metric: Any) -> tuple | None:
     return type(metric).__name__, tuple(answers)
 
 
+def _purge(gone: "weakref.ref[nn.Module]") -> None:
+    """A model was garbage-collected: drop what was kept for it at once."""
+    _entries[:] = [e for e in _entries if e.module is not gone]
+
+
 def forget() -> None:
     """Drop every kept result."""
     _entries.clear()
@@ -139,7 +144,7 @@ def _keep(module: nn.Module, state: tuple, key: tuple, options: dict[str, Any],
         return
     tensors = [t for r in _results(result) for t in (r.values, r.raw, r.prompt_values)
                if isinstance(t, torch.Tensor)]
-    _entries.append(_Entry(weakref.ref(module), state, key, kept, _without_model(result),
+    _entries.append(_Entry(weakref.ref(module, _purge), state, key, kept, _without_model(result),
                            [(t, t._version) for t in tensors]))
     while len(_entries) > MAX_ENTRIES:
         _entries.pop(0)
@@ -177,12 +182,16 @@ def _results(result: Any) -> list[Any]:
 
 
 def _copy(result: Any, reused: bool = False) -> Any:
-    """A shallow copy (its own ``extra``, marked ``reused`` when it is) of a result or a dict
-    of results."""
+    """A copy (its own ``extra``, marked ``reused`` when it is, and its own values) of a
+    result or a dict of results."""
     if isinstance(result, dict):
         return {k: _copy(v, reused) for k, v in result.items()}
     out = copy.copy(result)
     extra = getattr(result, "extra", None)
     if isinstance(extra, dict):
         out.extra = {**extra, **({"reused": True} if reused else {})}
+    for name in ("values", "raw", "prompt_values"):  # each result has tensors of its own
+        value = getattr(result, name, None)
+        if isinstance(value, torch.Tensor):
+            setattr(out, name, value.clone())
     return out
