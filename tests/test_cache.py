@@ -193,3 +193,13 @@ def test_the_default_chunk_keeps_a_chunks_values_under_the_budget(demo, monkeypa
     whole = make_cache(demo, texts, sites=["pattern", "resid_post"], layers=[1], batch_size=10)
     for i in range(10):
         assert torch.equal(c["pattern", 1][i], whole["pattern", 1][i])
+
+
+def test_stack_counts_positions_in_each_prompt_also_when_only_some_were_kept(demo):
+    prompts = [PROMPT, SHORT]
+    full = make_cache(demo, prompts, sites="resid_post")
+    part = make_cache(demo, prompts, sites="resid_post", positions=[0, -1])
+    assert torch.equal(part.stack("resid_post", pos=-1), full.stack("resid_post", pos=-1))
+    assert torch.equal(part.stack("resid_post", pos=0), full.stack("resid_post", pos=0))
+    with pytest.raises(InputError, match="was not kept"):
+        part.stack("resid_post", pos=1)
