@@ -59,7 +59,7 @@ def reuse(module: nn.Module, kwargs: dict[str, Any], ask: tuple,
         return run()
     state = _state(module)
     entry = find(_entries, lambda e: e.module() is module and e.ask == ask and
-                 e.state == state and _same_inputs(e.kwargs, kwargs))
+                 e.state == state and same_inputs(e.kwargs, kwargs))
     if entry is not None:
         _counts["hits"] += 1
         return copy(entry.recording)
@@ -158,7 +158,8 @@ def _bits(t: torch.Tensor) -> int | None:
         return sum(int(chunk.sum(dtype=torch.int64)) for chunk in ints.split(1 << 22))
 
 
-def _same_inputs(kept: dict[str, Any], now: dict[str, Any]) -> bool:
+def same_inputs(kept: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Equal inputs or options: tensors equal in shape, dtype, device and values."""
     if kept.keys() != now.keys():
         return False
     for key, value in now.items():

@@ -116,23 +116,8 @@ def _reusable(module: nn.Module) -> bool:
 
 def _find(module: nn.Module, state: tuple, key: tuple, options: dict[str, Any]) -> Any:
     entry = clean_runs.find(_entries, lambda e: e.module() is module and e.metric == key and
-                            e.state == state and _same(e.options, options))
+                            e.state == state and clean_runs.same_inputs(e.options, options))
     return None if entry is None else entry.result
-
-
-def _same(kept: dict[str, Any], now: dict[str, Any]) -> bool:
-    if kept.keys() != now.keys():
-        return False
-    for name, value in now.items():
-        old = kept[name]
-        if isinstance(value, torch.Tensor) or isinstance(old, torch.Tensor):
-            if not (isinstance(value, torch.Tensor) and isinstance(old, torch.Tensor)
-                    and old.shape == value.shape and old.dtype == value.dtype
-                    and torch.equal(old.cpu(), value.cpu())):
-                return False
-        elif not clean_runs._equal(old, value):
-            return False
-    return True
 
 
 def _keep(module: nn.Module, state: tuple, key: tuple, options: dict[str, Any],
