@@ -153,9 +153,8 @@ def _bits(t: torch.Tensor) -> int | None:
     if t.device.type == "meta" or t.numel() == 0 or t.element_size() not in _INT_OF_WIDTH \
             or t.dtype.is_complex or t.dtype == torch.bool:
         return None
-    with torch.no_grad():
-        ints = t.detach().reshape(-1).view(_INT_OF_WIDTH[t.element_size()])
-        return sum(int(chunk.sum(dtype=torch.int64)) for chunk in ints.split(1 << 22))
+    ints = t.detach().reshape(-1).view(_INT_OF_WIDTH[t.element_size()])  # no grad-mode change
+    return sum(int(chunk.sum(dtype=torch.int64)) for chunk in ints.split(1 << 22))
 
 
 def same_inputs(kept: dict[str, Any], now: dict[str, Any]) -> bool:
