@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
@@ -103,12 +103,8 @@ def sweep(model: Any, clean: Any, corrupted: Any, metric: Any, *, site: str,
     model = wrap(model)
     warn_if_training(model)
     adapter = adapter_for(model)
-    a, b = prepare_pair(model, clean, corrupted)
-    base_batch, source_batch = (b, a) if direction == "denoising" else (a, b)
-    metric = as_metric(metric)
-    bound = metric.bind(model, a.size)
-    logit_positions = (list(range(a.length)) if metric.positions is None
-                       else sorted({p % a.length for p in metric.positions}))
+    a, base_batch, source_batch, metric, bound, logit_positions = estimate_inputs(
+        model, clean, corrupted, metric, direction)
     grid, wanted = _plan(model, adapter, site, qk_fix, a.length, layers, positions)
     source = source_run(model, adapter, source_batch.kwargs, wanted, logit_positions, bound)
     base = base_run(model, adapter, base_batch.kwargs, wanted, logit_positions, bound, metric)
@@ -135,6 +131,34 @@ def sweep(model: Any, clean: Any, corrupted: Any, metric: Any, *, site: str,
         warn=False).view(grid.shape)  # `values` already warned
     result.seconds = time.perf_counter() - start
     return result
+
+
+class EstimateInputs(NamedTuple):
+    """What an attribution estimate runs on: the clean batch, the batch patched into
+    (``base``) and the one patched from (``source``) as ``direction`` says, the metric, the
+    metric bound to the batch, and the logit positions it reads."""
+
+    clean: Any
+    base: Any
+    source: Any
+    metric: Any
+    bound: Any
+    logit_positions: list[int]
+
+
+def estimate_inputs(model: Any, clean: Any, corrupted: Any, metric: Any,
+                    direction: str) -> EstimateInputs:
+    """The inputs of AtP* (and the latent sweeps' AtP*) for ``direction``.
+
+    >>> a, base, source, metric, bound, reads = estimate_inputs(model, clean, corrupt,
+    ...                                                         metric, "denoising")  # doctest: +SKIP
+    """
+    a, b = prepare_pair(model, clean, corrupted)
+    base, source = (b, a) if direction == "denoising" else (a, b)
+    metric = as_metric(metric)
+    reads = (list(range(a.length)) if metric.positions is None
+             else sorted({p % a.length for p in metric.positions}))
+    return EstimateInputs(a, base, source, metric, metric.bind(model, a.size), reads)
 
 
 def _plan(model: Any, adapter: Adapter, site: str, qk_fix: bool, length: int,

@@ -22,11 +22,10 @@ import torch
 from ipy_intervene.errors import SiteError
 from ipy_intervene.features.splice import Splice
 from ipy_intervene.hooks import site_hooks
-from ipy_intervene.metrics import as_metric
 from ipy_intervene.sites import SITES, Adapter
 from ipy_intervene.sweep.atp_runs import Wanted, base_run
-from ipy_intervene.sweep.atp_star import _grad_drop
-from ipy_intervene.sweep.inputs import prepare_pair, token_labels
+from ipy_intervene.sweep.atp_star import _grad_drop, estimate_inputs
+from ipy_intervene.sweep.inputs import token_labels
 from ipy_intervene.sweep.latents import make_grid, splice_layer
 from ipy_intervene.sweep.record import record
 from ipy_intervene.sweep.result import SweepResult, normalised
@@ -37,12 +36,8 @@ def sweep(model: Any, adapter: Adapter, clean: Any, corrupted: Any, metric: Any,
           grad_drop: bool) -> SweepResult:
     """AtP* estimates ``values[latent, pos]`` of a latent site (see the module docstring)."""
     layer = splice_layer(model, adapter, splice, site)
-    a, b = prepare_pair(model, clean, corrupted)
-    base_batch, source_batch = (b, a) if direction == "denoising" else (a, b)
-    metric = as_metric(metric)
-    bound = metric.bind(model, a.size)
-    logit_positions = (list(range(a.length)) if metric.positions is None
-                       else sorted({p % a.length for p in metric.positions}))
+    a, base_batch, source_batch, metric, bound, logit_positions = estimate_inputs(
+        model, clean, corrupted, metric, direction)
     seen: dict[str, torch.Tensor] = {}
     keep = [(splice.latents, "module_out", lambda x: seen.__setitem__("latents", x))]
     with torch.no_grad(), site_hooks(keep):
