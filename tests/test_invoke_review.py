@@ -59,6 +59,28 @@ def close(a, b):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+STEER = torch.randn(128, generator=torch.Generator().manual_seed(0))
+
+
+def scaled_each(demo, ns):
+    """Prompt i's block 2 output scaled by [1.0, 0.0, 0.5][i], each alone."""
+    for out, s, text in zip(ns["outs"], [1.0, 0.0, 0.5], PROMPTS):
+        close(out, alone(demo, text, 2, lambda m, a, o, s=s: o * s))
+
+
+def steered_each(demo, ns):
+    """Prompt i's last position at block 2 steered by [1.0, -2.0, 0.5][i] * STEER, each alone."""
+    for c, text, out in zip([1.0, -2.0, 0.5], PROMPTS, ns["outs"]):
+        close(out, alone(demo, text, 2, lambda m, a, o, c=c: torch.cat(
+            [o[:, :-1], o[:, -1:] + c * STEER], 1)))
+
+
+def steered_then_doubled(demo, ns):
+    """The first invoke adds STEER to block 2, the second 2 * STEER, each alone."""
+    close(ns["o1"], alone(demo, PROMPT, 2, lambda m, a, o: o + STEER))
+    close(ns["o2"], alone(demo, CORRUPT, 2, lambda m, a, o: o + 2 * STEER))
+
+
 # -- 1. a name the set-up binds (loop variable, assignment between invokes) and one invoke
 #       also binds is taken from that invoke ----------------------------------------------
 
@@ -109,11 +131,7 @@ def test_helper_defined_in_the_cell_reads_the_loop_variable(demo):
             "        model.transformer.h[2].output = steer(model.transformer.h[2].output)\n"
             "        outs.append(model.lm_head.output[0, -1])\n")
 
-    def check(ns):
-        for out, s, text in zip(ns["outs"], [1.0, 0.0, 0.5], PROMPTS):
-            close(out, alone(demo, text, 2, lambda m, a, o, s=s: o * s))
-
-    right_or_clear_error(demo, cell, ns, check)
+    right_or_clear_error(demo, cell, ns, lambda ns: scaled_each(demo, ns))
 
 
 def test_lambda_made_in_the_loop_of_invokes_reads_the_loop_variable(demo):
@@ -125,11 +143,7 @@ def test_lambda_made_in_the_loop_of_invokes_reads_the_loop_variable(demo):
             "        model.transformer.h[2].output = f(model.transformer.h[2].output)\n"
             "        outs.append(model.lm_head.output[0, -1])\n")
 
-    def check(ns):
-        for out, s, text in zip(ns["outs"], [1.0, 0.0, 0.5], PROMPTS):
-            close(out, alone(demo, text, 2, lambda m, a, o, s=s: o * s))
-
-    right_or_clear_error(demo, cell, ns, check)
+    right_or_clear_error(demo, cell, ns, lambda ns: scaled_each(demo, ns))
 
 
 def test_helper_reads_a_name_the_invoke_binds_with_a_stale_global(demo):
@@ -276,8 +290,6 @@ def test_list_made_before_the_loop_is_in_invoke_order(demo):
 
 # -- 7. an in-place change between invokes reaches the invokes registered before it --------
 
-STEER = torch.randn(128, generator=torch.Generator().manual_seed(0))
-
 
 def test_tensor_changed_in_place_between_invokes(demo):
     ns = {"model": demo, "a": PROMPT, "b": CORRUPT, "vec": STEER.clone()}
@@ -289,11 +301,7 @@ def test_tensor_changed_in_place_between_invokes(demo):
             "    model.transformer.h[2].output = model.transformer.h[2].output + vec\n"
             "    o2 = model.lm_head.output[0, -1]\n")
 
-    def check(ns):
-        close(ns["o1"], alone(demo, PROMPT, 2, lambda m, a, o: o + STEER))
-        close(ns["o2"], alone(demo, CORRUPT, 2, lambda m, a, o: o + 2 * STEER))
-
-    right_or_clear_error(demo, cell, ns, check)
+    right_or_clear_error(demo, cell, ns, lambda ns: steered_then_doubled(demo, ns))
 
 
 def test_settings_dict_changed_in_a_loop_of_invokes(demo):
@@ -306,12 +314,7 @@ def test_settings_dict_changed_in_a_loop_of_invokes(demo):
             "        model.transformer.h[2].output[:, -1] += cfg['coef'] * vec\n"
             "        outs.append(model.lm_head.output[0, -1])\n")
 
-    def check(ns):
-        for c, text, out in zip([1.0, -2.0, 0.5], PROMPTS, ns["outs"]):
-            close(out, alone(demo, text, 2, lambda m, a, o, c=c: torch.cat(
-                [o[:, :-1], o[:, -1:] + c * STEER], 1)))
-
-    right_or_clear_error(demo, cell, ns, check)
+    right_or_clear_error(demo, cell, ns, lambda ns: steered_each(demo, ns))
 
 
 # -- 8. a name local to a function defined inside an invoke counts as the invoke's ----------
@@ -356,11 +359,6 @@ def test_break_in_an_invoke_of_a_loop_is_a_clear_error(demo, word):
 
 # -- more ways for a cell's function or an object to see one value for every invoke ---------
 
-def scaled_each(demo, ns):
-    for out, s, text in zip(ns["outs"], [1.0, 0.0, 0.5], PROMPTS):
-        close(out, alone(demo, text, 2, lambda m, a, o, s=s: o * s))
-
-
 LOOP = ("outs = []\n"
         "for s, p in zip([1.0, 0.0, 0.5], prompts):\n"
         "{pre}"
@@ -401,11 +399,7 @@ def test_tensor_changed_in_place_through_an_alias_between_invokes(demo):
             "    model.transformer.h[2].output = model.transformer.h[2].output + w\n"
             "    o2 = model.lm_head.output[0, -1]\n")
 
-    def check(ns):
-        close(ns["o1"], alone(demo, PROMPT, 2, lambda m, a, o: o + STEER))
-        close(ns["o2"], alone(demo, CORRUPT, 2, lambda m, a, o: o + 2 * STEER))
-
-    right_or_clear_error(demo, cell, ns, check)
+    right_or_clear_error(demo, cell, ns, lambda ns: steered_then_doubled(demo, ns))
 
 
 def test_tensor_in_a_list_filled_in_place_in_a_loop_of_invokes(demo):
@@ -419,12 +413,7 @@ def test_tensor_in_a_list_filled_in_place_in_a_loop_of_invokes(demo):
             "        outs.append(model.lm_head.output[0, -1])\n")
     ns["torch"] = torch
 
-    def check(ns):
-        for c, text, out in zip([1.0, -2.0, 0.5], PROMPTS, ns["outs"]):
-            close(out, alone(demo, text, 2, lambda m, a, o, c=c: torch.cat(
-                [o[:, :-1], o[:, -1:] + c * STEER], 1)))
-
-    right_or_clear_error(demo, cell, ns, check)
+    right_or_clear_error(demo, cell, ns, lambda ns: steered_each(demo, ns))
 
 
 # -- ordinary patterns that must keep running (they give the right numbers today) -----------
