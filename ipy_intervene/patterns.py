@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ipy_intervene.batch import encode_id_list
 from ipy_intervene.errors import InputError
 from ipy_intervene.hooks import entry_point
 from ipy_intervene.loading import warn_if_training, wrap
@@ -184,13 +185,54 @@ def attention_patterns(model: Any, source: Any, layers: Sequence[int] | None = N
     >>> p = ii.attention_patterns(model, pat, tokens=prompt, layers=[1])  # doctest: +SKIP
     """
     model = wrap(model)
-    if isinstance(source, torch.Tensor) and source.is_floating_point() or (
-            isinstance(source, (list, tuple)) and source
-            and all(isinstance(t, torch.Tensor) for t in source)):
+    if _is_published(model, source):
         return _published(model, source, layers, tokens, prompt)
     if tokens is not None:
         raise InputError("tokens= labels published patterns; a prompt's own tokens label it")
     return _read(model, source, layers, batch_size)
+
+
+def _is_published(model: Model, source: Any) -> bool:
+    """Whether ``source`` is patterns a cell published (float tensors, 3-D or 4-D) rather
+    than prompts to run; token ids are read like a trace's INPUT (an integer tensor [seq]
+    or [batch, seq], or a list of 1-D id tensors of any lengths, left-padded). Anything
+    else made of tensors is an error saying what to pass."""
+    if isinstance(source, torch.Tensor):
+        tensors = [source]
+    elif isinstance(source, (list, tuple)) and source and \
+            all(isinstance(t, torch.Tensor) for t in source):
+        tensors = list(source)
+    else:
+        return False                                     # prompts, id lists: read them
+    floats = [t.is_floating_point() or t.is_complex() for t in tensors]
+    if all(floats):
+        if any(t.dim() >= 3 for t in tensors):
+            return True                                  # _published checks each shape
+        shapes = ", ".join(str(list(t.shape)) for t in tensors)
+        what = (f"a {tensors[0].dtype} tensor of shape {shapes} is" if len(tensors) == 1 else
+                f"{len(tensors)} float tensors of shapes {shapes} are")
+        raise InputError(f"{what} neither token ids nor published patterns: {_IDS}; "
+                         f"published patterns are float tensors, "
+                         f"expected [head, query, key] or [prompt, head, query, key] (the "
+                         f"`pattern` site's output, e.g. "
+                         f"model.transformer.h[1].attn.pattern.output)")
+    if any(floats):
+        kinds = ", ".join(str(t.dtype) for t in tensors)
+        raise InputError(f"the list mixes float and integer tensors ({kinds}): {_IDS}; "
+                         "published patterns are float tensors [head, query, key], one per "
+                         "layer")
+    if isinstance(source, torch.Tensor):
+        if source.dim() not in (1, 2) or source.numel() == 0:
+            raise InputError(f"a {source.dtype} tensor of shape {list(source.shape)} is not "
+                             f"token ids: {_IDS}")
+    else:
+        encode_id_list(tensors, model._pad_id(), None)   # its errors name the bad item
+    return False
+
+
+_IDS = ("token ids are an integer tensor [seq] (one prompt) or [batch, seq] (prompts of "
+        "one length), or a list of 1-D integer tensors (prompts of any lengths, left-padded "
+        "like strings), e.g. model.to_tokens(text)[0]")
 
 
 def _read(model: Model, source: Any, layers: Sequence[int] | None,

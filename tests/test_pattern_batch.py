@@ -54,3 +54,73 @@ def test_scores_and_top_heads_over_the_batch(demo):
     with pytest.raises(InputError, match="not in this batch of 3"):
         batch.show(prompt=3)
     assert "svg" in "".join(batch.show(prompt=1)._repr_mimebundle_())
+
+
+# -- token ids (issue 27): read like a trace's INPUT -----------------------------------------
+
+ID_TEXTS = [PROMPT, SHORT, "Mary had"]                              # 15, 7 and 3 tokens
+
+
+def _alone(model, ids: torch.Tensor) -> torch.Tensor:
+    """The oracle: plain PyTorch, eager attention, one prompt alone (no padding), every
+    layer's ``output_attentions``: ``[layer, head, query, key]``."""
+    import copy
+
+    module = copy.deepcopy(model.module)
+    module.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = module(input_ids=ids[None], output_attentions=True)
+    return torch.stack([a[0] for a in out.attentions]).float()
+
+
+def test_a_list_of_id_tensors_of_different_lengths_reads_each_prompt_alone(demo):
+    ids = [demo.to_tokens(t)[0] for t in ID_TEXTS]
+    assert len({len(i) for i in ids}) == 3
+    before = hook_count(demo.module), checksum(demo.module)
+    batch = ii.attention_patterns(demo, ids)
+    assert (hook_count(demo.module), checksum(demo.module)) == before
+    assert isinstance(batch, PatternBatch) and len(batch) == 3
+    texts = ii.attention_patterns(demo, ID_TEXTS)
+    for i, row in enumerate(ids):
+        n = len(row)
+        assert batch[i].patterns.shape == (4, 4, n, n) and batch[i].layers == [0, 1, 2, 3]
+        torch.testing.assert_close(batch[i].patterns, _alone(demo, row), rtol=0, atol=1e-5)
+        assert batch[i].tokens == texts[i].tokens
+        torch.testing.assert_close(batch[i].patterns, texts[i].patterns, rtol=0, atol=1e-6)
+    only = ii.attention_patterns(demo, tuple(ids), layers=[2])       # a tuple, one layer
+    torch.testing.assert_close(only[1].patterns[0], _alone(demo, ids[1])[2], rtol=0, atol=1e-5)
+    scores = batch.scores(query=-1, key="Mary")
+    assert scores.shape == (3, 4, 4)
+
+
+def test_a_2d_id_tensor_is_a_batch_and_one_row_is_a_prompt(demo):
+    rows = torch.stack([demo.to_tokens(SHORT)[0], demo.to_tokens("Mary and John went to the")[0]])
+    assert rows.shape == (2, 7)
+    batch = ii.attention_patterns(demo, rows)
+    assert isinstance(batch, PatternBatch) and len(batch) == 2
+    for i in range(2):
+        torch.testing.assert_close(batch[i].patterns, _alone(demo, rows[i]), rtol=0, atol=1e-5)
+    one = ii.attention_patterns(demo, rows[:1])
+    assert isinstance(one, PatternResult)
+    torch.testing.assert_close(one.patterns, _alone(demo, rows[0]), rtol=0, atol=1e-5)
+    alone = ii.attention_patterns(demo, rows[1])                     # 1-D: one prompt
+    assert isinstance(alone, PatternResult) and torch.equal(alone.patterns, batch[1].patterns)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda ids: torch.stack([ids, ids])[None], r"int64 tensor of shape \[1, 2, 3\] is not "
+                                                r"token ids: token ids are an integer tensor"),
+    (lambda ids: ids.float(), r"float32 tensor of shape \[3\] is neither token ids nor "
+                              r"published patterns"),
+    (lambda ids: torch.stack([ids, ids]).float(), r"shape \[2, 3\] is neither token ids"),
+    (lambda ids: [ids.float(), ids[:2].float()], r"2 float tensors of shapes \[3\], \[2\]"),
+    (lambda ids: [ids, ids.float()], "mixes float and integer tensors"),
+    (lambda ids: [ids, torch.stack([ids, ids])], r"item 1 of the INPUT list has shape \[2, 3\]"),
+    (lambda ids: [ids, ids[:0]], r"item 1 of the INPUT list has shape \[0\]"),
+])
+def test_ids_that_are_not_prompts_are_a_clear_error(demo, make, match):
+    ids = demo.to_tokens("Mary had")[0]
+    before = hook_count(demo.module)
+    with pytest.raises(InputError, match=match):
+        ii.attention_patterns(demo, make(ids))
+    assert hook_count(demo.module) == before
