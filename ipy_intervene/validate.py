@@ -2,8 +2,8 @@
 
 - unknown module paths get a "did you mean";
 - an index past the number of layers names the count;
-- a site read after a later site in straight-line code of one invoke is reported with
-  both lines (one forward cannot go back).
+- a site used after a later site in straight-line code of one invoke is reported with
+  both lines (one forward cannot go back; two cells can).
 
 It also says which modules the run must hook (:class:`HookPlan`).
 """
@@ -139,8 +139,9 @@ def _order_error(earlier: Site, later: Site) -> SiteError:
     return SiteError(
         f"`{later.label}` runs before `{earlier.label}` (line {earlier.line}) in the forward, "
         f"so it has already passed when this line asks for it: one forward cannot go back. "
-        f"Use the sites in the order the model runs them, or put them in two invokes",
-        line=later.line)
+        f"Use the sites in the order the model runs them, or split the work over two cells: "
+        f"one trace that gets the later value, then a second trace that uses it (or "
+        f"ii.cache(...) first, then the trace)", line=later.line)
 
 
 def _index(part: Part) -> int | None:

@@ -153,9 +153,17 @@ class Scheduler:
             where = f" (line {inv.last.line})" if inv.last.line else ""
             before = f" after `{inv.last.label}`{where}, which the model runs later"
         change = "change" if req.access != "read" else "read"
+        cells = ("two cells: one trace that gets the later value, then a second trace that "
+                 "uses it (or ii.cache(...) first, then the trace)")
+        advice = (f"All invokes of a cell share one forward, which runs the earlier site "
+                  f"first, so a value from a later site cannot change an earlier one, even in "
+                  f"another invoke. Use {cells}"
+                  if inv.waited is not None else
+                  f"Use the sites in the order the model runs them, or split the work over "
+                  f"{cells}")
         raise SiteError(f"`{req.label}` has already run in this forward when this line asks to "
-                        f"{change} it{before}: one forward cannot go back. Use the sites in the "
-                        f"order the model runs them, or put them in two invokes", line=req.line)
+                        f"{change} it{before}: one forward cannot go back. {advice}",
+                        line=req.line)
 
     def rows_to_split(self) -> list[slice] | None:
         """Each invoke's rows, when a hooked value must be split into parts (autograd on and
