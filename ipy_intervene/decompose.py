@@ -340,7 +340,8 @@ def _attribute(model: Model, adapter: Adapter, seen: dict[str, Any],
 def _per_layer(adapter: Adapter, names: list[str], shares: torch.Tensor,
                groups: list[int]) -> dict[str, Any]:
     n, h = adapter.n_layers, adapter.n_heads
-    heads, attn, mlp = torch.zeros(n, h), torch.zeros(n), torch.zeros(n)
+    f32 = torch.float32
+    heads, attn, mlp = torch.zeros(n, h, dtype=f32), torch.zeros(n, dtype=f32), torch.zeros(n, dtype=f32)
     for name, share, group in zip(names, shares.tolist(), groups):
         if group == 0:
             continue

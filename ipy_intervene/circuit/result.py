@@ -152,7 +152,7 @@ class Circuit:
     def edges(self) -> list[Edge]:
         """``(sender, receiver, score)`` (score NaN without an :class:`EdgeResult`)."""
         values = self.scores.scores if self.scores is not None else torch.full(
-            self.mask.shape, float("nan"))
+            self.mask.shape, float("nan"), dtype=torch.float32)
         return _ranked(self.graph, values, self.mask)
 
     @property

@@ -139,7 +139,8 @@ def run(cluster: RayCluster, engine: Engine, prepared: Any, cells: list[Cell],
     """
     ray = _ray()
     chunks = list(engine._chunks(cells))
-    out = torch.empty(len(cells), engine.rows, device=engine.base.logits.device)
+    out = torch.empty(len(cells), engine.rows, dtype=torch.float32,
+                      device=engine.base.logits.device)
     try:
         refs = (ray.put(cluster_worker.model_payload(engine.model)),
                 ray.put(cluster_worker.sweep_payload(

@@ -119,5 +119,5 @@ def subject_noise(mask: torch.Tensor, width: int, samples: int, std: float,
     """
     rows, length = mask.shape
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(samples, rows, length, width, generator=gen) * std
+    noise = torch.randn(samples, rows, length, width, generator=gen, dtype=torch.float32) * std
     return (noise * mask[None, :, :, None]).reshape(samples * rows, length, width)

@@ -82,7 +82,8 @@ class Engine:
     @torch.no_grad()
     def run(self, cells: list[Cell], desc: str = "sweep") -> torch.Tensor:
         """The metric of every row under each cell's patch: ``[len(cells), rows]``."""
-        out = torch.empty(len(cells), self.rows, device=self.base.logits.device)
+        out = torch.empty(len(cells), self.rows, dtype=torch.float32,
+                          device=self.base.logits.device)
         chunks = list(self._chunks(cells))
         self.chunking = self._describe(chunks)
         bar = tqdm(total=len(cells), desc=desc, delay=1.0, leave=False,

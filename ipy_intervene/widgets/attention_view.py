@@ -53,7 +53,7 @@ def tiles(planes: torch.Tensor, cols: int) -> tuple[list[list[float | None]],
                                                                         min(k, TILE_MAX)))[0]
     th, tw = planes.shape[1:]
     rows = math.ceil(n / cols)
-    z = torch.full((rows * (th + 1) - 1, cols * (tw + 1) - 1), float("nan"))
+    z = torch.full((rows * (th + 1) - 1, cols * (tw + 1) - 1), float("nan"), dtype=torch.float32)
     head = torch.full_like(z, -1)
     for h in range(n):
         r, c = divmod(h, cols)
