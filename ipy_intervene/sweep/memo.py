@@ -1,17 +1,31 @@
-"""Whole sweeps kept across cells: the same sweep again (same model and weights, inputs,
-options and a built-in metric) returns the earlier result instead of running its patched
-forwards again. ``clean_runs`` reuses the recorded clean/corrupted runs of *any* later sweep;
-this reuses the whole result of an *identical* one.
+"""Whole sweeps kept across cells: the same sweep again returns the earlier result, but only
+once it is *proven* current, not because nothing we thought of has changed.
 
-Reused only when it cannot be wrong: the metric is ``ii.logit_diff``/``ii.prob``/
-``ii.logprob`` (a value, compared by its answers; a user's callable may read anything, so a
-sweep with one always runs), no ``cluster``/``dictionary``, the model in eval mode without
-hooks, its weights as ``clean_runs`` checks them, the result's tensors not changed in place
-since. The reused result says so: ``result.extra["reused"] = True``.
+A user can change what a forward computes in more ways than any list of Python objects can
+name (a weight edited through ``.data``, ``ln_f.eps``, a config field, a forward patched on
+the class or in the modeling module, the default dtype). So a kept result is reused only
+when, on top of cheap checks that turn most changes away at once, a forward run *now*
+matches the one recorded when the result was computed, bit for bit:
 
->>> fast = memoized(patch_sweep)                  # what sweep/api.py can export   # doctest: +SKIP
+- cheap checks: the same model object, every option and INPUT equal by value, a built-in
+  metric (``ii.logit_diff``/``ii.prob``/``ii.logprob``, compared by its answers; a user's
+  callable may read anything, so a sweep with one always runs), no ``cluster``/``dictionary``,
+  the model in eval mode with no hooks, an order-sensitive checksum of the bits of every
+  parameter and buffer, the module tree (each module's class and forward), the attention
+  implementation, the default dtype and matmul precision, the result's tensors unchanged;
+- the proof (:class:`Witness`): one forward of the clean and corrupted prompts in which
+  the bits of every module's output are fingerprinted (:func:`fingerprint`), with the
+  prompts' token ids and the metric's answer ids. Anything the sweep's
+  forwards depend on shows there; a mismatch means the sweep runs again.
+
+The proof costs one forward, so an identical repeat is still many times faster than the
+sweep (``benchmarks/repeat_sweep.py``). The recorded clean and corrupted runs a sweep starts
+from are *not* kept across sweeps: proving one current would cost the forward it saves.
+The reused result says so: ``result.extra["reused"] = True``, in its repr and its view.
+
+>>> fast = memoized(patch_sweep)                  # what sweep/__init__.py exports  # doctest: +SKIP
 >>> a = fast(model, clean, corrupt, ii.logit_diff("Mary", "John"))                 # doctest: +SKIP
->>> b = fast(model, clean, corrupt, ii.logit_diff("Mary", "John"))   # no forward  # doctest: +SKIP
+>>> b = fast(model, clean, corrupt, ii.logit_diff("Mary", "John"))   # one forward # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -26,26 +40,27 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ipy_intervene.sweep import clean_runs
+from ipy_intervene.hooks import HookSession, first_tensor
 
-MAX_ENTRIES = 3    # a result holds its recordings (result.patcher): keep only the last few
+MAX_ENTRIES = 3    # a result holds its patcher (the view's exact runs): keep only the last few
 _entries: list["_Entry"] = []
-_counts = {"hits": 0, "misses": 0}
+_counts = {"hits": 0, "misses": 0, "refuted": 0}
 
 
-@dataclass(eq=False)
+@dataclass(eq=False)   # entries are compared by identity (list.remove)
 class _Entry:
     module: "weakref.ref[nn.Module]"
     state: tuple
     metric: tuple
     options: dict[str, Any]
+    witness: "Witness"
     result: Any
     versions: list[tuple[torch.Tensor, int]]
 
 
 def memoized(sweep: Callable[..., Any]) -> Callable[..., Any]:
     """``sweep`` (``patch_sweep``'s signature: model, clean, corrupted, metric, options) that
-    returns an identical earlier call's result (a copy) when nothing it depends on changed."""
+    returns an identical earlier call's result (a copy) once a forward proves it current."""
     signature = inspect.signature(sweep)
 
     @functools.wraps(sweep)
@@ -58,16 +73,22 @@ def memoized(sweep: Callable[..., Any]) -> Callable[..., Any]:
         key = metric_key(metric)
         if key is None or options.get("cluster") is not None or \
                 options.get("dictionary") is not None or not isinstance(module, nn.Module) or \
-                not _reusable(module):
+                not reusable(module):
             return sweep(*args, **kwargs)
-        state = (clean_runs._state(module), id(getattr(model, "tokenizer", None)))
-        found = _find(module, state, key, options)
-        if found is not None:
-            _counts["hits"] += 1
-            return _with_model(_copy(found, reused=True), model)
+        state = (model_state(module), id(getattr(model, "tokenizer", None)), _torch_settings())
+        entry = _find(module, state, key, options)
+        witness = Witness.of(model, options, metric)
+        if witness is None:                       # no proof possible: the sweep says why
+            return sweep(*args, **kwargs)
+        if entry is not None:
+            if witness == entry.witness:
+                _counts["hits"] += 1
+                return _with_model(_copy(entry.result, reused=True), model)
+            _counts["refuted"] += 1
+            _entries.remove(entry)
         _counts["misses"] += 1
         result = sweep(*args, **kwargs)
-        _keep(module, state, key, options, result)
+        _keep(module, state, key, options, witness, result)
         return _copy(result)
 
     return remembering
@@ -92,36 +113,218 @@ def metric_key(metric: Any) -> tuple | None:
     return type(metric).__name__, tuple(answers)
 
 
-def _purge(gone: "weakref.ref[nn.Module]") -> None:
-    """A model was garbage-collected: drop what was kept for it at once."""
-    _entries[:] = [e for e in _entries if e.module is not gone]
-
-
 def forget() -> None:
     """Drop every kept result."""
     _entries.clear()
-    _counts.update(hits=0, misses=0)
+    _counts.update(hits=0, misses=0, refuted=0)
 
 
 def stats() -> dict[str, int]:
+    """Reuses, fresh sweeps and kept results that a forward refuted, since :func:`forget`."""
     return {**_counts, "entries": len(_entries)}
 
 
-def _reusable(module: nn.Module) -> bool:
-    if clean_runs._global_hooks():
+# -- the proof ------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Witness:
+    """What one forward of the sweep's prompts computes, kept to compare bit for bit: the
+    token ids and mask, the metric's answer ids, and a fingerprint of every module's output
+    (each call, in call order: one integer per row and position, see :func:`fingerprint`)."""
+
+    inputs: list[torch.Tensor]
+    answers: list[torch.Tensor]
+    prints: list[torch.Tensor]
+
+    @classmethod
+    def of(cls, model: Any, options: dict[str, Any], metric: Any) -> "Witness | None":
+        """The witness of the sweep's clean and corrupted prompts on ``model`` now; None when
+        they cannot be prepared (the sweep itself will say what is wrong)."""
+        from ipy_intervene.loading import wrap
+
+        try:
+            model = wrap(model)
+            prompts = [options["clean"]] + ([options["corrupted"]]
+                                             if options.get("corrupted") is not None else [])
+            batches = [model.prepare([p]) for p in prompts]
+            n_prompts = batches[0].size
+            answers = [metric._ids(model, a, n_prompts) for a in metric.answers]
+        except Exception:  # noqa: BLE001 - bad input: the sweep raises its own clear error
+            return None
+        inputs = [t for b in batches for t in b.kwargs.values() if isinstance(t, torch.Tensor)]
+        prints = [p for b in batches for p in _fingerprints(model.module, b.kwargs)]
+        return cls(inputs, answers, prints)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Witness) and all(
+            len(a) == len(b) and all(_identical(x, y) for x, y in zip(a, b))
+            for a, b in ((self.inputs, other.inputs), (self.answers, other.answers),
+                         (self.prints, other.prints)))
+
+
+def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+            and torch.equal(a, b))
+
+
+@torch.no_grad()
+def _fingerprints(module: nn.Module, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """One forward; each module's output tensor, fingerprinted (:func:`fingerprint`)."""
+    prints: list[torch.Tensor] = []
+
+    def keep(mod: nn.Module, args: tuple, output: Any) -> None:
+        x = first_tensor(output)
+        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.numel():
+            prints.append(fingerprint(x.detach()))
+
+    if "use_cache" in inspect.signature(module.forward).parameters:
+        kwargs = {**kwargs, "use_cache": False}
+    with HookSession() as session:
+        for m in module.modules():
+            session.post(m, keep)
+        module(**kwargs)
+    return prints
+
+
+def fingerprint(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s bits along its last dimension, each read as an integer times a fixed odd
+    weight of its place, summed with wrap-around: one integer per row. A change of any one
+    value always changes its row's number (an odd weight is invertible modulo a power of
+    two); several changes almost surely do. Exact whatever order the sum takes.
+
+    >>> x = torch.randn(2, 3, 8)
+    >>> torch.equal(fingerprint(x), fingerprint(x.clone()))
+    True
+    >>> y = x.clone(); y[1, 2, 5] = y[1, 2, 5].nextafter(torch.tensor(9.))
+    >>> (fingerprint(x) != fingerprint(y)).sum().item()
+    1
+    """
+    if x.dtype.is_complex:
+        x = torch.view_as_real(x).flatten(-2)
+    if x.dtype == torch.bool:
+        x = x.to(torch.int8)
+    ints = x.view(_INT_OF_WIDTH[x.element_size()])
+    if ints.element_size() < 4:
+        ints = ints.to(torch.int32)
+    weights = _place_weights(x.device)[:x.shape[-1]].to(ints.dtype)
+    while weights.numel() < x.shape[-1]:       # wider than a chunk: repeat, shifted
+        weights = torch.cat([weights, weights[:x.shape[-1] - weights.numel()] + 2])
+    return (ints * weights).sum(-1, dtype=ints.dtype)
+
+
+# -- the cheap checks -----------------------------------------------------------------------
+
+def reusable(module: nn.Module) -> bool:
+    """No autograd-free guarantee can cover a hook, a training-mode module or a forward
+    replaced on an instance: such a model always runs."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return False
     return not any(m.training or m._forward_hooks or m._forward_pre_hooks
                    or "forward" in m.__dict__ for m in module.modules())
 
 
+def model_state(module: nn.Module) -> tuple:
+    """Storage, shape, dtype, device, version and an order-sensitive checksum of the bits of
+    each parameter and buffer; the module tree with each module's class and forward; the
+    attention implementation of each config."""
+    tensors = [*module.named_parameters(remove_duplicate=False),
+               *module.named_buffers(remove_duplicate=False)]
+    weights = tuple((name, t.data_ptr(), tuple(t.shape), t.dtype, str(t.device), t._version,
+                     checksum(t)) for name, t in tensors)
+    tree = tuple((name, type(m), id(m), type(m).forward) for name, m in module.named_modules())
+    configs = tuple(sorted({(n, getattr(m.config, "_attn_implementation", None))
+                            for n, m in module.named_modules() if hasattr(m, "config")},
+                           key=str))
+    return weights, tree, configs
+
+
+def _torch_settings() -> tuple:
+    cuda = torch.backends.cuda.matmul
+    return (torch.get_default_dtype(), torch.get_float32_matmul_precision(),
+            torch.are_deterministic_algorithms_enabled(), cuda.allow_tf32,
+            cuda.allow_fp16_reduced_precision_reduction,
+            cuda.allow_bf16_reduced_precision_reduction, torch.backends.cudnn.allow_tf32)
+
+
+_INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_CHUNK = 1 << 20
+_WEIGHTS: dict[str, torch.Tensor] = {}
+
+
+def checksum(t: torch.Tensor) -> int | None:
+    """An order-sensitive checksum of a tensor's bits (:func:`fingerprint` of each chunk of
+    its values, combined), so a permutation of the values changes it; None where there are
+    no bits (meta tensors).
+
+    >>> w = torch.arange(6.)
+    >>> checksum(w) == checksum(w.flip(0))
+    False
+    """
+    if t.device.type == "meta" or t.numel() == 0:
+        return None
+    total = 0
+    for chunk in t.detach().reshape(-1).split(_CHUNK):   # detached views: no grad-mode change
+        total = (total * 1_000_003 + int(fingerprint(chunk))) % (1 << 61)
+    return total
+
+
+def _place_weights(device: torch.device) -> torch.Tensor:
+    key = str(device)
+    if key not in _WEIGHTS:
+        gen = torch.Generator().manual_seed(27)
+        odd = torch.randint(-(1 << 62), 1 << 62, (_CHUNK,), generator=gen, dtype=torch.int64) | 1
+        _WEIGHTS[key] = odd.to(device)
+    return _WEIGHTS[key]
+
+
+def same_options(kept: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Equal inputs or options: tensors equal in shape, dtype, device and values."""
+    if kept.keys() != now.keys():
+        return False
+    for key, value in now.items():
+        old = kept[key]
+        if isinstance(value, torch.Tensor) or isinstance(old, torch.Tensor):
+            if not (isinstance(value, torch.Tensor) and isinstance(old, torch.Tensor)
+                    and _identical(old, value)):
+                return False
+        elif not _equal(old, value):
+            return False
+    return True
+
+
+def _equal(a: Any, b: Any) -> bool:
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # noqa: BLE001 - a value without a truth value: not known to be equal
+        return False
+
+
+# -- keeping and finding --------------------------------------------------------------------
+
+def _purge(gone: "weakref.ref[nn.Module]") -> None:
+    """A model was garbage-collected: drop what was kept for it at once."""
+    _entries[:] = [e for e in _entries if e.module is not gone]
+
+
 def _find(module: nn.Module, state: tuple, key: tuple, options: dict[str, Any]) -> Any:
-    entry = clean_runs.find(_entries, lambda e: e.module() is module and e.metric == key and
-                            e.state == state and clean_runs.same_inputs(e.options, options))
-    return None if entry is None else entry.result
+    """The kept entry for this sweep, moved last (the most recent); entries whose model is
+    gone, or whose result's tensors were changed in place since, are dropped on the way."""
+    for entry in list(_entries):
+        if entry.module() is None:
+            _entries.remove(entry)
+        elif (entry.module() is module and entry.metric == key and entry.state == state
+              and same_options(entry.options, options)):
+            _entries.remove(entry)
+            if all(t._version == v for t, v in entry.versions):
+                _entries.append(entry)
+                return entry
+    return None
 
 
 def _keep(module: nn.Module, state: tuple, key: tuple, options: dict[str, Any],
-          result: Any) -> None:
+          witness: Witness, result: Any) -> None:
     try:
         kept = {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
                 for k, v in options.items()}
@@ -129,8 +332,8 @@ def _keep(module: nn.Module, state: tuple, key: tuple, options: dict[str, Any],
         return
     tensors = [t for r in _results(result) for t in (r.values, r.raw, r.prompt_values)
                if isinstance(t, torch.Tensor)]
-    _entries.append(_Entry(weakref.ref(module, _purge), state, key, kept, _without_model(result),
-                           [(t, t._version) for t in tensors]))
+    _entries.append(_Entry(weakref.ref(module, _purge), state, key, kept, witness,
+                           _without_model(result), [(t, t._version) for t in tensors]))
     while len(_entries) > MAX_ENTRIES:
         _entries.pop(0)
 

@@ -1,8 +1,8 @@
 """One recorded forward: logits where the metric reads, site values, residual stream, K/V.
 
 Sweeps record the clean and the corrupted run once; every patched run then starts from
-these recordings instead of recomputing what a patch cannot change. A later sweep on the
-same model, inputs and weights reuses them (:mod:`ipy_intervene.sweep.clean_runs` says when).
+these recordings instead of recomputing what a patch cannot change. Recordings are not kept
+across sweeps: proving one current would cost the forward it saves (``sweep/memo.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import torch
 
 from ipy_intervene.sites import Adapter, SiteKind, get_path
 from ipy_intervene.hooks import site_hooks
-from ipy_intervene.sweep import clean_runs
 
 
 @dataclass
@@ -36,33 +35,8 @@ def record(model: Any, adapter: Adapter, kwargs: dict[str, Any], *, kind: SiteKi
 
     ``positions`` are the (non-negative) logit positions to keep (None: all); ``stream`` also
     keeps the residual stream and the attention keys/values of every layer; ``noise`` is
-    added to the token embeddings (causal tracing). Without noise and autograd, a recording
-    of the same model, weights and inputs made earlier is reused (``clean_runs``).
+    added to the token embeddings (causal tracing).
     """
-    def run() -> Recording:
-        return _record(model, adapter, kwargs, kind=kind, layers=layers, positions=positions,
-                       stream=stream, noise=noise)
-
-    if noise is not None:
-        return run()
-    ask = (adapter, kind, tuple(layers), None if positions is None else tuple(positions),
-           stream)
-    return clean_runs.reuse(model.module, kwargs, ask, run, _copy, _tensors)
-
-
-def _copy(rec: Recording) -> Recording:
-    """The same tensors in fresh containers (a caller may replace entries)."""
-    return Recording(rec.logits, dict(rec.sites), list(rec.stream), list(rec.keys),
-                     list(rec.values))
-
-
-def _tensors(rec: Recording) -> list[torch.Tensor]:
-    return [rec.logits, *rec.sites.values(), *rec.stream, *rec.keys, *rec.values]
-
-
-def _record(model: Any, adapter: Adapter, kwargs: dict[str, Any], *, kind: SiteKind,
-            layers: list[int], positions: list[int] | None, stream: bool,
-            noise: torch.Tensor | None) -> Recording:
     module = model.module
     rec = Recording(logits=torch.empty(0))
     hooks = [(adapter.module(module, kind.name, layer), kind.where, _keep(rec.sites, layer))

@@ -99,7 +99,13 @@ class SweepResult:
         best = ", ".join(_describe(c) for c in self.top(3))
         return (f"SweepResult({self.method} patching, {self.direction}, site={self.site}, "
                 f"{shape}; metric {self.metric}: clean {self.clean:.4g}, corrupted "
-                f"{self.corrupted:.4g}; largest: {best}; {self.seconds:.2f} s)")
+                f"{self.corrupted:.4g}; largest: {best}; {self._took()})")
+
+    def _took(self) -> str:
+        """The time the sweep took, or that it is an earlier identical sweep's result."""
+        if self.extra.get("reused"):
+            return f"reused: the same sweep ran earlier in {self.seconds:.2f} s"
+        return f"{self.seconds:.2f} s"
 
     def _axis(self, dim: str) -> list[int]:
         return {"layer": self.layers, "pos": self.positions, "head": self.heads,

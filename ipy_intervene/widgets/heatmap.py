@@ -109,8 +109,9 @@ def sweep_title(result: Any) -> str:
     where = "" if result.method == "noise" else f" ({result.direction})"
     window = result.extra.get("window", 1)
     restore = f"; window {window} layers" if result.method == "noise" and window > 1 else ""
+    reused = " (reused: an earlier identical sweep)" if result.extra.get("reused") else ""
     return (f"{kind} of {result.site}{where}{restore}; {result.metric}: clean "
-            f"{number(result.clean)}, corrupted {number(result.corrupted)}")
+            f"{number(result.clean)}, corrupted {number(result.corrupted)}{reused}")
 
 
 def subject_positions(result: Any) -> list[int]:
