@@ -34,7 +34,8 @@ class SAE(nn.Module):
         if activation not in ACTIVATIONS:
             raise InputError(f"activation={activation!r}: expected one of "
                              f"{', '.join(map(repr, ACTIVATIONS))}")
-        if activation == "topk" and (not isinstance(k, int) or not 0 < k <= d_sae):
+        if activation == "topk" and (not isinstance(k, int) or isinstance(k, bool)
+                                     or not 0 < k <= d_sae):
             raise InputError(f"a top-k SAE needs k between 1 and d_sae={d_sae}; got k={k!r}")
         d_out = d_in if d_out is None else d_out
         if apply_b_dec_to_input and d_out != d_in:
