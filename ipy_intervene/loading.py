@@ -47,8 +47,8 @@ def load_model(name_or_path: str | Path = "demo", *,
     ``"demo"`` is the embedded model; otherwise a local folder or a hub id, loaded with
     ``AutoModelForCausalLM`` (safetensors only) and ``AutoTokenizer``. ``tokenizer`` loads the
     tokenizer from elsewhere (a hub id, a folder) or takes a tokenizer object. Weights that
-    the checkpoint lacks (or has in another shape) are an error unless
-    ``allow_missing_weights=True``, which warns instead. Other keywords go to
+    the checkpoint lacks (or has in another shape, or has and the model does not use) are an
+    error unless ``allow_missing_weights=True``, which warns instead. Other keywords go to
     ``from_pretrained`` (``attn_implementation``, ``offload_folder``, ``max_memory``, ...).
 
     >>> model = load_model("demo")
@@ -231,7 +231,8 @@ def _cached_folder(name: str) -> Path | None:
 
 def check_loading_info(info: dict[str, Any], source: Path | str, allow_missing: bool,
                        allow_mismatch: bool) -> None:
-    """Raise (or, when allowed, warn) for weights the checkpoint lacks or has in another shape.
+    """Raise (or, when allowed, warn) for weights the checkpoint lacks, has in another shape,
+    or has and the model does not use.
 
     >>> check_loading_info({"missing_keys": ["lm_head.weight"]}, "folder", False, False)
     Traceback (most recent call last):
@@ -240,6 +241,7 @@ def check_loading_info(info: dict[str, Any], source: Path | str, allow_missing: 
     """
     missing = sorted(info.get("missing_keys") or [])
     mismatched = sorted(info.get("mismatched_keys") or [])
+    unused = sorted(info.get("unexpected_keys") or [])
     errors = [str(e) for e in info.get("error_msgs") or []]
     if errors:
         raise InputError(f"{source}: the weights did not load: {'; '.join(errors)}")
@@ -255,6 +257,12 @@ def check_loading_info(info: dict[str, Any], source: Path | str, allow_missing: 
                 f"than config.json asks for, so they are random: {_list(shapes, 4)}. "
                 "config.json does not describe these weights (another model size?)")
         _refuse_or_warn(text, allow_mismatch)
+    if unused:
+        text = (f"{source}: {len(unused)} weight(s) in the checkpoint are not used by the model "
+                f"config.json (with your keywords) describes: {summarize_names(unused)}. The "
+                "model would not be the one saved (a keyword such as n_layer=... overriding "
+                "config.json, or the weights of another architecture)")
+        _refuse_or_warn(text, allow_missing)
 
 
 def _refuse_or_warn(text: str, allowed: bool) -> None:

@@ -171,6 +171,17 @@ def test_missing_weights_are_an_error_unless_allowed(saved, tmp_path):
     assert len(model.transformer.h) == 2
 
 
+def test_weights_the_model_does_not_use_are_an_error_unless_allowed(saved):
+    """A keyword that overrides config.json (one layer of a two-layer checkpoint) would load
+    another model than the one saved, with no error from transformers, only a report."""
+    with pytest.raises(InputError, match=r"11 weight\(s\) in the checkpoint are not used by "
+                                         r"the model.*transformer.h.1.\* \(11 tensors\)"):
+        ii.load_model(saved, n_layer=1)
+    with pytest.warns(UserWarning, match="not used by the model"):
+        model = ii.load_model(saved, n_layer=1, allow_missing_weights=True)
+    assert len(model.transformer.h) == 1
+
+
 def test_a_shape_mismatch_is_an_error_naming_both_shapes(saved, tmp_path):
     folder = copy_of(saved, tmp_path)
     rewrite_weights(folder, lambda w: {**w, "transformer.wpe.weight": torch.zeros(16, 32)})
