@@ -251,6 +251,10 @@ def _prompts(prompts: Any) -> list[Any]:
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() == 1:
             return [prompts]
+        if prompts.dim() != 2 or prompts.is_floating_point() or prompts.is_complex():
+            raise InputError(f"prompts as a tensor are token ids: [seq] for one prompt or "
+                             f"[batch, seq] for several; got a {prompts.dtype} tensor of "
+                             f"shape {list(prompts.shape)}")
         return list(prompts)
     if isinstance(prompts, (list, tuple)) and prompts:
         if all(isinstance(p, int) for p in prompts):

@@ -167,6 +167,11 @@ def test_bad_requests_are_errors_and_leave_nothing(demo):
         make_cache(demo, TEXTS, positions=[-10])
     with pytest.raises(InputError, match="prompts must be"):
         make_cache(demo, [])
+    ids = demo.prepare([TEXTS[0]]).kwargs["input_ids"]
+    with pytest.raises(InputError, match=r"\[batch, seq\].*shape \[1, 1, "):
+        make_cache(demo, ids[None])                 # 3-D: was split into 2-D 'prompts'
+    with pytest.raises(InputError, match="torch.float32 tensor"):
+        make_cache(demo, ids.float())
     c = make_cache(demo, TEXTS[:1], sites="resid_post", layers=[0])
     with pytest.raises(SiteError, match="needs a layer"):
         c["resid_post"]
