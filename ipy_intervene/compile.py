@@ -33,7 +33,7 @@ from ipy_intervene.habits import site_roots
 from ipy_intervene.invokes import Block, find_blocks, name_rules
 from ipy_intervene.rewrite import _GraphBuilder
 from ipy_intervene.syntax import (BRIDGE, INTERNAL_NAMES, SITE_ATTRS, TRACER, Part, bridge_call,
-                                  format_path, locate, statement_names)
+                                  child_blocks, format_path, locate, statement_names)
 
 __all__ = ["BRIDGE", "INTERNAL_NAMES", "SITE_ATTRS", "TRACER", "CompiledCell", "InvokeCode",
            "Part", "compile_cell", "format_path", "parse_cell", "statement_names"]
@@ -141,14 +141,8 @@ def _replace(body: list[ast.stmt], old: ast.stmt, new: ast.stmt) -> bool:
         if stmt is old:
             body[i] = new
             return True
-        for _, value in ast.iter_fields(stmt):
-            if isinstance(value, list) and value and isinstance(value[0], ast.stmt):
-                if _replace(value, old, new):
-                    return True
-            elif isinstance(value, list) and value and isinstance(value[0], (ast.excepthandler,
-                                                                             ast.match_case)):
-                if any(_replace(h.body, old, new) for h in value):
-                    return True
+        if any(_replace(block, old, new) for _, _, block in child_blocks(stmt)):
+            return True
     return False
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from ipy_intervene.errors import CellSyntaxError
-from ipy_intervene.syntax import all_defs, header_parts, statement_names
+from ipy_intervene.syntax import all_defs, child_blocks, header_parts, statement_names
 
 
 @dataclass(frozen=True)
@@ -61,15 +61,9 @@ class Timeline:
         self._note_functions(stmt, loops)
         if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             return  # its body runs when it is called
-        for field, value in ast.iter_fields(stmt):
-            if isinstance(value, list) and value and isinstance(value[0], ast.stmt):
-                for child in value:
-                    self._walk(child, inner if field != "orelse" else loops)
-            elif isinstance(value, list) and value and isinstance(value[0], (ast.excepthandler,
-                                                                             ast.match_case)):
-                for handler in value:
-                    for child in handler.body:
-                        self._walk(child, inner)
+        for field, _, block in child_blocks(stmt):
+            for child in block:
+                self._walk(child, inner if field != "orelse" else loops)
 
     def _note_reads(self, node: ast.AST, loops: tuple[int, ...]) -> None:
         local = {n.id for c in ast.walk(node) if isinstance(c, ast.comprehension)

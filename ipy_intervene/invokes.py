@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from ipy_intervene.errors import CellSyntaxError
 from ipy_intervene.invoke_setup import Timeline, check_setup, mutated
-from ipy_intervene.syntax import TRACER, all_defs, all_uses
+from ipy_intervene.syntax import TRACER, all_defs, all_uses, child_blocks
 
 
 @dataclass
@@ -117,16 +117,10 @@ def _collect(stmt: ast.stmt, loops: list[ast.stmt], blocks: list[Block]) -> bool
         return False
     inner = loops + [stmt] if isinstance(stmt, (ast.For, ast.While)) else loops
     found = False
-    for name, value in ast.iter_fields(stmt):
-        if isinstance(value, list) and value and isinstance(value[0], ast.stmt):
-            here = inner if name != "orelse" else loops
-            for child in value:
-                found |= _collect(child, here, blocks)
-        elif isinstance(value, list) and value and isinstance(value[0], (ast.excepthandler,
-                                                                         ast.match_case)):
-            for handler in value:
-                for child in handler.body:
-                    found |= _collect(child, inner, blocks)
+    for field, _, block in child_blocks(stmt):
+        here = inner if field != "orelse" else loops
+        for child in block:
+            found |= _collect(child, here, blocks)
     if found and isinstance(stmt, (ast.AsyncFor, ast.AsyncWith, ast.With)):
         raise CellSyntaxError("invoke blocks can be inside `for`, `while`, `if` and `try` "
                               "statements, not inside another `with`", line=stmt.lineno)

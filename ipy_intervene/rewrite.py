@@ -25,7 +25,7 @@ from ipy_intervene.graph import InterventionGraph, Site, Statement
 from ipy_intervene.invokes import InvokeNames
 from ipy_intervene.rewrite_expr import ExprRewriter
 from ipy_intervene.syntax import (BRIDGE, INTERNAL_NAMES, SITE_ATTRS, TRACER, Part, bridge_call,
-                                  compile_module, format_path, index_expr, locate,
+                                  child_blocks, compile_module, format_path, index_expr, locate,
                                   statement_names)
 
 _AUG_OPS = {ast.Add: "iadd", ast.Sub: "isub", ast.Mult: "imul", ast.Div: "itruediv",
@@ -167,18 +167,23 @@ class _GraphBuilder:
         return self._rewrite_generic(stmt, region)
 
     def _rewrite_generic(self, stmt: ast.stmt, region: int) -> ast.stmt:
+        """Sites in the statement's own expressions, then in each block it holds (``try``
+        and its handlers, ``with``, ``match`` and its cases: their guards included)."""
+        blocks = child_blocks(stmt)
         for field, value in ast.iter_fields(stmt):
-            if isinstance(value, list) and value and isinstance(value[0], ast.stmt):
-                setattr(stmt, field, self.block(value, region))
-            elif isinstance(value, list) and value and isinstance(value[0], ast.excepthandler):
-                for handler in value:
-                    handler.body = self.block(handler.body, region)
-                    if handler.type is not None:
-                        handler.type = self.expr(handler.type)
-            elif isinstance(value, list):
+            if isinstance(value, list) and value and isinstance(value[0], (
+                    ast.stmt, ast.excepthandler, ast.match_case)):
+                continue
+            if isinstance(value, list):
                 setattr(stmt, field, [self.expr(v) if isinstance(v, ast.AST) else v for v in value])
             elif isinstance(value, ast.AST):
                 setattr(stmt, field, self.expr(value))
+        for field, holder, block in blocks:
+            if holder is not stmt:   # a handler's type, a case's guard
+                for name in ("type", "guard"):
+                    if getattr(holder, name, None) is not None:
+                        setattr(holder, name, self.expr(getattr(holder, name)))
+            setattr(holder, field, self.block(block, region))
         return stmt
 
     def _sub_region(self, kind: str, stmt: ast.stmt, label: str, region: int) -> int:

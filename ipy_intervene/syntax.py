@@ -68,6 +68,27 @@ def header_parts(stmt: ast.stmt) -> list[ast.AST]:
     return [stmt]
 
 
+def child_blocks(stmt: ast.stmt) -> list[tuple[str, ast.AST, list[ast.stmt]]]:
+    """The blocks of statements a compound statement holds, as ``(field, holder, block)``:
+    ``holder.<field>`` is ``block``. The holder is the statement itself (``body``,
+    ``orelse``, ``finalbody``), an ``except`` handler or a ``match`` case (their ``body``).
+    A simple statement has none. The one walk every pass of the compiler uses.
+
+    >>> stmt = ast.parse("match x:\n    case 1:\n        a = 1\n    case _:\n        b = 2").body[0]
+    >>> [(field, type(holder).__name__, len(block)) for field, holder, block in child_blocks(stmt)]
+    [('body', 'match_case', 1), ('body', 'match_case', 1)]
+    """
+    out: list[tuple[str, ast.AST, list[ast.stmt]]] = []
+    for field, value in ast.iter_fields(stmt):
+        if not isinstance(value, list) or not value:
+            continue
+        if isinstance(value[0], ast.stmt):
+            out.append((field, stmt, value))
+        elif isinstance(value[0], (ast.excepthandler, ast.match_case)):
+            out.extend(("body", holder, holder.body) for holder in value)
+    return out
+
+
 def statement_names(stmt: ast.stmt) -> tuple[set[str], set[str]]:
     """(defs, uses) of a statement's own header (a compound statement's body is separate)."""
     defs: set[str] = set()
