@@ -1,9 +1,9 @@
 """Issue 27: a sweep after a change of the model equals the same sweep run with nothing kept.
 
 ``ii.patch_sweep`` keeps whole results (sweep/memo.py: an identical sweep returns the earlier
-result marked ``extra["reused"]``) and recorded clean/corrupted runs (sweep/clean_runs.py: any
-later sweep on the same model and inputs). Neither may outlive a change of what the model
-computes. For each kind of change below (parametrized, readable ids):
+result marked ``extra["reused"]``, once a forward proves it current); recorded clean and
+corrupted runs are not kept across sweeps (they were, until issue 27). Nothing kept may
+outlive a change of what the model computes. For each kind of change below (parametrized, readable ids):
 
 - ``test_the_same_sweep_after_a_change_equals_a_fresh_one``: sweep S, change the model, S
   again (reuse allowed), S with nothing kept (:func:`fresh`): the second equals the fresh one
@@ -36,11 +36,6 @@ import ipy_intervene as ii
 from ipy_intervene.sweep import memo
 from conftest import CORRUPT, PROMPT, tiny_model
 
-try:                   # recorded runs kept across sweeps (sweep/clean_runs.py), where they are
-    from ipy_intervene.sweep import clean_runs
-except ImportError:    # no longer kept: nothing to forget
-    clean_runs = None
-
 LOGIT_DIFF = ii.logit_diff("Mary", "John")
 
 
@@ -61,8 +56,6 @@ def attempt(fn: Callable[[], Any]) -> Any:
 
 def forget() -> None:
     memo.forget()
-    if clean_runs is not None:
-        clean_runs.forget()
 
 
 def fresh(fn: Callable[[], Any]) -> Any:
