@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -128,83 +128,200 @@ def patch_sweep(model: Any, clean: Any, corrupted: Any = None, metric: Any = Non
     >>> r.values[layer, pos]       # doctest: +SKIP
     1.0 where the patch restores the clean answer, 0.0 where it has no effect
     """
+    options = dict(locals())      # every argument, written once: the spec carries them
     start = time.perf_counter()
-    choices.check_choice("method", method, METHODS)
-    choices.check_choice("direction", direction, DIRECTIONS)
-    sites = choices.site_names(site, model)
-    cluster = clusters.as_cluster(cluster, method, sites)
-    if len(sites) > 1 or not isinstance(site, str):
-        choices.check_sites(model, sites, method, adapter)
-        same = dict(method=method, direction=direction, layers=layers, positions=positions,
-                    heads=heads, batch_size=batch_size, memory_fraction=memory_fraction,
-                    subject=subject, samples=samples, noise=noise, noise_std=noise_std,
-                    seed=seed, window=window, adapter=adapter, receivers=receivers,
-                    receiver_input=receiver_input, cluster=cluster, latents=latents,
-                    qk_fix=qk_fix, grad_drop=grad_drop, dictionary=dictionary)
-        return {s: patch_sweep(model, clean, corrupted, metric, site=s, **same) for s in sites}
-    site = sites[0]
-    atp = choices.atp_options(method, qk_fix, grad_drop)
-    found = None if site in SITES or site in HEAD_SITES else latent_sites.find_splice(model, site)
-    if found is not None:
-        given = [k for k, v in (("layers", layers), ("heads", heads), ("cluster", cluster),
-                                ("dictionary", dictionary)) if v is not None] + (
-            ["window"] if window != 1 else [])
+    spec = SweepSpec.parse(**options)
+    if len(spec.sites) > 1 or not isinstance(site, str):
+        choices.check_sites(model, spec.sites, method, adapter)
+        return {s: _run(spec.for_site(s), start) for s in spec.sites}
+    return _run(spec.for_site(spec.sites[0]), start)
+
+
+@dataclass
+class SweepSpec:
+    """What :func:`patch_sweep` was asked, checked once: the arguments by name, the site
+    names (``sites``) and, once one site is chosen (:meth:`for_site`), its family
+    (``"module"``, ``"head"`` or ``"latent"``) and a latent site's splice."""
+
+    model: Any
+    clean: Any
+    corrupted: Any
+    metric: Any
+    site: Any
+    method: str
+    direction: str
+    layers: Sequence[int] | None
+    positions: Sequence[int] | None
+    heads: Sequence[int] | None
+    batch_size: int | None
+    memory_fraction: float
+    subject: Any
+    samples: int
+    noise: float
+    noise_std: float | None
+    seed: int
+    window: int
+    adapter: Adapter | None
+    receivers: Any
+    receiver_input: str
+    cluster: Any
+    latents: Sequence[int] | None
+    qk_fix: bool | None
+    grad_drop: bool | None
+    dictionary: Any
+    sites: list[str] = field(default_factory=list)
+    family: str = ""
+    splice: Any = None
+    atp: dict[str, bool] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, **options: Any) -> "SweepSpec":
+        spec = cls(**options)
+        choices.check_choice("method", spec.method, METHODS)
+        choices.check_choice("direction", spec.direction, DIRECTIONS)
+        spec.sites = choices.site_names(spec.site, spec.model)
+        spec.cluster = clusters.as_cluster(spec.cluster, spec.method, spec.sites)
+        return spec
+
+    def for_site(self, site: str) -> "SweepSpec":
+        """The spec of one site, its family found and the options that do not fit it
+        refused."""
+        spec = replace(self, site=site, sites=[site])
+        spec.atp = choices.atp_options(spec.method, spec.qk_fix, spec.grad_drop)
+        found = None if site in SITES or site in HEAD_SITES else \
+            latent_sites.find_splice(spec.model, site)
+        if found is not None:
+            spec.family, (spec.site, spec.splice) = "latent", found
+            spec._check_latent_options()
+            return spec
+        spec.family = "head" if site in HEAD_SITES else "module"
+        if spec.dictionary is not None:
+            custom.check(spec.dictionary, site, spec.method)
+        elif spec.latents is not None:
+            raise InputError(f"latents= selects the latents of a latent site (an ii.attach "
+                             f"splice); site {site!r} has none")
+        return spec
+
+    def _check_latent_options(self) -> None:
+        given = [k for k in ("layers", "heads", "cluster", "dictionary")
+                 if getattr(self, k) is not None] + (["window"] if self.window != 1 else [])
         if given:
-            raise InputError(f"latent site {site!r}: {', '.join(given)} do not apply (its grid "
-                             "is latents x positions: latents=, positions=)")
-        return _latent_sweep(model, clean, corrupted, metric, found, method, direction, latents,
-                             positions, batch_size, memory_fraction, atp, start,
-                             (subject, samples, noise, noise_std, seed))
-    if dictionary is not None:
-        custom.check(dictionary, site, method)
-    elif latents is not None:
-        raise InputError(f"latents= selects the latents of a latent site (an ii.attach "
-                         f"splice); site {site!r} has none")
-    if method == "atp*":
-        return atp_star.sweep(model, clean, corrupted, metric, site=site, layers=layers,
-                              positions=positions, heads=heads, direction=direction,
-                              batch_size=batch_size, **atp)
-    if method == "path":
-        return path_patch(model, clean, corrupted, metric, receivers=receivers,
-                          receiver_input=receiver_input, positions=positions,
-                          batch_size=batch_size or 16)
-    if site in HEAD_SITES:
-        if method == "attribution" and site in atp_star.HEAD_INPUT_SITES:
-            return _head_attribution(model, clean, corrupted, metric, site, layers, positions,
-                                     heads, direction)
-        if method != "activation":
-            raise choices.head_site_error(site, method)
-        return head_sweep(model, clean, corrupted, metric, site=site, direction=direction,
-                          layers=layers, positions=positions, heads=heads,
-                          batch_size=batch_size or 16)
-    model = wrap(model)
+            raise InputError(f"latent site {self.site!r}: {', '.join(given)} do not apply (its "
+                             "grid is latents x positions: latents=, positions=)")
+
+    @property
+    def pair(self) -> tuple[Any, Any, Any, Any]:
+        return self.model, self.clean, self.corrupted, self.metric
+
+
+def _run(spec: SweepSpec, start: float) -> SweepResult:
+    """The runner of the spec's (site family, method)."""
+    runner = RUNNERS.get((spec.family, spec.method)) or RUNNERS.get((None, spec.method))
+    return runner(spec, start)
+
+
+def _latents(spec: SweepSpec, start: float) -> SweepResult:
+    """A sweep over the latents of a splice (``sweep/latents.py``)."""
+    latent_sites.check_method(spec.site, spec.method)
+    model = wrap(spec.model)
     warn_if_training(model)
-    adapter = adapter_for(model, adapter)
-    kind = site_kind(site)
+    adapter = adapter_for(model)
+    if spec.method == "atp*":
+        result = latent_atp.sweep(model, adapter, spec.clean, spec.corrupted, spec.metric,
+                                  spec.site, spec.splice, latents=spec.latents,
+                                  positions=spec.positions, direction=spec.direction,
+                                  grad_drop=spec.atp["grad_drop"])
+    else:
+        with torch.no_grad():
+            run = prepare(model, adapter, spec.clean, spec.corrupted, spec.metric, spec.method,
+                          spec.direction, spec.subject, spec.samples, spec.noise,
+                          spec.noise_std, spec.seed)
+        result = latent_sites.sweep(model, adapter, run, spec.site, spec.splice,
+                                    method=spec.method, latents=spec.latents,
+                                    positions=spec.positions, batch_size=spec.batch_size,
+                                    memory_fraction=spec.memory_fraction,
+                                    direction=spec.direction)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _atp_star(spec: SweepSpec, start: float) -> SweepResult:
+    return atp_star.sweep(*spec.pair, site=spec.site, layers=spec.layers,
+                          positions=spec.positions, heads=spec.heads, direction=spec.direction,
+                          batch_size=spec.batch_size, **spec.atp)
+
+
+def _path(spec: SweepSpec, start: float) -> SweepResult:
+    return path_patch(*spec.pair, receivers=spec.receivers, receiver_input=spec.receiver_input,
+                      positions=spec.positions, batch_size=spec.batch_size or 16)
+
+
+def _heads(spec: SweepSpec, start: float) -> SweepResult:
+    return head_sweep(*spec.pair, site=spec.site, direction=spec.direction, layers=spec.layers,
+                      positions=spec.positions, heads=spec.heads,
+                      batch_size=spec.batch_size or 16)
+
+
+def _head_attribution(spec: SweepSpec, start: float) -> SweepResult:
+    """Plain attribution patching on a head's q/k/v: ``(source - base) . d metric / d x``
+    (AtP*'s terms with the QK fix and GradDrop off)."""
+    if spec.site not in atp_star.HEAD_INPUT_SITES:
+        raise choices.head_site_error(spec.site, spec.method)
+    result = atp_star.sweep(*spec.pair, site=spec.site, layers=spec.layers,
+                            positions=spec.positions, heads=spec.heads,
+                            direction=spec.direction, grad_drop=False, qk_fix=False)
+    result.method = "attribution"
+    return result
+
+
+def _head_noise(spec: SweepSpec, start: float) -> SweepResult:
+    raise choices.head_site_error(spec.site, spec.method)
+
+
+def _grid(spec: SweepSpec, start: float) -> SweepResult:
+    """Module sites (``resid_*``, ``attn_out``, ``mlp_out``, ``head_out``): activation
+    patching, attribution patching and causal tracing on the batched engine."""
+    model = wrap(spec.model)
+    warn_if_training(model)
+    adapter = adapter_for(model, spec.adapter)
+    site, method = spec.site, spec.method
     adapter.module(model.module, site, 0)  # a clear error for sites the architecture lacks
     with torch.no_grad():
-        run = prepare(model, adapter, clean, corrupted, metric, method, direction, subject,
-                       samples, noise, noise_std, seed)
-    if dictionary is not None:
-        run.interchange = custom.interchange(dictionary, latents)
-    grid = Grid(kind, index_list(layers, adapter.n_layers, "layer"),
-                index_list(positions, run.length, "position"),
-                index_list(heads, adapter.n_heads, "head"), choices.check_window(window, method),
-                adapter.n_layers)
-    patcher = Patcher(model, adapter, grid, run, memory_fraction)
+        run = prepare(model, adapter, spec.clean, spec.corrupted, spec.metric, method,
+                      spec.direction, spec.subject, spec.samples, spec.noise, spec.noise_std,
+                      spec.seed)
+    if spec.dictionary is not None:
+        run.interchange = custom.interchange(spec.dictionary, spec.latents)
+    grid = Grid(site_kind(site), index_list(spec.layers, adapter.n_layers, "layer"),
+                index_list(spec.positions, run.length, "position"),
+                index_list(spec.heads, adapter.n_heads, "head"),
+                choices.check_window(spec.window, method), adapter.n_layers)
+    patcher = Patcher(model, adapter, grid, run, spec.memory_fraction)
     if method == "attribution":
         raw_rows = attribution.sweep(model, adapter, grid, run)
-    elif cluster is not None:
-        raw_rows = clusters.run(cluster, patcher.engine(batch_size), run, grid.cells(),
-                                desc=f"{site} sweep")
+    elif spec.cluster is not None:
+        raw_rows = clusters.run(spec.cluster, patcher.engine(spec.batch_size), run,
+                                grid.cells(), desc=f"{site} sweep")
     else:
-        raw_rows = patcher.engine(batch_size).run(grid.cells(), desc=f"{site} sweep")
-    result = _result(model, grid, run, raw_rows, site, method, direction,
+        raw_rows = patcher.engine(spec.batch_size).run(grid.cells(), desc=f"{site} sweep")
+    result = _result(model, grid, run, raw_rows, site, method, spec.direction,
                      time.perf_counter() - start)
     result.patcher = patcher
-    if dictionary is not None:
-        result.extra.update(custom.describe(dictionary, latents))
+    if spec.dictionary is not None:
+        result.extra.update(custom.describe(spec.dictionary, spec.latents))
     return result
+
+
+#: (site family, method) -> runner; ``None`` matches any family.
+RUNNERS = {
+    **{("latent", m): _latents for m in METHODS},
+    (None, "atp*"): _atp_star,
+    (None, "path"): _path,
+    ("head", "activation"): _heads,
+    ("head", "attribution"): _head_attribution,
+    ("head", "noise"): _head_noise,
+    **{("module", m): _grid for m in ("activation", "attribution", "noise")},
+}
 
 
 class Patcher(CellPatcher):
@@ -268,40 +385,3 @@ def _result(model: Model, grid: Grid, run: Run, rows: torch.Tensor, site: str, m
         metric=repr(run.metric), seconds=seconds,
         extra={**({"window": grid.window} if method == "noise" else {}),
                "metric_positions": run.reads.describe(), **run.metric.no_per_prompt()})
-
-
-def _latent_sweep(model: Any, clean: Any, corrupted: Any, metric: Any, found: tuple,
-                  method: str, direction: str, latents: Any, positions: Any,
-                  batch_size: int | None, memory_fraction: float, atp: dict[str, bool],
-                  start: float, noise_args: tuple) -> SweepResult:
-    """A sweep over the latents of a splice (``sweep/latents.py``)."""
-    site, splice = found
-    latent_sites.check_method(site, method)
-    model = wrap(model)
-    warn_if_training(model)
-    adapter = adapter_for(model)
-    if method == "atp*":
-        result = latent_atp.sweep(model, adapter, clean, corrupted, metric, site, splice,
-                                  latents=latents, positions=positions, direction=direction,
-                                  grad_drop=atp["grad_drop"])
-    else:
-        with torch.no_grad():
-            run = prepare(model, adapter, clean, corrupted, metric, method, direction,
-                          *noise_args)
-        result = latent_sites.sweep(model, adapter, run, site, splice, method=method,
-                                    latents=latents, positions=positions,
-                                    batch_size=batch_size, memory_fraction=memory_fraction,
-                                    direction=direction)
-    result.seconds = time.perf_counter() - start
-    return result
-
-
-def _head_attribution(model: Any, clean: Any, corrupted: Any, metric: Any, site: str,
-                      layers: Any, positions: Any, heads: Any, direction: str) -> SweepResult:
-    """Plain attribution patching on a head's q/k/v: ``(source - base) . d metric / d x``
-    (AtP*'s terms with the QK fix and GradDrop off)."""
-    result = atp_star.sweep(model, clean, corrupted, metric, site=site, layers=layers,
-                            positions=positions, heads=heads, direction=direction,
-                            grad_drop=False, qk_fix=False)
-    result.method = "attribution"
-    return result
