@@ -24,19 +24,31 @@ class PositionError(SiteError, IndexError):
     too, so ``except IndexError`` keeps working."""
 
 
-_LAST_TRACE: dict[str, Any] = {"length": None, "root": None}
+_LAST_TRACE: dict[str, Any] = {"length": None, "root": None, "widths": None}
 
 
-def note_trace(length: int | None, root: Any = None) -> None:
+def note_trace(length: int | None, root: Any = None, widths: list[int] | None = None) -> None:
     """Remember the padded length of the token batch the running trace prepared (None for
-    tensor inputs) and its model (weakly): errors explained after the cell name them."""
+    tensor inputs), each invoke's own length (``widths``) and its model (weakly): errors
+    explained after the cell name them."""
     _LAST_TRACE["length"] = length
+    _LAST_TRACE["widths"] = list(widths) if widths is not None else None
     _LAST_TRACE["root"] = weakref.ref(root) if root is not None else None
 
 
 def trace_length() -> int | None:
     """The padded prompt length of the last trace's token batch (None: tensor inputs)."""
     return _LAST_TRACE["length"]
+
+
+def trace_lengths() -> set[int]:
+    """The positions an invoke of the last trace's token batch can see: each invoke's own
+    length (an invoke sees its own prompt's positions), else the padded length."""
+    widths = _LAST_TRACE["widths"]
+    if widths:
+        return set(widths)
+    length = _LAST_TRACE["length"]
+    return {length} if length is not None else set()
 
 
 def trace_root() -> Any:
@@ -46,20 +58,25 @@ def trace_root() -> Any:
 
 
 def past_end(index: int, dim: int, size: int, label: str | None, shape: Any = None,
-             length: int | None = None) -> str | None:
+             length: int | None = None, position: bool | None = None) -> str | None:
     """The message for ``index`` past the end of dimension ``dim`` (``size`` entries) of
-    ``label``, naming the prompt's ``length`` (default: the last trace's) where the dimension
-    is the prompt's positions. Without a label, None unless it is a position.
+    ``label``, naming the prompt's length where the dimension is positions: ``position``
+    says whether it is (known from the value's layout); None: it is when ``size`` is
+    ``length`` or, without one, the own length of an invoke of the last trace (each invoke
+    sees its own prompt's positions). Without a label, None unless it is a position.
 
     >>> past_end(20, 1, 12, "model.transformer.h[1].output[:, 20]", length=12)
-    "position 20 is past the prompt in `model.transformer.h[1].output[:, 20]`: the prompt is 12 tokens long (the invoke's rows padded to the longest prompt), so positions run 0..11 (or -12..-1)"
+    "position 20 is past the prompt in `model.transformer.h[1].output[:, 20]`: the prompt is 12 tokens long (an invoke sees its own prompt's positions; several prompts in one invoke are padded to its longest), so positions run 0..11 (or -12..-1)"
     """
-    length = trace_length() if length is None else length
-    if length is not None and size == length and dim >= 1:
+    if position is None:
+        lengths = trace_lengths() if length is None else {length}
+        position = dim >= 1 and size in lengths
+    if position:
         where = f" in `{label}`" if label else ""
-        return (f"position {index} is past the prompt{where}: the prompt is {length} "
-                f"tokens long (the invoke's rows padded to the longest prompt), so positions "
-                f"run 0..{length - 1} (or -{length}..-1)")
+        return (f"position {index} is past the prompt{where}: the prompt is {size} tokens "
+                f"long (an invoke sees its own prompt's positions; several prompts in one "
+                f"invoke are padded to its longest), so positions run 0..{size - 1} (or "
+                f"-{size}..-1)")
     if label is None:
         return None
     where = f" (shape {list(shape)})" if shape is not None else ""
@@ -157,10 +174,26 @@ class Batch:
     positional inputs in ``args``. ``rows[i]`` is invoke ``i``'s block of dim 0.
     """
 
-    def __init__(self, kwargs: dict[str, Any], rows: list[slice], args: tuple = ()) -> None:
+    def __init__(self, kwargs: dict[str, Any], rows: list[slice], args: tuple = (),
+                 widths: list[int] | None = None) -> None:
         self.kwargs = kwargs
         self.rows = rows
         self.args = tuple(args)
+        self.widths = widths   # token batches: each invoke's own length (its longest prompt)
+
+    def cut(self, invoke: int) -> int:
+        """The padding positions invoke ``invoke`` does not see: the batch's padded length
+        less the invoke's own (0 for tensor batches, which have no padding).
+
+        >>> ids = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3)}
+        >>> short = {"input_ids": torch.tensor([[8]]), "attention_mask": torch.ones(1, 1)}
+        >>> batch = Batch.concat([ids, short], pad_id=0, device=torch.device("cpu"), with_positions=False)
+        >>> batch.cut(0), batch.cut(1)
+        (0, 2)
+        """
+        if not self.widths:
+            return 0
+        return self.length - self.widths[invoke]
 
     @property
     def size(self) -> int:
@@ -227,9 +260,10 @@ class Batch:
     def concat(cls, parts: list[dict[str, Any]], *, pad_id: int, device: torch.device,
                with_positions: bool) -> "Batch":
         width = max(p["input_ids"].shape[1] for p in parts)
-        ids, masks, rows, start = [], [], [], 0
+        ids, masks, rows, widths, start = [], [], [], [], 0
         for p in parts:
             n, t = p["input_ids"].shape
+            widths.append(int(t))
             ids.append(torch.nn.functional.pad(p["input_ids"], (width - t, 0), value=pad_id))
             masks.append(torch.nn.functional.pad(p["attention_mask"], (width - t, 0), value=0))
             rows.append(slice(start, start + n))
@@ -244,7 +278,7 @@ class Batch:
             kwargs[key] = parts[0][key]
         if with_positions and "position_ids" not in kwargs:
             kwargs["position_ids"] = positions_from_mask(kwargs["attention_mask"])
-        return cls(kwargs, rows)
+        return cls(kwargs, rows, widths=widths)
 
 
 def _structure(args: tuple, kwargs: dict) -> str:

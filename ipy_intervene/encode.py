@@ -44,7 +44,7 @@ def prepare(model: Any, inputs: list[Any], *, line: int | None = None,
                          with_positions="position_ids" in model._forward_params)
     check_ids(batch.kwargs["input_ids"], model.vocab_size, line)
     if active.current_trace() is not None:  # the trace's batch: named by position errors
-        note_trace(batch.length, model.module)
+        note_trace(batch.length, model.module, batch.widths)
     limit = model.max_length
     if limit is not None and batch.length + new_tokens > limit:
         more = f" and generate adds {new_tokens}" if new_tokens else ""

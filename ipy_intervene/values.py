@@ -1,8 +1,10 @@
-"""An invoke's rows of a module's value, and writing values back into them.
+"""An invoke's view of a module's value, and writing values back into it.
 
 Module outputs are tensors, tuples, lists, dicts or ``ModelOutput``s. An invoke owns a
-contiguous block of batch rows; reading gives views of those rows (so in-place edits reach
-the running forward), writing returns a new value with those rows replaced.
+contiguous block of batch rows and, in a token batch, its own prompt's positions: an
+invoke whose longest prompt is shorter than the batch's does not see the padding the longer
+prompts added (see :class:`View`). Reading gives views (so in-place edits reach the running
+forward), writing returns a new value with the invoke's part replaced.
 
 >>> import torch
 >>> x = torch.zeros(4, 3)
@@ -14,79 +16,184 @@ tensor([0., 0., 1., 1.])
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from ipy_intervene.batch import PositionError, past_end
-from ipy_intervene.errors import ValueMismatchError
+from ipy_intervene.errors import SiteError, ValueMismatchError
+from ipy_intervene.layout import GENERIC, Layout, Unknown
+
+
+@dataclass(frozen=True)
+class View:
+    """What one invoke sees of a site's value: ``rows`` of the batch (``batch`` rows in all)
+    and, on the dimensions that are positions (:mod:`ipy_intervene.layout`), all but the
+    first ``cut``: the padding the batch's longer prompts added, which the invoke would not
+    have run alone. ``length`` is the batch's positions at this step (the padded length,
+    plus the tokens generated so far for keys); a dimension is cut only where its size is
+    that.
+
+    >>> from ipy_intervene.layout import FEATURES
+    >>> h = torch.arange(2 * 5 * 3.).reshape(2, 5, 3)
+    >>> short = View(slice(1, 2), 2, cut=3, length=5, layout=FEATURES)
+    >>> take(h, short).shape                       # row 1's last 2 positions
+    torch.Size([1, 2, 3])
+    >>> put(h, short, 0, "h.output")[1, :, 0]      # its 3 padding positions keep their values
+    tensor([15., 18., 21.,  0.,  0.])
+    """
+
+    rows: slice
+    batch: int
+    cut: int = 0
+    length: int = 0
+    layout: Layout = GENERIC
+    label: str = ""
+
+    @property
+    def whole(self) -> bool:
+        return self.cut == 0 and covers(self.rows, self.batch)
+
+    def at(self, key: Any) -> "View":
+        return replace(self, layout=self.layout.at(key)) if self.length else self
+
+    def index(self, value: torch.Tensor, where: str) -> tuple | None:
+        """The index of the view in ``value`` (None: a leaf without the batch's rows, which
+        every invoke sees whole)."""
+        if value.dim() == 0 or value.shape[0] != self.batch:
+            return None
+        dims = self._cut_dims(value, where) if self.cut else ()
+        index: list[Any] = [self.rows] + [slice(None)] * max(dims, default=0)
+        for dim in dims:
+            index[dim] = slice(self.cut, None)
+        return tuple(index)
+
+    def positions(self, value: Any) -> frozenset[int] | None:
+        """The dimensions of ``value`` (the batch's leaf this view is of) that are
+        positions, as its layout says; None when it does not (messages use this)."""
+        if not isinstance(value, torch.Tensor) or not self.length:
+            return None
+        try:
+            return frozenset(self.layout.dims(tuple(value.shape), self.length))
+        except Unknown:
+            return None
+
+    def _cut_dims(self, value: torch.Tensor, where: str) -> tuple[int, ...]:
+        try:
+            return self.layout.dims(tuple(value.shape), self.length)
+        except Unknown as exc:
+            own = self.length - self.cut
+            shape = [self.rows.stop - self.rows.start, *value.shape[1:]]
+            raise SiteError(
+                f"`{where}` is a tensor of shape {shape}, and which of its "
+                f"dimensions are positions is not known ({exc}). This invoke's prompt is "
+                f"{own} tokens and the batch's longest {self.length}: an invoke sees its own "
+                f"prompt's positions, so its view must leave out {self.cut} padding "
+                "positions, and guessing where could give another prompt's padding or cut "
+                "the wrong dimension. Read it in an invoke as long as the longest prompt, or "
+                "give the prompts to one invoke (`tracer.invoke([a, b])`: its rows padded to "
+                "its longest; `_trace.positions` / `ii.positions` map each prompt's tokens), "
+                "or trace this prompt in a cell of its own") from None
 
 
 def covers(rows: slice, batch: int) -> bool:
     return rows.start == 0 and rows.stop == batch
 
 
-def take_rows(value: Any, rows: slice, batch: int) -> Any:
-    """The rows of ``value`` an invoke owns; the value itself when it owns them all."""
-    if covers(rows, batch):
+def _key(path_key: Any) -> str:
+    return f"[{path_key!r}]"
+
+
+def take(value: Any, view: View, where: str = "") -> Any:
+    """What ``view`` sees of ``value``: views of its tensors; the value itself when the
+    view is all of it."""
+    if view.whole:
         return value
     if isinstance(value, torch.Tensor):
-        return value[rows] if value.dim() >= 1 and value.shape[0] == batch else value
+        index = view.index(value, where or view.label)
+        return value if index is None else value[index]
     if isinstance(value, (tuple, list)):
-        return type(value)(take_rows(v, rows, batch) for v in value)
+        return type(value)(take(v, view.at(i), f"{where or view.label}[{i}]")
+                           for i, v in enumerate(value))
     if isinstance(value, dict):
-        return _same_mapping(value, {k: take_rows(v, rows, batch) for k, v in value.items()})
+        return _same_mapping(value, {k: take(v, view.at(k), f"{where or view.label}{_key(k)}")
+                                     for k, v in value.items()})
     return value
 
 
-def put_rows(old: Any, rows: slice, batch: int, new: Any, where: str) -> Any:
-    """``old`` with the invoke's rows replaced by ``new`` (moved to old's device and dtype)."""
+def put(old: Any, view: View, new: Any, where: str) -> Any:
+    """``old`` with the part ``view`` sees replaced by ``new`` (moved to old's device and
+    dtype); where the view leaves padding positions out, they keep old's values."""
     if isinstance(old, torch.Tensor):
-        return _put_tensor(old, rows, batch, new, where)
+        return _put_tensor(old, view, new, where)
     if isinstance(old, (tuple, list)):
         if not isinstance(new, (tuple, list)) or len(new) != len(old):
             raise ValueMismatchError(
                 f"`{where}` is a {type(old).__name__} of {len(old)} items; the value assigned is "
                 f"{describe(new)}. Assign the same structure, or edit one item in place")
-        return type(old)(put_rows(o, rows, batch, n, f"{where}[{i}]")
+        return type(old)(put(o, view.at(i), n, f"{where}[{i}]")
                          for i, (o, n) in enumerate(zip(old, new)))
     if isinstance(old, dict):
         if not isinstance(new, dict) or set(new) != set(old):
             raise ValueMismatchError(f"`{where}` is a mapping with keys {sorted(old)}; the value "
                                      f"assigned is {describe(new)}")
-        return _same_mapping(old, {k: put_rows(old[k], rows, batch, new[k], f"{where}[{k!r}]")
+        return _same_mapping(old, {k: put(old[k], view.at(k), new[k], f"{where}{_key(k)}")
                                    for k in old})
     return new
 
 
-def join_rows(parts: list[Any], template: Any, batch: int) -> Any:
-    """The inverse of taking each invoke's rows: ``parts`` (one per invoke, in batch order)
-    joined into a value shaped like ``template``. A leaf without a batch dimension is the one
-    an invoke replaced (the last), else the template's.
+def join(parts: list[Any], template: Any, views: list[View], where: str = "") -> Any:
+    """The inverse of taking each invoke's view: ``parts`` (one per invoke, in batch order)
+    joined into a value shaped like ``template``, the padding positions a view left out
+    taken from the template. A leaf without a batch dimension is the one an invoke replaced
+    (the last), else the template's.
 
     >>> x = torch.arange(4.)
-    >>> join_rows([x[:1], x[1:] * 2], x, 4)
+    >>> join([x[:1], x[1:] * 2], x, [View(slice(0, 1), 4), View(slice(1, 4), 4)])
     tensor([0., 2., 4., 6.])
     """
+    batch = views[0].batch
     if isinstance(template, torch.Tensor) and template.dim() >= 1 and template.shape[0] == batch:
-        return torch.cat(parts)
+        blocks = []
+        for part, view in zip(parts, views):
+            index = view.index(template, where or view.label)
+            if index is None or len(index) == 1:
+                blocks.append(part)
+                continue
+            block = template[view.rows].clone()   # the padding it leaves out, then its part
+            block[(slice(None), *index[1:])] = part
+            blocks.append(block)
+        return torch.cat(blocks)
     if isinstance(template, (tuple, list)):
-        return type(template)(join_rows([p[i] for p in parts], t, batch)
-                              for i, t in enumerate(template))
+        return type(template)(join([p[i] for p in parts], t, [v.at(i) for v in views],
+                                   f"{where}[{i}]") for i, t in enumerate(template))
     if isinstance(template, dict):
-        return _same_mapping(template, {k: join_rows([p[k] for p in parts], template[k], batch)
+        return _same_mapping(template, {k: join([p[k] for p in parts], template[k],
+                                                [v.at(k) for v in views], f"{where}{_key(k)}")
                                         for k in template})
     return next((p for p in reversed(parts) if p is not template), template)
 
 
-def _put_tensor(old: torch.Tensor, rows: slice, batch: int, new: Any, where: str) -> torch.Tensor:
-    full = covers(rows, batch) or old.dim() == 0 or old.shape[0] != batch
-    expected = old.shape if full else old[rows].shape
+def take_rows(value: Any, rows: slice, batch: int) -> Any:
+    """The rows of ``value`` an invoke owns (all positions); the value itself when it owns
+    them all."""
+    return take(value, View(rows, batch))
+
+
+def put_rows(old: Any, rows: slice, batch: int, new: Any, where: str) -> Any:
+    """``old`` with the invoke's rows replaced by ``new`` (moved to old's device and dtype)."""
+    return put(old, View(rows, batch), new, where)
+
+
+def _put_tensor(old: torch.Tensor, view: View, new: Any, where: str) -> torch.Tensor:
+    index = None if view.whole else view.index(old, where)
+    expected = old.shape if index is None else old[index].shape
     new = as_tensor_like(new, old, expected, where)
-    if full:
+    if index is None:
         return new if new.shape == expected else new.expand(expected).clone()
     result = old.clone()
-    result[rows] = new
+    result[index] = new
     return result
 
 
@@ -114,20 +221,24 @@ def broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
         return False
 
 
-def set_index(view: Any, index: Any, value: Any, where: str) -> None:
-    """``view[index] = value`` with a clear error when the shapes do not fit."""
+def set_index(view: Any, index: Any, value: Any, where: str,
+              positions: frozenset[int] | None = None) -> None:
+    """``view[index] = value`` with a clear error when the shapes do not fit (``positions``:
+    the dimensions that are positions, when known)."""
     if not isinstance(view, torch.Tensor):
         view[index] = value
         return
     label = f"{where}[{format_index(index)}]"
-    check_index(view.shape, index, label)
+    check_index(view.shape, index, label, positions)
     target = view[index].shape
     view[index] = as_tensor_like(value, view, target, label)
 
 
-def check_index(shape: torch.Size, index: Any, label: str) -> None:
-    """A :class:`PositionError` (a SiteError) for an int of ``index`` past the end of its dimension (a position
-    past the prompt names the prompt's length).
+def check_index(shape: torch.Size, index: Any, label: str,
+                positions: frozenset[int] | None = None) -> None:
+    """A :class:`PositionError` (a SiteError) for an int of ``index`` past the end of its
+    dimension (a position past the prompt names the prompt's length; ``positions``: the
+    dimensions that are positions, when the value's layout says).
 
     >>> check_index(torch.Size([1, 5, 8]), (slice(None), 7), "h.output[:, 7]")
     Traceback (most recent call last):
@@ -148,7 +259,8 @@ def check_index(shape: torch.Size, index: Any, label: str) -> None:
             continue
         size = shape[dim]
         if not -size <= item < size:
-            raise PositionError(past_end(item, dim, size, label, shape))
+            known = None if positions is None else dim in positions
+            raise PositionError(past_end(item, dim, size, label, shape, position=known))
 
 
 def format_index(index: Any) -> str:

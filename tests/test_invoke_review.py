@@ -200,11 +200,9 @@ def test_read_then_edit_through_a_helper(demo):
         ns["pat"][0, -1], block_outputs(demo, PROMPT)[1][0, -1]))
 
 
-# -- 4. positive positions in invokes of different lengths --------------------------------
+# -- 4. positive positions in invokes of different lengths (issue 27: each invoke sees its
+#       own prompt's positions; tests/test_invoke_positions.py has the rest) --------------
 
-@pytest.mark.xfail(strict=True, reason="designed (README: positions count in the padded batch), kept as the record of a known limitation: a position from the start in an invoke shorter than the "
-                   "longest indexes the left-padded rows: `[0, 2]` of the 7-token prompt is a "
-                   "padding position (8 pads), returned with no message")
 def test_position_from_the_start_in_a_shorter_invoke(demo):
     ns = {"model": demo, "prompts": PROMPTS}
     cell = ("outs = []\n"
@@ -219,8 +217,6 @@ def test_position_from_the_start_in_a_shorter_invoke(demo):
     right_or_clear_error(demo, cell, ns, check)
 
 
-@pytest.mark.xfail(strict=True, reason="same cause: a mean over positions of a shorter invoke "
-                   "averages its padding rows too")
 def test_mean_over_positions_in_a_shorter_invoke(demo):
     ns = {"model": demo, "prompts": PROMPTS}
     cell = ("outs = []\n"
@@ -489,8 +485,6 @@ def test_shell_loop_variable_also_bound_in_the_clean_invoke(shell, demo):
                                                  torch.cat([o[:, :-1], c[:, -1:]], 1)))
 
 
-@pytest.mark.xfail(strict=True, reason="as test_position_from_the_start_in_a_shorter_invoke, "
-                   "through %%trace in the shell")
 def test_shell_position_from_the_start_in_a_shorter_invoke(shell, demo):
     shell.user_ns["prompts"] = PROMPTS
     try:

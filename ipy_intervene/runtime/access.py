@@ -1,5 +1,6 @@
 """Site access: what reading, assigning, editing in place and skipping a site do to the value
-flowing through the forward, for one invoke's rows of the batch.
+flowing through the forward, for one invoke's view of the batch (its rows and its own
+prompt's positions: :class:`~ipy_intervene.values.View`).
 
 A hook wraps the value it sees in a holder (:class:`Inputs` before a module runs,
 :class:`Output` after); serving a request reads from it or changes it, and the hook hands
@@ -9,17 +10,44 @@ the changed value back to the forward.
 from __future__ import annotations
 
 import operator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+from torch import nn
 
-from ipy_intervene import values
+from ipy_intervene import layout, values
 from ipy_intervene.errors import SiteError
 from ipy_intervene.habits import guard_pattern
 from ipy_intervene.hooks import input_key, replace_input
+from ipy_intervene.values import View
 
 if TYPE_CHECKING:
     from ipy_intervene.runtime.scheduler import Invoke, Request, Scheduler
+
+
+def view_of(sched: "Scheduler", inv: "Invoke", shape: layout.Layout, label: str = "") -> View:
+    """Invoke ``inv``'s view, at this step, of a value laid out as ``shape``: its rows and,
+    in a token batch, its own prompt's positions (the first ``cut`` positions of the padded
+    batch are the longer prompts' padding; ``length``: the batch's positions now, the
+    padded length plus the tokens generated so far)."""
+    batch = sched.batch
+    widths = getattr(batch, "widths", None)
+    if not widths:
+        return View(inv.rows, batch.size, label=label)
+    return View(inv.rows, batch.size, batch.cut(inv.index), batch.length + max(sched.step, 0),
+                shape, label)
+
+
+def serve_model_output(sched: "Scheduler", inv: "Invoke", source: Any) -> Any:
+    """``tracer.output`` for ``inv``: its view of the logits (with ``--generate``, of the
+    token ids, its prompt and the new tokens)."""
+    if sched.generate is not None and isinstance(source, torch.Tensor):
+        view = view_of(sched, inv, layout.IDS, "tracer.output")
+        if view.length:
+            view = replace(view, length=source.shape[-1])
+        return values.take(source, view)
+    return values.take(source, view_of(sched, inv, layout.GENERIC, "tracer.output"))
 
 
 class Inputs:
@@ -29,11 +57,13 @@ class Inputs:
         self.args, self.kwargs, self.changed = args, kwargs, False
         self.parts: Parts | None = None
 
-    def link(self, rows: list[slice] | None, batch: int) -> None:
+    def link(self, sched: "Scheduler", module: nn.Module) -> None:
         """Split the input into each invoke's part (see :class:`Parts`)."""
         key = input_key(self.args, self.kwargs)
-        if rows is not None and key is not None:
-            self.parts = Parts(self.first()[1], rows, batch)
+        if sched.rows_to_split() is not None and key is not None:
+            shape = layout.of_input(module, key)
+            self.parts = Parts(self.first()[1], [view_of(sched, inv, shape)
+                                                 for inv in sched.invokes])
 
     def settle(self) -> None:
         """Hand the forward the joined parts, if the input was split."""
@@ -53,8 +83,10 @@ class Inputs:
     def serve(self, sched: "Scheduler", inv: "Invoke", req: "Request") -> Any:
         if req.access == "arrive":
             return None
+        module = req.envoy.module
         if req.attr == "skip":
-            sched.skips.setdefault(id(req.envoy.module), []).append((inv.rows, req.payload, req))
+            view = view_of(sched, inv, layout.of_output(module), req.label)
+            sched.skips.setdefault(id(module), []).append((view, req.payload, req))
             sched.record(req, req.payload)
             return None
         if req.attr == "inputs":  # the pair is served whole: join the parts first
@@ -64,18 +96,19 @@ class Inputs:
         if self.parts is not None:
             return self.parts.serve(sched, inv, req)
         key, current = self.first()
-        return serve_value(sched, req, current, inv.rows, sched.batch.size,
-                           lambda v: self.set_first(key, v))
+        view = view_of(sched, inv, layout.of_input(module, key), req.label)
+        return serve_value(sched, req, current, view, lambda v: self.set_first(key, v))
 
     def _serve_pair(self, sched: "Scheduler", inv: "Invoke", req: "Request") -> Any:
-        batch, current = sched.batch.size, (self.args, self.kwargs)
+        current = (self.args, self.kwargs)
+        view = view_of(sched, inv, layout.of_inputs(req.envoy.module, len(self.args)), req.label)
         if req.access == "read":
-            value = values.take_rows(current, inv.rows, batch)
+            value = values.take(current, view)
             sched.record(req, value[0])
             return value
         if req.access == "write":
             pair = check_inputs_pair(req.payload, req.label)
-            args, kwargs = values.put_rows(current, inv.rows, batch, pair, req.label)
+            args, kwargs = values.put(current, view, pair, req.label)
             self.args, self.kwargs, self.changed = tuple(args), dict(kwargs), True
             return None
         raise SiteError(f"`{req.label}` is an (args, kwargs) pair: edit `.input`, or assign "
@@ -92,10 +125,11 @@ class Output:
     def set(self, value: Any) -> None:
         self.value, self.changed = value, True
 
-    def link(self, rows: list[slice] | None, batch: int) -> None:
+    def link(self, sched: "Scheduler", module: nn.Module) -> None:
         """Split the output into each invoke's part (see :class:`Parts`)."""
-        if rows is not None and not self.is_root:
-            self.parts = Parts(self.value, rows, batch)
+        if sched.rows_to_split() is not None and not self.is_root:
+            shape = layout.of_output(module)
+            self.parts = Parts(self.value, [view_of(sched, inv, shape) for inv in sched.invokes])
 
     def settle(self) -> None:
         """Hand the forward the joined parts, if the output was split."""
@@ -106,35 +140,47 @@ class Output:
         if self.parts is not None:
             value = self.parts.serve(sched, inv, req)
         else:
-            value = serve_value(sched, req, self.value, inv.rows, sched.batch.size, self.set)
+            view = view_of(sched, inv, layout.of_output(req.envoy.module), req.label)
+            value = serve_value(sched, req, self.value, view, self.set)
         return guard_pattern(value, req.envoy.module, req.label) if req.access == "read" else value
 
 
 class Parts:
-    """A value split into each invoke's rows, for a ``--grad`` trace with several invokes.
+    """A value split into each invoke's view, for a ``--grad`` trace with several invokes.
 
     Each invoke reads and changes a tensor of its own; the forward goes on with the parts
-    joined (``torch.cat``), so the gradient reaches what each invoke read. A row slice of
-    the batch would be a dead end for autograd: its ``.grad`` would stay ``None``.
+    joined (``torch.cat``, with the padding positions a shorter invoke's view leaves out put
+    back around its part), so the gradient reaches what each invoke read. A view of the
+    batch would be a dead end for autograd: its ``.grad`` would stay ``None``.
     """
 
-    def __init__(self, value: Any, rows: list[slice], batch: int) -> None:
-        self.template, self.batch = value, batch
-        self.parts = [values.take_rows(value, r, batch) for r in rows]
+    def __init__(self, value: Any, views: list[View]) -> None:
+        self.template, self.views = value, views
+        self.error: SiteError | None = None
+        try:
+            self.parts = [values.take(value, v) for v in views]
+        except SiteError as exc:  # a value no invoke may see cut: an error when one asks
+            self.error, self.parts = exc, []
 
     def serve(self, sched: "Scheduler", inv: "Invoke", req: "Request") -> Any:
+        if self.error is not None:
+            raise SiteError(str(self.error).replace("``", f"`{req.label}`", 1))
         size = inv.rows.stop - inv.rows.start
-        return serve_value(sched, req, self.parts[inv.index], slice(0, size), size,
+        whole = View(slice(0, size), size, label=req.label)
+        return serve_value(sched, req, self.parts[inv.index], whole,
                            lambda v: self.parts.__setitem__(inv.index, v))
 
     def joined(self) -> Any:
-        return values.join_rows(self.parts, self.template, self.batch)
+        if self.error is not None:
+            return self.template
+        return values.join(self.parts, self.template, self.views)
 
 
-def serve_value(sched: "Scheduler", req: "Request", current: Any, rows: slice, batch: int,
+def serve_value(sched: "Scheduler", req: "Request", current: Any, view: View,
                 setter: Callable[[Any], None]) -> Any:
-    """Read, assign, augment (``+=``) or edit in place (``[...] =``) ``rows`` of ``current``
-    (``arrive``: the moment a change is about to be made; nothing to do yet).
+    """Read, assign, augment (``+=``) or edit in place (``[...] =``) the part of ``current``
+    that ``view`` sees (``arrive``: the moment a change is about to be made; nothing to do
+    yet).
 
     Reads are served before writes, and what a read gave stays as it was: an in-place change
     of memory an earlier read of this step was given is made on a copy, which the forward
@@ -144,31 +190,31 @@ def serve_value(sched: "Scheduler", req: "Request", current: Any, rows: slice, b
     if req.access == "arrive":
         return None
     if req.access == "read":
-        value = values.take_rows(current, rows, batch)
+        value = values.take(current, view)
         if sched.was_read(value):  # read again: what the first read gave must stay
             current = _copy(current)
             setter(current)
-            value = values.take_rows(current, rows, batch)
+            value = values.take(current, view)
         sched.record(req, value)
         sched.reads.append(value)
         return value
     if req.access == "write":
-        setter(values.put_rows(current, rows, batch, req.payload, req.label))
+        setter(values.put(current, view, req.payload, req.label))
         sched.record(req, req.payload)
         return None
-    if sched.was_read(values.take_rows(current, rows, batch)):
+    if sched.was_read(values.take(current, view)):
         current = _copy(current)
         setter(current)
-    mine = values.take_rows(current, rows, batch)
+    mine = values.take(current, view)
     if req.access == "augment":
         op, operand = req.payload
         result = getattr(operator, op)(mine, operand)
         if result is not mine:
-            setter(values.put_rows(current, rows, batch, result, req.label))
+            setter(values.put(current, view, result, req.label))
         sched.record(req, result)
         return None
     index, value = req.payload
-    values.set_index(mine, index, value, req.label)
+    values.set_index(mine, index, value, req.label, view.positions(current))
     sched.record(req, mine)
     return None
 
@@ -191,20 +237,21 @@ def check_inputs_pair(value: Any, label: str) -> tuple[tuple, dict]:
 
 # -- skips ----------------------------------------------------------------------------------
 
-Skip = tuple[slice, Any, "Request"]
+Skip = tuple[View, Any, "Request"]
 
 
 def skipped_output(skips: list[Skip], batch: int, run_module: Callable[[], Any]) -> Any:
-    """The output of a module some invokes skip: their values, the module's for the rest."""
-    rows = sorted((s[0].start, s[0].stop) for s in skips)
-    if _covers_all(rows, batch):
+    """The output of a module some invokes skip: their values, the module's for the rest
+    (and for the padding positions a shorter invoke's view leaves out)."""
+    rows = sorted((s[0].rows.start, s[0].rows.stop) for s in skips)
+    if _covers_all(rows, batch) and not any(s[0].cut for s in skips):
         return _join_skips(skips)
     return apply_skips(skips, run_module(), batch)
 
 
 def apply_skips(skips: list[Skip], output: Any, batch: int) -> Any:
-    for rows, value, req in skips:
-        output = values.put_rows(output, rows, batch, value, req.label)
+    for view, value, req in skips:
+        output = values.put(output, view, value, req.label)
     return output
 
 
@@ -218,7 +265,7 @@ def _covers_all(rows: list[tuple[int, int]], batch: int) -> bool:
 
 
 def _join_skips(skips: list[Skip]) -> Any:
-    ordered = sorted(skips, key=lambda s: s[0].start)
+    ordered = sorted(skips, key=lambda s: s[0].rows.start)
     if len(ordered) == 1:
         return ordered[0][1]
     parts = [value for _, value, _ in ordered]

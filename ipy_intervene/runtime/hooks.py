@@ -59,7 +59,7 @@ class TraceHooks:
             sched.fired[(PRE, key)] = sched.step
             holder = Inputs(args, kwargs)
             sched.retained[(PRE, key)] = holder
-            holder.link(sched.rows_to_split(), sched.batch.size)
+            holder.link(sched, mod)
             if sched.wanted(PRE, key):
                 sched.serve(holder, PRE, key)
             holder.settle()
@@ -78,7 +78,7 @@ class TraceHooks:
             if key in sched.skips:  # skipped through an alias: the module ran, its output goes
                 holder.set(apply_skips(sched.skips.pop(key), output, sched.batch.size))
             sched.retained[(OUT, key)] = holder
-            holder.link(sched.rows_to_split(), sched.batch.size)
+            holder.link(sched, mod)
             if sched.wanted(OUT, key) or (is_root and sched.wants_logits()):
                 sched.serve(holder, OUT, key)
             holder.settle()

@@ -22,7 +22,7 @@ from ipy_intervene.errors import InterventionError, SiteError
 from ipy_intervene.graph import InterventionGraph, Site, Visit
 from ipy_intervene.batch import Batch
 from ipy_intervene.model import Envoy
-from ipy_intervene.runtime.access import Output
+from ipy_intervene.runtime.access import Output, serve_model_output
 
 PRE, OUT = "pre", "out"
 DONE = object()    # what an invoke's greenlet returns when its code has finished
@@ -245,7 +245,7 @@ class Scheduler:
             return self.step >= req.step
         if req.kind == "model_output":
             source = holder.value if self.generate is None else self.final_output
-            out = values.take_rows(source, inv.rows, self.batch.size)
+            out = serve_model_output(self, inv, source)
             return getattr(out, "logits", out)
         return holder.serve(self, inv, req)
 
