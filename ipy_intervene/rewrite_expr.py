@@ -57,6 +57,9 @@ class ExprRewriter(ast.NodeTransformer):
         if self._shared_append(node):
             return bridge_call("append", [self.visit(func.value), ast.Constant(func.attr),
                                           self.visit(node.args[0])], node)
+        if self._shared_length(node):
+            return bridge_call("length", [self.visit(func), self.visit(node.args[0]),
+                                          ast.Constant(node.lineno)], node)
         chain = self.b.chain(func)
         if chain:
             sid = self.b._add_site(func, "call", "call", node)
@@ -78,6 +81,17 @@ class ExprRewriter(ast.NodeTransformer):
         while isinstance(root, (ast.Attribute, ast.Subscript)):
             root = root.value
         return isinstance(root, ast.Name) and root.id not in rule.own
+
+    def _shared_length(self, node: ast.Call) -> bool:
+        """``len(xs)`` in an invoke, of a list it did not make: an index taken from it during
+        the forward is checked against the invoke order the list ends in."""
+        if (self.b._rule() is None or not isinstance(node.func, ast.Name)
+                or node.func.id != "len" or len(node.args) != 1 or node.keywords):
+            return False
+        root = node.args[0]
+        while isinstance(root, (ast.Attribute, ast.Subscript)):
+            root = root.value
+        return isinstance(root, ast.Name) and root.id not in self.b._rule().own
 
     def visit_Subscript(self, node: ast.Subscript) -> ast.AST:
         """``layer.output[0]``: checked at run time (see :func:`habits.check_row0`)."""

@@ -494,3 +494,60 @@ def test_shell_past_the_prompt_names_the_invokes_length(shell, demo):
                        "    with tracer.invoke(p):\n"
                        "        outs.append(model.transformer.h[1].output[0, 8])\n")
     assert "outs" not in shell.user_ns
+
+
+# -- an index into a list several invokes fill, taken during the forward --------------------
+
+def layer_outputs(demo, text):
+    seen = {}
+    handles = [b.register_forward_hook(lambda m, a, o, i=i: seen.setdefault(i, o))
+               for i, b in enumerate(demo.module.transformer.h)]
+    try:
+        run_alone(demo, text)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("form", ["loop", "explicit"])
+def test_an_index_taken_during_the_forward_that_would_point_elsewhere_is_an_error(demo, form):
+    """Layer 3's invoke comes first but appends last: when layer 0's invoke takes
+    `len(outs)`, it is 1, but in invoke order its item comes after layer 3's (2)."""
+    if form == "loop":
+        cell = ("outs = []\nidx = {}\nfor layer in [3, 0]:\n    with tracer.invoke(a):\n"
+                "        outs.append(model.transformer.h[layer].output[0, -1])\n"
+                "        idx[layer] = len(outs) - 1\n")
+        line = 6
+    else:
+        cell = "outs = []\nidx = {}\n" + "".join(
+            f"with tracer.invoke(a):\n    outs.append(model.transformer.h[{layer}].output[0, -1])\n"
+            f"    idx[{layer}] = len(outs) - 1\n" for layer in (3, 0))
+        line = 8
+    ns = {"model": demo, "a": PROMPT}
+    with pytest.raises(InterventionError, match=rf"^line {line}: `len\(...\)` of a list several "
+                                                r"invokes append to was 1 .* it is 2 .*res\[layer\]"):
+        ii.trace(demo, cell, namespace=ns)
+    assert "idx" not in ns and "outs" not in ns and hook_count(demo.module) == 0
+
+
+def test_an_index_taken_in_invoke_order_is_right(demo):
+    """Invokes that append in the order they are written: each index is its own item."""
+    cell = ("outs = []\nidx = {}\nfor layer in [0, 2, 3]:\n    with tracer.invoke(a):\n"
+            "        outs.append(model.transformer.h[layer].output[0, -1])\n"
+            "        idx[layer] = len(outs) - 1\n        x = model.lm_head.output\n")
+    ns = {"model": demo, "a": PROMPT}
+    ii.trace(demo, cell, namespace=ns)
+    seen = layer_outputs(demo, PROMPT)
+    assert ns["idx"] == {0: 0, 2: 1, 3: 2}
+    for layer in (0, 2, 3):
+        close(ns["outs"][ns["idx"][layer]], seen[layer][0, -1], f"layer {layer}")
+
+
+def test_len_of_a_list_the_invoke_fills_alone_is_left_alone(demo):
+    cell = ("sizes = []\nfor layer in [3, 0]:\n    with tracer.invoke(a):\n        mine = []\n"
+            "        mine.append(model.transformer.h[layer].output[0, -1])\n"
+            "        sizes.append(len(mine))\n")
+    ns = {"model": demo, "a": PROMPT}
+    ii.trace(demo, cell, namespace=ns)
+    assert ns["sizes"] == [1, 1]

@@ -544,9 +544,6 @@ def test_last_item_right_after_append_is_the_invokes_own(demo):
         demo, [3, 0], [ns["mine"][3], ns["mine"][0]]))
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation (README): items several invokes "
-                   "append to one list are put in invoke order when the forward ends, so an "
-                   "index taken during the forward (len(outs) - 1) is the forward's order")
 def test_index_taken_after_append_points_at_the_invokes_item(demo):
     ns = {"model": demo, "a": PROMPT}
     cell = ("outs = []\n"

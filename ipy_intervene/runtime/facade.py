@@ -118,6 +118,14 @@ class Facade:
         else:
             run.append_in_order(items, how, value)
 
+    def length(self, fn: Any, items: Any, line: int) -> Any:
+        """``len(items)`` from an invoke (``fn``: what ``len`` is there): in a trace, noted so
+        that a length taken before the list is put in invoke order is checked."""
+        run = active.current_trace()
+        if fn is not len or run is None or not _own(run) or type(items) is not list:
+            return fn(items)
+        return run.length_in_order(items, line)
+
     def fill(self, items: list, values: Iterable[Any]) -> None:
         """``name = [... for ...]`` that other invokes read: ``items`` grows as the forward
         reaches each value, so they can use it layer by layer."""

@@ -59,6 +59,7 @@ class Run:
         self.hooks = TraceHooks(session, self.sched, model.module)
         self.planned: list[tuple[int, Any, dict[str, Any]]] = []  # (block, INPUT, captured)
         self.appended: dict[int, tuple[list, int, list]] = {}  # list id -> (list, base, items)
+        self.lengths: list[tuple[int, list, int, int, int]] = []  # len() of such lists: (invoke, list, len, its own items then, line)
         self.taken: list[tuple[str, Any, tuple, int]] = []  # what invokes took, fingerprinted
         self.varying: list[dict[str, Any]] = []  # per invoke: its values of cell.varying
 
@@ -158,12 +159,25 @@ class Run:
             _, base, added = self.appended.setdefault(id(items), (items, start, []))
             added.extend((inv.index, i, item) for i, item in enumerate(items[start:], len(added)))
 
+    def length_in_order(self, items: list, line: int) -> int:
+        """``len(items)`` now, noted with what the invoke had added to it (see
+        :meth:`order_appends`)."""
+        inv = self.sched.current(required=False)
+        if inv is not None:
+            entry = self.appended.get(id(items))
+            own = sum(j == inv.index for j, _, _ in entry[2]) if entry else 0
+            self.lengths.append((inv.index, items, len(items), own, line))
+        return len(items)
+
     def order_appends(self) -> None:
         """After the forward: each list several invokes filled holds their items in invoke
-        order (what each invoke added, in its own order), when nothing else changed it."""
+        order (what each invoke added, in its own order), when nothing else changed it. A
+        length an invoke took of it during the forward (``len(outs) - 1``) that is not the
+        one it has in invoke order is an error: an index from it would point elsewhere."""
         for items, base, added in self.appended.values():
             tail = items[base:]
             if len(tail) == len(added) and all(a is b for a, (_, _, b) in zip(tail, added)):
+                _check_lengths(self.lengths, items, base, added)
                 items[base:] = [item for _, _, item in sorted(added, key=lambda t: t[:2])]
 
     def wait_for(self, names: tuple[str, ...], line: int) -> None:
@@ -293,6 +307,18 @@ def _interleave(run: Run, cell: Any, ns: dict, line_input: Any, plan: HookPlan,
     if cell.after is not None:
         exec(cell.after, ns)
     return run.sched.final_output, batch
+
+
+def _check_lengths(lengths: list, items: list, base: int, added: list) -> None:
+    for index, seen, n, own, line in lengths:
+        right = base + sum(j < index for j, _, _ in added) + own
+        if seen is items and n != right:
+            raise InterventionError(
+                f"`len(...)` of a list several invokes append to was {n} when this line ran, "
+                f"but the list ends in invoke order, where it is {right} at that point of this "
+                "invoke: an index taken from it during the forward would point at another "
+                "invoke's item. Key the results by the loop variable (`res[layer] = ...`), or "
+                "read `xs[-1]` right after the append", line=line)
 
 
 def _real_tensors() -> Any:
