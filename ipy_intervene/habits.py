@@ -4,7 +4,7 @@ each one a clear error that says what to write here instead.
 - nnsight: ``.save()``, ``.value``, ``with model.trace(...)``;
 - TransformerLens: ``model.blocks``, ``run_with_cache``, ``hook_*`` names
   (:mod:`ipy_intervene.tl_habits`), ``utils.get_act_name``;
-- a position past the prompt (a read's bare IndexError names the prompt's length);
+- a position past the prompt (a read's bare IndexError names the invoke's own prompt length);
 - transformers 4: ``model.transformer.h[0].output[0]`` for a decoder layer's hidden states
   (a layer now returns the tensor itself, so ``[0]`` would be batch row 0);
 - PyTorch: ``loss.backward()`` needs autograd, which a trace runs without unless ``--grad``;
@@ -52,7 +52,8 @@ _OUT_OF_BOUNDS = re.compile(r"index (-?\d+) is out of bounds for dimension (\d+)
 def explain(exc: BaseException, *, grad: bool,
             length: int | None = None) -> InterventionError | None:
     """A clear error for a raw one that a known habit caused, else None. ``length``: the
-    trace's padded prompt length (default: the one its batch noted), for positions past it."""
+    prompt length to name for positions past it (default: each invoke's own, as the trace's
+    batch noted them)."""
     if isinstance(exc, InterventionError):
         return None
     found = _OUT_OF_BOUNDS.fullmatch(str(exc)) if isinstance(exc, IndexError) else None

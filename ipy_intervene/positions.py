@@ -1,5 +1,7 @@
 """Where each prompt's tokens sit in a left-padded batch: ``(prompt, token)`` -> the position
-in the batch (a trace's tensors are ``[prompt, padded position, ...]``).
+in the batch (a trace's tensors of several prompts, from a list INPUT, an invoke given several
+prompts or ``_trace.output``, are ``[prompt, padded position, ...]``; an invoke of one prompt
+sees that prompt's own positions, with no padding).
 
 A batch of prompts of different lengths is padded on the left, so token ``j`` of prompt ``i``
 is at position ``pad[i] + j``; the last token of every prompt is at the last position.

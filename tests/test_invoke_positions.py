@@ -361,15 +361,31 @@ def test_the_same_value_reads_when_the_prompts_have_one_length(scored):
         close(got, seen_alone(scored, text, "model.model.layers.1.mlp.scores"), text)
 
 
-def test_the_longest_invoke_reads_it_and_a_shorter_one_reads_its_neighbours(scored):
+@pytest.mark.parametrize("grad", [False, True], ids=["no grad", "grad"])
+def test_the_longest_invoke_reads_it_and_a_shorter_one_reads_its_neighbours(scored, grad):
     """Only the shorter invoke's read of that one value is refused; its module's output
     ([batch, pos, 32]) reads as usual."""
     cell = ("with tracer.invoke(a):\n    s = model.model.layers[1].mlp.scores.output\n"
             "with tracer.invoke(b):\n    h = model.model.layers[1].mlp.output\n")
     ns = {"model": scored, "a": PROMPT, "b": SHORT}
-    ii.trace(scored, cell, namespace=ns)
-    close(ns["s"], seen_alone(scored, PROMPT, "model.model.layers.1.mlp.scores"), "scores")
-    close(ns["h"], seen_alone(scored, SHORT, "model.model.layers.1.mlp"), "mlp")
+    ii.trace(scored, cell, namespace=ns, grad=grad)
+    close(ns["s"].detach(), seen_alone(scored, PROMPT, "model.model.layers.1.mlp.scores"), "scores")
+    close(ns["h"].detach(), seen_alone(scored, SHORT, "model.model.layers.1.mlp"), "mlp")
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no grad", "grad"])
+@pytest.mark.parametrize("access", ["read", "write"])
+def test_only_the_shorter_invokes_touch_of_that_value_is_refused(scored, grad, access):
+    """The longest invoke reads it; the shorter one's read or write is the error, on its
+    line (with --grad too, where each invoke's part is split when the module runs)."""
+    touch = ("x = model.model.layers[1].mlp.scores.output[0, 1]" if access == "read"
+             else "model.model.layers[1].mlp.scores.output[:, 1] = 0")
+    cell = ("with tracer.invoke(a):\n    s = model.model.layers[1].mlp.scores.output\n"
+            f"with tracer.invoke(b):\n    h = model.model.layers[0].output\n    {touch}\n")
+    with pytest.raises(SiteError, match=r"^line 5: `model.layers\[1\].mlp.scores.output` is a "
+                                        r"tensor of shape \[1, 15, 15\].*7 tokens"):
+        ii.trace(scored, cell, namespace={"model": scored, "a": PROMPT, "b": SHORT}, grad=grad)
+    assert hook_count(scored.module) == 0
 
 
 # -- --grad ---------------------------------------------------------------------------------

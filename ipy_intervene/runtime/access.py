@@ -155,24 +155,27 @@ class Parts:
     """
 
     def __init__(self, value: Any, views: list[View]) -> None:
-        self.template, self.views = value, views
-        self.error: SiteError | None = None
-        try:
-            self.parts = [values.take(value, v) for v in views]
-        except SiteError as exc:  # a value no invoke may see cut: an error when one asks
-            self.error, self.parts = exc, []
+        self.template, self.views = value, list(views)
+        self.refused: dict[int, View] = {}   # invoke -> a view of a value it may not see cut
+        self.parts = []
+        for i, view in enumerate(views):
+            try:
+                part = values.take(value, view)
+            except SiteError:  # an error when that invoke asks; its rows go on as they are
+                self.refused[i] = view
+                self.views[i] = View(view.rows, view.batch)
+                part = values.take(value, self.views[i])
+            self.parts.append(part)
 
     def serve(self, sched: "Scheduler", inv: "Invoke", req: "Request") -> Any:
-        if self.error is not None:
-            raise SiteError(str(self.error).replace("``", f"`{req.label}`", 1))
+        if inv.index in self.refused:
+            values.take(self.template, replace(self.refused[inv.index], label=req.label))
         size = inv.rows.stop - inv.rows.start
         whole = View(slice(0, size), size, label=req.label)
         return serve_value(sched, req, self.parts[inv.index], whole,
                            lambda v: self.parts.__setitem__(inv.index, v))
 
     def joined(self) -> Any:
-        if self.error is not None:
-            return self.template
         return values.join(self.parts, self.template, self.views)
 
 
