@@ -56,7 +56,7 @@ class View:
         return self.cut == 0 and covers(self.rows, self.batch)
 
     def at(self, key: Any) -> "View":
-        return replace(self, layout=self.layout.at(key)) if self.length else self
+        return replace(self, layout=self.layout.at(key)) if self.cut else self
 
     def index(self, value: torch.Tensor, where: str) -> tuple | None:
         """The index of the view in ``value`` (None: a leaf without the batch's rows, which
