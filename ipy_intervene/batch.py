@@ -187,7 +187,8 @@ class Batch:
 
         >>> ids = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3)}
         >>> short = {"input_ids": torch.tensor([[8]]), "attention_mask": torch.ones(1, 1)}
-        >>> batch = Batch.concat([ids, short], pad_id=0, device=torch.device("cpu"), with_positions=False)
+        >>> batch = Batch.concat([ids, short], pad_id=0, device=torch.device("cpu"),
+        ...                      with_positions=False)
         >>> batch.cut(0), batch.cut(1)
         (0, 2)
         """

@@ -139,7 +139,7 @@ FEATURES = Layout(features)
 IDS = Layout(ids)
 PATTERN = Layout(fixed(2, 3))
 KEYS = Layout(fixed(2))
-KEYS.each = KEYS                                   # legacy past_key_values: tuples of [b, kv, key, d]
+KEYS.each = KEYS                      # legacy past_key_values: tuples of [b, kv, key, d]
 NAMED: dict[str, Layout] = {
     "input_ids": IDS, "position_ids": IDS, "token_type_ids": IDS, "labels": IDS,
     "attention_mask": Layout(mask),

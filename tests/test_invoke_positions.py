@@ -541,8 +541,9 @@ def test_an_index_taken_during_the_forward_that_would_point_elsewhere_is_an_erro
             f"    idx[{layer}] = len(outs) - 1\n" for layer in (3, 0))
         line = 8
     ns = {"model": demo, "a": PROMPT}
-    with pytest.raises(InterventionError, match=rf"^line {line}: `len\(...\)` of a list several "
-                                                r"invokes append to was 1 .* it is 2 .*res\[layer\]"):
+    with pytest.raises(InterventionError, match=rf"^line {line}: `len\(...\)` of a list "
+                                                r"several invokes append to was 1 .* it is 2 "
+                                                r".*res\[layer\]"):
         ii.trace(demo, cell, namespace=ns)
     assert "idx" not in ns and "outs" not in ns and hook_count(demo.module) == 0
 

@@ -59,7 +59,8 @@ class Run:
         self.hooks = TraceHooks(session, self.sched, model.module)
         self.planned: list[tuple[int, Any, dict[str, Any]]] = []  # (block, INPUT, captured)
         self.appended: dict[int, tuple[list, int, list]] = {}  # list id -> (list, base, items)
-        self.lengths: list[tuple[int, list, int, int, int]] = []  # len() of such lists: (invoke, list, len, its own items then, line)
+        # len() of such lists: (invoke, list, the length, the invoke's own items then, line)
+        self.lengths: list[tuple[int, list, int, int, int]] = []
         self.taken: list[tuple[str, Any, tuple, int]] = []  # what invokes took, fingerprinted
         self.varying: list[dict[str, Any]] = []  # per invoke: its values of cell.varying
 
