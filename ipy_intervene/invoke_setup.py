@@ -15,11 +15,39 @@ if the cell ran top to bottom, so that the run gives what the text says or stops
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from ipy_intervene.errors import CellSyntaxError
 from ipy_intervene.syntax import all_defs, child_blocks, header_parts, statement_names
+
+
+@dataclass
+class Block:
+    """One ``with tracer.invoke(X):`` block of the cell."""
+
+    index: int
+    node: ast.With
+    input_expr: ast.expr
+    loops: list[ast.stmt] = field(default_factory=list)  # enclosing for/while, outermost first
+
+    @property
+    def line(self) -> int:
+        return self.node.lineno
+
+    @property
+    def body(self) -> list[ast.stmt]:
+        return self.node.body
+
+    @property
+    def multi(self) -> bool:
+        """Whether the block can run more than once (one invoke per item of its loop)."""
+        return bool(self.loops)
+
+    def describe(self) -> str:
+        if not self.loops:
+            return f"the invoke at line {self.line}"
+        return f"every invoke of the loop at line {self.loops[0].lineno} (one per item)"
 
 
 @dataclass(frozen=True)
@@ -28,7 +56,7 @@ class Binding:
 
     line: int
     loops: tuple[int, ...]     # ids of the loops around it
-    block: object = None       # the invokes.Block that binds it
+    block: Block | None = None  # the invoke block that binds it
 
 
 class Timeline:

@@ -22,39 +22,11 @@ last invoke run after the forward.
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ipy_intervene.errors import CellSyntaxError
-from ipy_intervene.invoke_setup import Timeline, check_setup, mutated
+from ipy_intervene.invoke_setup import Block, Timeline, check_setup, mutated
 from ipy_intervene.syntax import TRACER, all_defs, all_uses, child_blocks
-
-
-@dataclass
-class Block:
-    """One ``with tracer.invoke(X):`` block of the cell."""
-
-    index: int
-    node: ast.With
-    input_expr: ast.expr
-    loops: list[ast.stmt] = field(default_factory=list)  # enclosing for/while, outermost first
-
-    @property
-    def line(self) -> int:
-        return self.node.lineno
-
-    @property
-    def body(self) -> list[ast.stmt]:
-        return self.node.body
-
-    @property
-    def multi(self) -> bool:
-        """Whether the block can run more than once (one invoke per item of its loop)."""
-        return bool(self.loops)
-
-    def describe(self) -> str:
-        if not self.loops:
-            return f"the invoke at line {self.line}"
-        return f"every invoke of the loop at line {self.loops[0].lineno} (one per item)"
 
 
 @dataclass

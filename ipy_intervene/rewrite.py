@@ -48,7 +48,7 @@ class _GraphBuilder:
         self.region = 0
         self.rules = rules or []  # per invoke block: how its names are bound (invokes.py)
 
-    def _rule(self) -> InvokeNames | None:
+    def rule(self) -> InvokeNames | None:
         return self.rules[self.invoke] if self.invoke is not None and self.rules else None
 
     # parts of the cell
@@ -133,7 +133,7 @@ class _GraphBuilder:
         return line if len(line) <= 60 else line[:57] + "..."
 
     def _wait_for(self, uses: set[str], stmt: ast.stmt) -> list[ast.stmt]:
-        rule = self._rule()
+        rule = self.rule()
         waiting = sorted(uses & rule.flow_in) if rule is not None else []
         if not waiting:
             return []
@@ -142,7 +142,7 @@ class _GraphBuilder:
             "wait_for", [names, ast.Constant(stmt.lineno)], stmt)), stmt)]
 
     def _bound(self, defs: set[str], stmt: ast.stmt) -> list[ast.stmt]:
-        rule = self._rule()
+        rule = self.rule()
         names = sorted(defs & rule.flow_out) if rule is not None else []
         if not names or isinstance(stmt, ast.Return):
             return []
@@ -162,7 +162,7 @@ class _GraphBuilder:
             return self._rewrite_assign(stmt)
         if isinstance(stmt, ast.AugAssign):
             return self._rewrite_augassign(stmt)
-        if isinstance(stmt, ast.Delete) and any(self._site_of(t) for t in stmt.targets):
+        if isinstance(stmt, ast.Delete) and any(self.site_of(t) for t in stmt.targets):
             raise CellSyntaxError("a module site cannot be deleted", line=stmt.lineno)
         return self._rewrite_generic(stmt, region)
 
@@ -226,7 +226,7 @@ class _GraphBuilder:
     def _rewrite_assign(self, stmt: ast.Assign) -> ast.stmt:
         if self._grows(stmt):
             return self._growing_list(stmt)
-        site_targets = [t for t in stmt.targets if self._site_of(t) or self._site_subscript(t)]
+        site_targets = [t for t in stmt.targets if self.site_of(t) or self._site_subscript(t)]
         if not site_targets:
             return self._rewrite_generic(stmt, self.region)
         if len(stmt.targets) != 1:
@@ -234,23 +234,23 @@ class _GraphBuilder:
                                   "(`m.output = value`, not `a = m.output = value`)",
                                   line=stmt.lineno)
         target, value = stmt.targets[0], self.expr(stmt.value)
-        site = self._site_of(target)
+        site = self.site_of(target)
         if site is not None:
             chain, attr = site
-            sid = self._add_site(chain, attr, "write", target)
-            call = bridge_call("write", [self._chain_expr(chain), ast.Constant(attr), value,
+            sid = self.add_site(chain, attr, "write", target)
+            call = bridge_call("write", [self.chain_expr(chain), ast.Constant(attr), value,
                                           ast.Constant(sid)], stmt)
             return self._arrive(chain, attr, sid, stmt) + [locate(ast.Expr(call), stmt)]
-        chain, attr = self._site_of(target.value)
-        sid = self._add_site(chain, attr, "edit", target)
-        call = bridge_call("setitem", [self._chain_expr(chain), ast.Constant(attr),
+        chain, attr = self.site_of(target.value)
+        sid = self.add_site(chain, attr, "edit", target)
+        call = bridge_call("setitem", [self.chain_expr(chain), ast.Constant(attr),
                                         index_expr(self.expr(target.slice)), value,
                                         ast.Constant(sid)], stmt)
         return self._arrive(chain, attr, sid, stmt) + [locate(ast.Expr(call), stmt)]
 
     def _grows(self, stmt: ast.Assign) -> bool:
         """``name = [... for ...]`` where other invokes read ``name``: they see it grow."""
-        rule = self._rule()
+        rule = self.rule()
         return (rule is not None and len(stmt.targets) == 1 and isinstance(stmt.value, ast.ListComp)
                 and isinstance(stmt.targets[0], ast.Name) and stmt.targets[0].id in rule.flow_out)
 
@@ -267,20 +267,20 @@ class _GraphBuilder:
         """Wait for the site *before* computing the value written to it, when that value
         uses a name another invoke binds: what that invoke reads at this moment of the
         forward (reads are served first) is then available."""
-        rule = self._rule()
+        rule = self.rule()
         if rule is None or not statement_names(stmt)[1] & rule.arrive:
             return []
-        call = bridge_call("arrive", [self._chain_expr(chain), ast.Constant(attr),
+        call = bridge_call("arrive", [self.chain_expr(chain), ast.Constant(attr),
                                       ast.Constant(sid)], stmt)
         return [locate(ast.Expr(call), stmt)]
 
     def _rewrite_augassign(self, stmt: ast.AugAssign) -> ast.stmt:
-        site = self._site_of(stmt.target)
+        site = self.site_of(stmt.target)
         if site is None:
             if self._site_subscript(stmt.target):
-                chain, attr = self._site_of(stmt.target.value)
-                sid = self._add_site(chain, attr, "edit", stmt.target)
-                stmt.target.value = self._read_call(chain, attr, sid, stmt.target.value)
+                chain, attr = self.site_of(stmt.target.value)
+                sid = self.add_site(chain, attr, "edit", stmt.target)
+                stmt.target.value = self.read_call(chain, attr, sid, stmt.target.value)
                 stmt.target.slice = self.expr(stmt.target.slice)
                 stmt.value = self.expr(stmt.value)
                 return stmt
@@ -290,8 +290,8 @@ class _GraphBuilder:
             raise CellSyntaxError(f"`{ast.unparse(stmt)}`: this operator cannot update a "
                                   "module site in place", line=stmt.lineno)
         chain, attr = site
-        sid = self._add_site(chain, attr, "edit", stmt.target)
-        call = bridge_call("augment", [self._chain_expr(chain), ast.Constant(attr),
+        sid = self.add_site(chain, attr, "edit", stmt.target)
+        call = bridge_call("augment", [self.chain_expr(chain), ast.Constant(attr),
                                         ast.Constant(op), self.expr(stmt.value),
                                         ast.Constant(sid)], stmt)
         return self._arrive(chain, attr, sid, stmt) + [locate(ast.Expr(call), stmt)]
@@ -326,7 +326,7 @@ class _GraphBuilder:
             return base + [("sym", ast.unparse(index))]
         return None
 
-    def _site_of(self, node: ast.AST) -> tuple[ast.AST, str] | None:
+    def site_of(self, node: ast.AST) -> tuple[ast.AST, str] | None:
         """(chain node, attr) when ``node`` is ``<model chain>.output|input|inputs``."""
         if (isinstance(node, ast.Attribute) and node.attr in SITE_ATTRS
                 and self.chain(node.value) is not None):
@@ -334,13 +334,13 @@ class _GraphBuilder:
         return None
 
     def _site_subscript(self, node: ast.AST) -> bool:
-        return isinstance(node, ast.Subscript) and self._site_of(node.value) is not None
+        return isinstance(node, ast.Subscript) and self.site_of(node.value) is not None
 
-    def _chain_expr(self, chain: ast.AST) -> ast.AST:
+    def chain_expr(self, chain: ast.AST) -> ast.AST:
         """The chain itself, with any expressions inside its indices rewritten."""
         return self.expr(chain)
 
-    def _add_site(self, chain: ast.AST | None, attr: str, access: str, node: ast.AST) -> int:
+    def add_site(self, chain: ast.AST | None, attr: str, access: str, node: ast.AST) -> int:
         parts = tuple(self.chain(chain)) if chain is not None else ()
         sid = len(self.graph.sites)
         self.graph.sites.append(Site(
@@ -349,6 +349,6 @@ class _GraphBuilder:
         self.parts[sid] = parts
         return sid
 
-    def _read_call(self, chain: ast.AST, attr: str, sid: int, node: ast.AST) -> ast.Call:
-        return bridge_call("read", [self._chain_expr(chain), ast.Constant(attr),
+    def read_call(self, chain: ast.AST, attr: str, sid: int, node: ast.AST) -> ast.Call:
+        return bridge_call("read", [self.chain_expr(chain), ast.Constant(attr),
                                      ast.Constant(sid)], node)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import operator
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ipy_intervene import layout, values
 from ipy_intervene.errors import SiteError
@@ -22,8 +23,85 @@ from ipy_intervene.habits import guard_pattern
 from ipy_intervene.hooks import input_key, replace_input
 from ipy_intervene.values import View
 
-if TYPE_CHECKING:
-    from ipy_intervene.runtime.scheduler import Invoke, Request, Scheduler
+class Request(Protocol):
+    """A site request as serving reads it (``runtime/scheduler.py``'s ``Request``)."""
+
+    access: str
+    attr: str
+    payload: Any
+    envoy: Any
+    site: Any
+    line: int | None
+
+    @property
+    def label(self) -> str: ...
+
+
+class Invoke(Protocol):
+    """An invoke as serving reads it: its place in the batch."""
+
+    index: int
+    rows: slice
+
+
+class Scheduler(Protocol):
+    """What serving asks of the scheduler (``runtime/scheduler.py``): so this module never
+    imports that one."""
+
+    batch: Any
+    step: int
+    generate: int | None
+    invokes: list[Any]
+    skips: dict[int, list]
+    ledger: "ReadLedger"
+
+    def rows_to_split(self) -> Any: ...
+    def record(self, req: Any, value: Any) -> None: ...
+
+
+class ReadLedger:
+    """The memory this step's reads were served (the copy-on-write ledger): an in-place
+    change of memory a read was given is made on a copy (:func:`serve_value`).
+
+    >>> ledger = ReadLedger(); x = torch.zeros(4); ledger.add(x[:2])
+    >>> ledger.was_read(x[1:3]), ledger.was_read(x[2:])
+    (True, False)
+    """
+
+    def __init__(self) -> None:
+        self.reads: list[Any] = []
+
+    def add(self, value: Any) -> None:
+        self.reads.append(value)
+
+    def clear(self) -> None:
+        self.reads.clear()
+
+    def was_read(self, value: Any) -> bool:
+        """Whether ``value`` overlaps memory a read of this step was served."""
+        mine = _spans(value)
+        return bool(mine) and any(_overlap(mine, _spans(read)) for read in self.reads)
+
+
+Span = tuple[int, int, int]  # (storage, first byte, last byte + 1)
+
+
+def _spans(value: Any) -> list[Span]:
+    """The bytes a value's tensors can reach (none for fake tensors of a dry run)."""
+    if isinstance(value, torch.Tensor):
+        if isinstance(value, FakeTensor) or value.numel() == 0:
+            return []
+        size = value.element_size()
+        start = value.storage_offset() * size
+        reach = sum((n - 1) * abs(st) for n, st in zip(value.shape, value.stride())) + 1
+        return [(value.untyped_storage().data_ptr(), start, start + reach * size)]
+    if isinstance(value, (tuple, list)):
+        return [span for v in value for span in _spans(v)]
+    return []
+
+
+def _overlap(a: list[Span], b: list[Span]) -> bool:
+    return any(p == q and s < f and t < e for p, s, e in a for q, t, f in b)
 
 
 def view_of(sched: "Scheduler", inv: "Invoke", shape: layout.Layout, label: str = "") -> View:
@@ -194,18 +272,18 @@ def serve_value(sched: "Scheduler", req: "Request", current: Any, view: View,
         return None
     if req.access == "read":
         value = values.take(current, view)
-        if sched.was_read(value):  # read again: what the first read gave must stay
+        if sched.ledger.was_read(value):  # read again: what the first read gave must stay
             current = _copy(current)
             setter(current)
             value = values.take(current, view)
         sched.record(req, value)
-        sched.reads.append(value)
+        sched.ledger.add(value)
         return value
     if req.access == "write":
         setter(values.put(current, view, req.payload, req.label))
         sched.record(req, req.payload)
         return None
-    if sched.was_read(values.take(current, view)):
+    if sched.ledger.was_read(values.take(current, view)):
         current = _copy(current)
         setter(current)
     mine = values.take(current, view)

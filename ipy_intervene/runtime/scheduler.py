@@ -15,14 +15,13 @@ from typing import Any, Callable
 
 import greenlet
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
 
 from ipy_intervene import values
 from ipy_intervene.errors import InterventionError, SiteError
 from ipy_intervene.graph import InterventionGraph, Site, Visit
 from ipy_intervene.batch import Batch
 from ipy_intervene.model import Envoy
-from ipy_intervene.runtime.access import Output, serve_model_output
+from ipy_intervene.runtime.access import Output, ReadLedger, serve_model_output
 
 PRE, OUT = "pre", "out"
 DONE = object()    # what an invoke's greenlet returns when its code has finished
@@ -86,7 +85,7 @@ class Scheduler:
         self.bound_names: set[str] = set()
         self.fired: dict[tuple[str, int], int] = {}     # (phase, module id) -> last step
         self.retained: dict[tuple[str, int], Any] = {}  # this step's holders of hooked modules
-        self.reads: list[Any] = []                      # this step's values served to reads
+        self.ledger = ReadLedger()                      # this step's values served to reads
         self.serving: tuple[str, int] | None = None     # the hook whose requests are served now
         self.skips: dict[int, list] = {}
         self.stop_line: int | None = None
@@ -183,15 +182,10 @@ class Scheduler:
         return self.generate is None and any(
             inv.pending is not None and inv.pending.kind == "model_output" for inv in self.invokes)
 
-    def was_read(self, value: Any) -> bool:
-        """Whether ``value`` overlaps memory a read of this step was served."""
-        mine = _spans(value)
-        return bool(mine) and any(_overlap(mine, _spans(read)) for read in self.reads)
-
     def new_step(self) -> None:
         self.step += 1
         self.retained.clear()
-        self.reads.clear()
+        self.ledger.clear()
 
     def record(self, req: Request, value: Any) -> None:
         if req.site is not None:
@@ -304,27 +298,6 @@ class Scheduler:
 def _binding_lines(graph: InterventionGraph, names: tuple[str, ...], line: int | None) -> str:
     lines = sorted({st.line for st in graph.statements if set(st.defs) & set(names)} - {line})
     return f" (line {', '.join(map(str, lines))})" if lines else ""
-
-
-Span = tuple[int, int, int]  # (storage, first byte, last byte + 1)
-
-
-def _spans(value: Any) -> list[Span]:
-    """The bytes a value's tensors can reach (none for fake tensors of a dry run)."""
-    if isinstance(value, torch.Tensor):
-        if isinstance(value, FakeTensor) or value.numel() == 0:
-            return []
-        size = value.element_size()
-        start = value.storage_offset() * size
-        reach = sum((n - 1) * abs(st) for n, st in zip(value.shape, value.stride())) + 1
-        return [(value.untyped_storage().data_ptr(), start, start + reach * size)]
-    if isinstance(value, (tuple, list)):
-        return [span for v in value for span in _spans(v)]
-    return []
-
-
-def _overlap(a: list[Span], b: list[Span]) -> bool:
-    return any(p == q and s < f and t < e for p, s, e in a for q, t, f in b)
 
 
 def _runner(body: Callable[[], Any]) -> Callable[..., Any]:
