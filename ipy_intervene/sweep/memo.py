@@ -40,7 +40,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ipy_intervene.hooks import HookSession, first_tensor
+from ipy_intervene.hooks import HookSession, entry_point, first_tensor
 
 MAX_ENTRIES = 3    # a result holds its patcher (the view's exact runs): keep only the last few
 _entries: list["_Entry"] = []
@@ -64,6 +64,7 @@ def memoized(sweep: Callable[..., Any]) -> Callable[..., Any]:
     signature = inspect.signature(sweep)
 
     @functools.wraps(sweep)
+    @entry_point    # the witness's forward: grad mode back as it was however it ends
     def remembering(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
