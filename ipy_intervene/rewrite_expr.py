@@ -63,6 +63,10 @@ class ExprRewriter(ast.NodeTransformer):
             sid = self.b.add_site(func.value, "skip", "skip", node)
             return bridge_call("skip", [self.b.chain_expr(func.value), self.visit(node.args[0]),
                                          ast.Constant(sid)], node)
+        if (isinstance(func, ast.Attribute) and func.attr == "stop" and not node.args
+                and not node.keywords and isinstance(func.value, ast.Name)
+                and func.value.id == TRACER):
+            return bridge_call("stop", [ast.Constant(node.lineno)], node)
         if self._shared_append(node):
             return bridge_call("append", [self.visit(func.value), ast.Constant(func.attr),
                                           self.visit(node.args[0])], node)

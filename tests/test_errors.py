@@ -148,3 +148,21 @@ def test_a_module_that_never_runs_is_named(demo):
     assert info.value.line == 2
     assert "never reached" in str(info.value) and "never called" in str(info.value)
     assert hook_count(module) == 0
+
+
+def test_a_cell_that_catches_the_never_reached_error_and_asks_again_is_stopped(demo):
+    """After tracer.stop(), a loop that catches the error and asks again used to hang the
+    forward's end (the killed greenlet's GreenletExit was taken for a new request)."""
+    cell = ("h0 = model.transformer.h[0].output\n"
+            "tracer.stop()\n"
+            "for _ in range(6):\n"
+            "    try:\n"
+            "        x = model.transformer.h[2].output\n"
+            "    except Exception:\n"
+            "        pass\n")
+    ns = {"model": demo}
+    with pytest.raises(InterventionError, match=r"line 5: `transformer.h\[2\].output` was never "
+                                                r"reached: tracer.stop\(\) \(line 2\).*asked "
+                                                r"again; stopped after 3 times"):
+        ii.trace(demo, cell, PROMPT, namespace=ns)
+    assert "h0" not in ns and hook_count(demo.module) == 0

@@ -118,6 +118,10 @@ class Facade:
         else:
             run.append_in_order(items, how, value)
 
+    def stop(self, line: int) -> None:
+        """``tracer.stop()`` at cell line ``line``."""
+        active.require_trace("tracer.stop()").stop(line)
+
     def length(self, fn: Any, items: Any, line: int) -> Any:
         """``len(items)`` from an invoke (``fn``: what ``len`` is there): in a trace, noted so
         that a length taken before the list is put in invoke order is checked."""
@@ -180,7 +184,7 @@ class TracerFacade:
 
     def stop(self) -> None:
         """End the forward after the current module; sites after it are not reached."""
-        active.require_trace("tracer.stop()").stop()
+        active.require_trace("tracer.stop()").stop(None)
 
     @property
     def output(self) -> Any:

@@ -207,12 +207,15 @@ class Run:
             inv.step = step
             yield step
 
-    def stop(self) -> None:
+    def stop(self, line: int | None) -> None:
+        """End the forward after the current module (``line``: the cell's ``tracer.stop()``;
+        None when called another way: the line of the last site answered)."""
         sched = self.sched
         inv = sched.current(what="tracer.stop()")
         if not sched.running:
             raise InterventionError("tracer.stop() was called before the forward started")
-        sched.stop_line = inv.last.line if inv.last is not None and inv.last.line else 0
+        last = inv.last.line if inv.last is not None and inv.last.line else 0
+        sched.stop_line = line if line is not None else last
 
     # -- the forward -----------------------------------------------------------------------
 

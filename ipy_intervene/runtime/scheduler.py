@@ -248,7 +248,7 @@ class Scheduler:
         if self.enter is not None:
             self.enter(inv)
         result = inv.glet.throw(error) if error is not None else inv.glet.switch(value)
-        return None if result is DONE else result
+        return None if result is DONE or inv.glet.dead else result  # dead: GreenletExit
 
     # -- after the forward -------------------------------------------------------------------
 
@@ -264,7 +264,12 @@ class Scheduler:
             tries = 0
             while inv.pending is not None:
                 tries += 1
-                error = self.unreached(inv.pending) if tries < 4 else greenlet.GreenletExit()
+                error = self.unreached(inv.pending)
+                if tries > 3:   # the cell catches the error and asks again: stop it, loudly
+                    self._resume(inv, None, greenlet.GreenletExit())
+                    raise InterventionError(f"{error.detail} (the cell caught this error and "
+                                            "asked again; stopped after 3 times)",
+                                            line=error.line)
                 inv.pending = self._resume(inv, None, error)
 
     def unreached(self, req: Request) -> InterventionError:
