@@ -20,9 +20,9 @@ import time
 
 import torch
 import ipy_intervene as ii
-from ipy_intervene import attention
+from ipy_intervene.arch import attention
 from ipy_intervene.sweep.heads import head_sweep
-from ipy_intervene.hooks import HookSession, tap
+from ipy_intervene.infra.hooks import HookSession, tap
 from shapes import arguments, gpt2_ioi
 
 

@@ -10,6 +10,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import ipy_intervene as ii
+from ipy_intervene.analysis.metrics import Metric
 
 
 @dataclass
@@ -17,7 +18,7 @@ class Setup:
     model: ii.Model
     clean: torch.Tensor
     corrupt: torch.Tensor
-    metric: ii.metrics.Metric
+    metric: Metric
     device: torch.device
 
 

@@ -22,7 +22,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import ipy_intervene as ii
-from ipy_intervene.compile import _compile
+from ipy_intervene.compiler.compile import _compile
 
 ONE_SITE = "h = model.transformer.h[6].output"
 TWELVE_SITES = "acts = [model.transformer.h[l].output for l in range(12)]"

@@ -9,35 +9,35 @@ from __future__ import annotations
 
 from typing import Any
 
+from ipy_intervene.analysis.cache import ActivationCache, cache
+from ipy_intervene.analysis.decompose import DecomposeResult, decompose
+from ipy_intervene.analysis.lens import LensResult, lens
+from ipy_intervene.analysis.metrics import logit_diff, logprob, metric, prob
+from ipy_intervene.analysis.patterns import PatternBatch, PatternResult, attention_patterns
+from ipy_intervene.arch.sites import Adapter, adapter_for
 from ipy_intervene.circuit import (Circuit, EdgeResult, VerifyResult, edge_attribution,
                                    verify_circuit)
-from ipy_intervene.cache import ActivationCache, cache
-from ipy_intervene.decompose import DecomposeResult, decompose
 from ipy_intervene.errors import InterventionError
 from ipy_intervene.features import (SAE, Custom, Direction, Neurons, Splice, Subspace, attach,
                                     attached, detach, feature_activations, load_sae)
-from ipy_intervene.lens import LensResult, lens
-from ipy_intervene.metrics import logit_diff, logprob, metric, prob
-from ipy_intervene.loading import load_model, wrap
-from ipy_intervene.model import Envoy, Model
-from ipy_intervene.patterns import PatternBatch, PatternResult, attention_patterns
-from ipy_intervene.positions import Positions, positions
-from ipy_intervene.sweep.paths import path_patch
-from ipy_intervene.sites import Adapter, adapter_for
+from ipy_intervene.model.envoys import Envoy, Model
+from ipy_intervene.model.loading import load_model, wrap
+from ipy_intervene.model.positions import Positions, positions
 from ipy_intervene.sweep import SweepResult, patch_sweep
 from ipy_intervene.sweep.cluster import RayCluster
+from ipy_intervene.sweep.paths import path_patch
 from ipy_intervene.sweep.screen import ScreenResult, screen_and_verify
-from ipy_intervene.trace import TraceResult, trace
-from ipy_intervene.traced import traced
+from ipy_intervene.tracing.trace import TraceResult, trace
+from ipy_intervene.tracing.traced import traced
 
 __version__ = "0.1.0"
 __all__ = ["Adapter", "Envoy", "InterventionError", "LensResult", "Model", "SweepResult",
-           "TraceResult", "adapter_for", "lens", "load_model", "logit_diff", "logprob", "metric", "patch_sweep", "prob",
-           "trace", "wrap", "__version__"]
+           "TraceResult", "adapter_for", "lens", "load_model", "logit_diff", "logprob",
+           "metric", "patch_sweep", "prob", "trace", "wrap", "__version__"]
 __all__ += ["Circuit", "EdgeResult", "VerifyResult", "edge_attribution", "verify_circuit"]
 __all__ += ["ActivationCache", "PatternBatch", "Positions", "cache", "positions"]
-__all__ += ["DecomposeResult", "PatternResult", "RayCluster", "ScreenResult", "attention_patterns", "decompose",
-            "debug", "path_patch", "screen_and_verify"]
+__all__ += ["DecomposeResult", "PatternResult", "RayCluster", "ScreenResult",
+            "attention_patterns", "decompose", "debug", "path_patch", "screen_and_verify"]
 __all__ += ["Custom", "Direction", "Neurons", "SAE", "Splice", "Subspace", "attach", "attached",
             "detach", "feature_activations", "load_sae", "traced"]
 

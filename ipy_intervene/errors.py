@@ -61,3 +61,8 @@ def cell_line(exc: BaseException, filename: str) -> int | None:
             line = tb.tb_lineno
         tb = tb.tb_next
     return line
+
+
+class PositionError(SiteError, IndexError):
+    """An index past the end of a site's value (a position past the prompt); an IndexError
+    too, so ``except IndexError`` keeps working."""

@@ -14,7 +14,7 @@ from torch import nn
 
 import ipy_intervene as ii
 from ipy_intervene.errors import InputError
-from ipy_intervene.trace import NO_INPUT
+from ipy_intervene.tracing.trace import NO_INPUT
 from conftest import PROMPT, hook_count, hooks
 
 

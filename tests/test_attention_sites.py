@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ipy_intervene as ii
-from ipy_intervene import attention
+from ipy_intervene.arch import attention
 from ipy_intervene.errors import SiteError, ValueMismatchError
 from attention_oracle import logits_by_hand
 from conftest import CORRUPT, LAYERS, PROMPT, hook_count

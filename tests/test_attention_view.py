@@ -11,7 +11,7 @@ import torch
 
 import ipy_intervene as ii
 from ipy_intervene.errors import InputError
-from ipy_intervene.patterns import PatternResult, attention_patterns
+from ipy_intervene.analysis.patterns import PatternResult, attention_patterns
 from ipy_intervene.widgets.attention_view import TILE_MAX, AttentionView, tiles, visible
 from attention_oracle import logits_by_hand
 from conftest import PROMPT, hook_count, tiny_model

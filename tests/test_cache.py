@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ipy_intervene as ii
-from ipy_intervene.cache import cache as make_cache
+from ipy_intervene.analysis.cache import cache as make_cache
 from ipy_intervene.errors import InputError, SiteError
 from attention_oracle import logits_by_hand
 from conftest import LAYERS, PROMPT, SHORT, checksum, hook_count
@@ -183,7 +183,7 @@ def test_bad_requests_are_errors_and_leave_nothing(demo):
 def test_the_default_chunk_keeps_a_chunks_values_under_the_budget(demo, monkeypatch):
     import importlib
 
-    cache_module = importlib.import_module("ipy_intervene.cache")
+    cache_module = importlib.import_module("ipy_intervene.analysis.cache")
     texts = [PROMPT] * 10                                       # 15 tokens each
     per_prompt = (4 * 15 + 128) * 15 * 4       # pattern [4, 15, 15] + resid_post [15, 128], fp32
     monkeypatch.setattr(cache_module, "CHUNK_BYTES", per_prompt * 3)

@@ -6,7 +6,7 @@ import builtins
 
 import pytest
 
-from ipy_intervene.compile import compile_cell, format_path
+from ipy_intervene.compiler.compile import compile_cell, format_path
 from ipy_intervene.errors import CellSyntaxError
 from ipy_intervene.widgets.graph_view import GraphView, render_svg
 

@@ -33,7 +33,7 @@ def test_held_out_pairs_are_never_trained():
 
 
 def test_weights_are_small():
-    from ipy_intervene.model import DEMO_DIR
+    from ipy_intervene.model.envoys import DEMO_DIR
 
     assert sum(p.stat().st_size for p in DEMO_DIR.iterdir()) < 10 * 2**20
 

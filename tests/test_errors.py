@@ -49,7 +49,7 @@ CASES = [
 
 
 def _run(model, source, input_, ns):
-    from ipy_intervene.trace import NO_INPUT
+    from ipy_intervene.tracing.trace import NO_INPUT
 
     return ii.trace(model, source, NO_INPUT if input_ is None else input_, namespace=ns)
 

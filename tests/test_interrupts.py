@@ -48,7 +48,7 @@ import ipy_intervene as ii
 from conftest import CORRUPT, PROMPT, hook_count
 from faults import (INJECTION_POINTS, Pristine, Trial, one_torch_thread, report, run_trial,
                     run_with_timer, sigint)
-from ipy_intervene.interrupts import holding
+from ipy_intervene.infra.interrupts import holding
 
 TRACE = """\
 outs = []

@@ -18,7 +18,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import ipy_intervene as ii
 from ipy_intervene.errors import InterventionError, SiteError
-from ipy_intervene.sites import get_path
+from ipy_intervene.arch.sites import get_path
 from attention_oracle import logits_by_hand
 from conftest import PROMPT, SHORT, hook_count, tiny_model
 

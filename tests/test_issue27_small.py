@@ -12,7 +12,7 @@ import torch
 
 import ipy_intervene as ii
 from ipy_intervene.errors import SiteError
-from ipy_intervene.trace import NO_INPUT
+from ipy_intervene.tracing.trace import NO_INPUT
 from conftest import PROMPT, SHORT, hook_count, hooks
 
 TWO_INVOKES = "two invokes"

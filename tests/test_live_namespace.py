@@ -103,7 +103,7 @@ def test_functions_defined_in_a_cell_see_later_globals(shell, demo, via, cell):
     elif via == "magic":
         shell.run_cell("%%trace model\n" + DEFINES_IN_INVOKES)
     else:
-        from ipy_intervene.trace import NO_INPUT
+        from ipy_intervene.tracing.trace import NO_INPUT
 
         ii.trace(demo, DEFINES_IN_INVOKES, NO_INPUT, namespace=ns)
     assert "later" not in ns

@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 import ipy_intervene as ii
 from ipy_intervene.errors import InputError
-from ipy_intervene.loading import looks_local, summarize_names
+from ipy_intervene.model.loading import looks_local, summarize_names
 from ipy_intervene.sweep import memory
 from conftest import CORRUPT, PROMPT
 

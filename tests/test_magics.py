@@ -10,7 +10,7 @@ from IPython.core.error import UsageError
 
 from ipy_intervene.errors import SiteError
 from ipy_intervene.magics.command import TraceCommand
-from ipy_intervene.trace import TraceResult
+from ipy_intervene.tracing.trace import TraceResult
 from conftest import PROMPT, hook_count
 
 

@@ -13,8 +13,8 @@ import torch
 
 import ipy_intervene as ii
 from ipy_intervene.errors import InputError
-from ipy_intervene.metrics import as_metric
-from ipy_intervene.sweep.reads import find_reads
+from ipy_intervene.analysis.metrics import as_metric
+from ipy_intervene.analysis.reads import find_reads
 from conftest import CLEAN2, CORRUPT, CORRUPT2, PROMPT, mary_john
 from sweep_oracle import naive_activation
 

@@ -131,7 +131,7 @@ def test_take_def_reads_nested_brackets():
 
 MODULE = '''
 import ipy_intervene as ii
-from ipy_intervene.traced import traced
+from ipy_intervene.tracing.traced import traced
 
 model = ii.load_model("demo")
 PROMPTS = {prompts!r}
@@ -185,7 +185,7 @@ def test_a_traced_function_names_its_own_lines(module):
 
 def test_traced_needs_source(demo):
     from ipy_intervene.errors import InputError
-    from ipy_intervene.traced import traced
+    from ipy_intervene.tracing.traced import traced
 
     with pytest.raises(InputError, match="not available"):
         traced(demo, PROMPT)(eval("lambda coef: None"))

@@ -10,7 +10,7 @@ import torch
 
 import ipy_intervene as ii
 from ipy_intervene.errors import InputError
-from ipy_intervene.sites import adapter_for, get_path
+from ipy_intervene.arch.sites import adapter_for, get_path
 from conftest import ARCHS, CORRUPT, PROMPT, hook_count, tiny_model
 
 METRIC = ii.logit_diff("Mary", "John")

@@ -8,7 +8,7 @@ import torch
 
 import ipy_intervene as ii
 from ipy_intervene.errors import InputError
-from ipy_intervene.positions import Positions, positions
+from ipy_intervene.model.positions import Positions, positions
 from conftest import PROMPT, SHORT
 
 TEXTS = [PROMPT, SHORT, "Mary had"]

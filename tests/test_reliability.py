@@ -46,7 +46,7 @@ def test_user_exceptions_at_every_stage(intact, source, line):
 
 
 def _no_input():
-    from ipy_intervene.trace import NO_INPUT
+    from ipy_intervene.tracing.trace import NO_INPUT
 
     return NO_INPUT
 

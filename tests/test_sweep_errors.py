@@ -144,11 +144,11 @@ def test_causal_tracing_uses_an_adapter_given_by_hand(demo):
 
 
 def test_tqdm_disable_turns_the_sweep_bar_off(monkeypatch):
-    from ipy_intervene.sweep import staircase
+    from ipy_intervene.infra.progress import progress_disabled
 
     monkeypatch.setenv("TQDM_DISABLE", "1")
-    assert staircase.progress_disabled()
+    assert progress_disabled()
     monkeypatch.setenv("TQDM_DISABLE", "0")
-    assert not staircase.progress_disabled()
+    assert not progress_disabled()
     monkeypatch.delenv("TQDM_DISABLE")
-    assert not staircase.progress_disabled()
+    assert not progress_disabled()

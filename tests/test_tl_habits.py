@@ -12,8 +12,8 @@ import torch
 
 import ipy_intervene as ii
 from ipy_intervene.errors import InterventionError, MissingAttributeError, SiteError
-from ipy_intervene.sites import adapter_for, get_path
-from ipy_intervene.tl_habits import tl_site
+from ipy_intervene.arch.sites import adapter_for, get_path
+from ipy_intervene.habits.transformer_lens import tl_site
 from conftest import PROMPT, SHORT, checksum, hook_count
 
 PATHS = {  # blocks, attention, MLP out-projection, norm between attention and MLP

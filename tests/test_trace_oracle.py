@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 import ipy_intervene as ii
-from ipy_intervene.trace import NO_INPUT
+from ipy_intervene.tracing.trace import NO_INPUT
 from conftest import CORRUPT, LAYERS, PROMPT, SHORT, UNEMBED, hooks, layers
 
 

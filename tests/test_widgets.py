@@ -259,7 +259,7 @@ def test_lens_of_streams_without_tokens_says_pos_not_a_fake_token(demo):
 
 
 def test_lens_labels_streams_with_the_tokens_of_their_trace(demo):
-    from ipy_intervene.provenance import remember
+    from ipy_intervene.model.provenance import remember
 
     streams = [torch.randn(1, 15, demo.module.config.n_embd) for _ in range(2)]
     remember({"acts": streams}, demo.to_tokens(PROMPT))

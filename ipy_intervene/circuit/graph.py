@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ipy_intervene.errors import InputError
-from ipy_intervene.sites import get_path
+from ipy_intervene.arch.sites import get_path
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """One forward of the model over the component graph: every receiver reads its own input.
 
-A :class:`GraphRun` installs hooks (in a :class:`~ipy_intervene.hooks.HookSession`) that
+A :class:`GraphRun` installs hooks (in a :class:`~ipy_intervene.infra.hooks.HookSession`) that
 
 - record each sender's write in this run (``current``): the residual entering block 0, each
   head's ``result`` (computed from ``z`` at the out-projection's input), each MLP's output;
@@ -27,11 +27,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ipy_intervene.attention import head_results
+from ipy_intervene.arch.attention import head_results
 from ipy_intervene.circuit.graph import Graph, Slot
 from ipy_intervene.errors import InputError
-from ipy_intervene.hooks import HookSession, tap
-from ipy_intervene.sites import get_path, split_heads
+from ipy_intervene.infra.hooks import HookSession, tap
+from ipy_intervene.arch.sites import get_path, split_heads
 
 Writes = list[torch.Tensor]
 

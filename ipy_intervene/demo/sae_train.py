@@ -23,7 +23,7 @@ from ipy_intervene.demo.evaluate import held_out_ioi, last_logits, token_id
 from ipy_intervene.features.sae import SAE
 from ipy_intervene.features.saelens import DEMO_SAE, save_sae
 from ipy_intervene.features.splice import attach, detach
-from ipy_intervene.hooks import site_hooks
+from ipy_intervene.infra.hooks import site_hooks
 
 SITE = "transformer.h[2]"
 LAYER = 2

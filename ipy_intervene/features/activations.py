@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from ipy_intervene.errors import InputError, SiteError
 from ipy_intervene.features.splice import Splice, attached, resolve
-from ipy_intervene.hooks import entry_point, site_hooks
-from ipy_intervene.loading import wrap
+from ipy_intervene.infra.hooks import entry_point, site_hooks
+from ipy_intervene.model.loading import wrap
 
 CHUNK = 64          # prompts per forward
 CONTEXT = 5         # tokens of context before a top token

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ipy_intervene import active
+from ipy_intervene.infra import active
 from ipy_intervene.errors import InputError, InterventionError, SiteError
-from ipy_intervene.hooks import first_tensor, input_key
+from ipy_intervene.infra.hooks import first_tensor, input_key
 
 KINDS = ("output", "transcoder")
 

@@ -11,7 +11,7 @@ from typing import Any
 from IPython.core.magic import Magics, line_magic, magics_class, no_var_expand
 from IPython.display import display
 
-from ipy_intervene import metrics
+from ipy_intervene.analysis import metrics
 from ipy_intervene.magics.command import SWEEP_OPTIONS, SweepCommand, manual
 from ipy_intervene.magics.evaluate import evaluate
 from ipy_intervene.magics.trace_magic import as_model

@@ -1,7 +1,7 @@
 """``%%trace MODEL [INPUT] --def NAME(ARGS)``: the cell becomes a function of the notebook.
 
 Calling it runs the cell with the arguments bound (MODEL and INPUT are evaluated at each call,
-so they may use the arguments too) and returns the :class:`~ipy_intervene.trace.TraceResult`;
+so they may use the arguments too) and returns the :class:`~ipy_intervene.tracing.trace.TraceResult`;
 the names the cell binds are in ``result.names``, the notebook's own names are untouched. The
 cell is compiled once, under its own cell name, so an error in a call names the cell's line.
 
@@ -20,12 +20,12 @@ from typing import Any
 from IPython.core.error import UsageError
 from torch import nn
 
-from ipy_intervene.compile import CompiledCell
-from ipy_intervene.loading import wrap
+from ipy_intervene.compiler.compile import CompiledCell
+from ipy_intervene.model.loading import wrap
 from ipy_intervene.magics.command import TraceCommand
 from ipy_intervene.magics.tracebacks import shorten
-from ipy_intervene.model import Model
-from ipy_intervene.trace import NO_INPUT, TraceResult, run_compiled
+from ipy_intervene.model.envoys import Model
+from ipy_intervene.tracing.trace import NO_INPUT, TraceResult, run_compiled
 
 def as_model(value: Any, expr: str, magic: str) -> Model:
     """MODEL's value as an ``ii.Model`` (a raw ``nn.Module`` is wrapped)."""

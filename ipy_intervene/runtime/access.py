@@ -1,6 +1,6 @@
 """Site access: what reading, assigning, editing in place and skipping a site do to the value
 flowing through the forward, for one invoke's view of the batch (its rows and its own
-prompt's positions: :class:`~ipy_intervene.values.View`).
+prompt's positions: :class:`~ipy_intervene.runtime.values.View`).
 
 A hook wraps the value it sees in a holder (:class:`Inputs` before a module runs,
 :class:`Output` after); serving a request reads from it or changes it, and the hook hands
@@ -17,11 +17,12 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from ipy_intervene import layout, values
+from ipy_intervene.arch import layout
+from ipy_intervene.runtime import values
 from ipy_intervene.errors import SiteError
-from ipy_intervene.habits import guard_pattern
-from ipy_intervene.hooks import input_key, replace_input
-from ipy_intervene.values import View
+from ipy_intervene.habits.explain import guard_pattern
+from ipy_intervene.infra.hooks import input_key, replace_input
+from ipy_intervene.runtime.values import View
 
 class Request(Protocol):
     """A site request as serving reads it (``runtime/scheduler.py``'s ``Request``)."""

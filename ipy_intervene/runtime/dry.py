@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ipy_intervene.errors import cell_line
-from ipy_intervene.graph import InterventionGraph
+from ipy_intervene.compiler.graph import InterventionGraph
 from ipy_intervene.runtime.run import NO_INPUT, run_cell
-from ipy_intervene.validate import HookPlan
+from ipy_intervene.compiler.validate import HookPlan
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """``__ii__``: what the rewritten cell calls, and ``tracer``.
 
 The facade holds no state: each call finds the trace running in this context
-(:func:`ipy_intervene.active.current_trace`) and hands it the request. So a function a cell
+(:func:`ipy_intervene.infra.active.current_trace`) and hands it the request. So a function a cell
 defines keeps working after the cell: outside a trace its control flow runs as plain Python
 (``__ii__.branch``/``loop`` only count when a trace runs) and its sites say that no forward is
 running. It lives in ``builtins`` (as IPython's ``get_ipython`` does), never in the notebook.
@@ -16,9 +16,9 @@ import builtins
 import sys
 from typing import Any, Iterable, Iterator
 
-from ipy_intervene import active
+from ipy_intervene.infra import active
 from ipy_intervene.errors import InterventionError
-from ipy_intervene.habits import check_row0
+from ipy_intervene.habits.explain import check_row0
 
 NAME = "__ii__"
 

@@ -1,6 +1,6 @@
 """The trace's hooks: a pre-hook and a forward hook on each module the cell uses (and on
 the root, which counts generation steps), and a replaced ``forward`` on modules the cell
-may skip. All live in one :class:`~ipy_intervene.hooks.HookSession`, so they are removed
+may skip. All live in one :class:`~ipy_intervene.infra.hooks.HookSession`, so they are removed
 together, act only in the trace's scope and disarm themselves once it has ended.
 """
 
@@ -10,10 +10,10 @@ from typing import Any
 
 from torch import nn
 
-from ipy_intervene.hooks import HookSession
+from ipy_intervene.infra.hooks import HookSession
 from ipy_intervene.runtime.access import Inputs, Output, apply_skips, skipped_output
 from ipy_intervene.runtime.scheduler import OUT, PRE, Scheduler
-from ipy_intervene.validate import HookPlan
+from ipy_intervene.compiler.validate import HookPlan
 
 
 class StopForward(BaseException):

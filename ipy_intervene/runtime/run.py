@@ -16,18 +16,20 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ipy_intervene import active, attention, values
+from ipy_intervene.infra import active
+from ipy_intervene.arch import attention
+from ipy_intervene.runtime import values
 from ipy_intervene.errors import InterventionError, SiteError, cell_line
-from ipy_intervene.generation import GenerateOptions
-from ipy_intervene.graph import InterventionGraph, Visit
-from ipy_intervene.hooks import HookSession
-from ipy_intervene.batch import Batch
-from ipy_intervene.model import Envoy, Model
+from ipy_intervene.runtime.generation import GenerateOptions
+from ipy_intervene.compiler.graph import InterventionGraph, Visit
+from ipy_intervene.infra.hooks import HookSession
+from ipy_intervene.model.batch import Batch
+from ipy_intervene.model.envoys import Envoy, Model
 from ipy_intervene.runtime import facade
 from ipy_intervene.runtime.hooks import StopForward, TraceHooks
 from ipy_intervene.runtime.scheduler import OUT, Request, Scheduler
 from ipy_intervene.runtime.taken import changed, fingerprint
-from ipy_intervene.validate import HookPlan, check_called
+from ipy_intervene.compiler.validate import HookPlan, check_called
 
 NO_INPUT = object()  # no INPUT on the magic line
 

@@ -10,15 +10,15 @@ from typing import Any, Sequence
 import torch
 
 from ipy_intervene.errors import InputError
-from ipy_intervene.hooks import entry_point
-from ipy_intervene.loading import warn_if_training, wrap
-from ipy_intervene.model import Model
-from ipy_intervene.sites import SITES, Adapter, SiteKind, adapter_for, site_kind
+from ipy_intervene.infra.hooks import entry_point
+from ipy_intervene.model.loading import warn_if_training, wrap
+from ipy_intervene.model.envoys import Model
+from ipy_intervene.arch.sites import SITES, Adapter, SiteKind, adapter_for, site_kind
 from ipy_intervene.sweep import (atp_star, attribution, choices, cluster as clusters, custom,
                                  latent_atp, latents as latent_sites, memory)
 from ipy_intervene.sweep.heads import SITES as HEAD_SITES, head_sweep
 from ipy_intervene.sweep.paths import path_patch
-from ipy_intervene.sweep.inputs import index_list
+from ipy_intervene.analysis.inputs import index_list
 from ipy_intervene.sweep.record import record
 from ipy_intervene.sweep.result import SweepResult, normalised
 from ipy_intervene.sweep.runs import CellPatcher, Run, prepare

@@ -41,15 +41,15 @@ from typing import Any, NamedTuple, Sequence
 import torch
 
 from ipy_intervene.errors import InputError, SiteError
-from ipy_intervene.hooks import entry_point
-from ipy_intervene.loading import warn_if_training, wrap
-from ipy_intervene.metrics import as_metric
-from ipy_intervene.sites import SITES as MODULE_SITES, Adapter, SiteKind, adapter_for, get_path
+from ipy_intervene.infra.hooks import entry_point
+from ipy_intervene.model.loading import warn_if_training, wrap
+from ipy_intervene.analysis.metrics import as_metric
+from ipy_intervene.arch.sites import SITES as MODULE_SITES, Adapter, SiteKind, adapter_for, get_path
 from ipy_intervene.sweep import qk_fix as fix
 from ipy_intervene.sweep.atp_runs import Run, Wanted, base_run, source_run
 from ipy_intervene.sweep.attribution import _effect
 from ipy_intervene.sweep.heads import SITES as ATTENTION_SITES, attention_point
-from ipy_intervene.sweep.inputs import index_list, prepare_pair, token_labels
+from ipy_intervene.analysis.inputs import index_list, prepare_pair, token_labels
 from ipy_intervene.sweep.result import SweepResult, normalised
 
 COMPONENT_SITES = ("attn_out", "mlp_out", "head_out", "head_out_pos")

@@ -12,8 +12,8 @@ import torch
 
 from ipy_intervene.errors import InputError
 
-from ipy_intervene.sites import Adapter, get_path, split_heads
-from ipy_intervene.hooks import site_hooks
+from ipy_intervene.arch.sites import Adapter, get_path, split_heads
+from ipy_intervene.infra.hooks import site_hooks
 from ipy_intervene.sweep.record import record
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from ipy_intervene.errors import InputError, SiteError
-from ipy_intervene.loading import wrap
-from ipy_intervene.sites import SITES, Adapter, adapter_for
+from ipy_intervene.model.loading import wrap
+from ipy_intervene.arch.sites import SITES, Adapter, adapter_for
 from ipy_intervene.sweep import atp_star, latents as latent_sites
 from ipy_intervene.sweep.heads import SITES as HEAD_SITES
 

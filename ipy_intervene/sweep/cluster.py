@@ -20,9 +20,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ipy_intervene.errors import InputError
-from ipy_intervene.interrupts import uninterruptible
+from ipy_intervene.infra.interrupts import uninterruptible
 from ipy_intervene.sweep import cluster_worker
-from ipy_intervene.sweep.staircase import Cell, Engine, progress_disabled
+from ipy_intervene.infra.progress import progress_disabled
+from ipy_intervene.sweep.staircase import Cell, Engine
 
 METHODS = ("activation", "noise")
 

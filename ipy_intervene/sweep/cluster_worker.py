@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from ipy_intervene.errors import InputError
-from ipy_intervene.metrics import Metric
-from ipy_intervene.model import Model
-from ipy_intervene.sites import Adapter, SiteKind
-from ipy_intervene.sweep.reads import Reads
+from ipy_intervene.analysis.metrics import Metric
+from ipy_intervene.model.envoys import Model
+from ipy_intervene.arch.sites import Adapter, SiteKind
+from ipy_intervene.analysis.reads import Reads
 from ipy_intervene.sweep.record import Recording
 from ipy_intervene.sweep.staircase import Cell, Engine
 

@@ -29,11 +29,11 @@ import torch
 
 from ipy_intervene.errors import InputError, SiteError
 from ipy_intervene.features.splice import Splice, attached
-from ipy_intervene.hooks import site_hooks
-from ipy_intervene.sites import SITES, Adapter, get_path
+from ipy_intervene.infra.hooks import site_hooks
+from ipy_intervene.arch.sites import SITES, Adapter, get_path
 from ipy_intervene.sweep import memory
 from ipy_intervene.sweep.attribution import _check_differentiable, _grad_root
-from ipy_intervene.sweep.inputs import index_list
+from ipy_intervene.analysis.inputs import index_list
 from ipy_intervene.sweep.record import Recording, record
 from ipy_intervene.sweep.result import SweepResult, normalised
 from ipy_intervene.sweep.runs import CellPatcher, Run

@@ -40,7 +40,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ipy_intervene.hooks import HookSession, entry_point, first_tensor
+from ipy_intervene.infra.hooks import HookSession, entry_point, first_tensor
 
 MAX_ENTRIES = 3    # a result holds its patcher (the view's exact runs): keep only the last few
 _entries: list["_Entry"] = []
@@ -97,7 +97,7 @@ def memoized(sweep: Callable[..., Any]) -> Callable[..., Any]:
 
 def metric_key(metric: Any) -> tuple | None:
     """A value for the built-in metrics (class and answers); None for anything else."""
-    from ipy_intervene.metrics import LogitDiff, LogProb, Prob
+    from ipy_intervene.analysis.metrics import LogitDiff, LogProb, Prob
 
     if type(metric) not in (LogitDiff, Prob, LogProb):
         return None
@@ -141,7 +141,7 @@ class Witness:
     def of(cls, model: Any, options: dict[str, Any], metric: Any) -> "Witness | None":
         """The witness of the sweep's clean and corrupted prompts on ``model`` now; None when
         they cannot be prepared (the sweep itself will say what is wrong)."""
-        from ipy_intervene.loading import wrap
+        from ipy_intervene.model.loading import wrap
 
         try:
             model = wrap(model)
@@ -359,7 +359,7 @@ def _with_model(result: Any, model: Any) -> Any:
     if isinstance(result, dict):
         return {k: _with_model(v, model) for k, v in result.items()}
     if getattr(result, "patcher", None) is not None:
-        from ipy_intervene.loading import wrap
+        from ipy_intervene.model.loading import wrap
 
         result.patcher = copy.copy(result.patcher)
         result.patcher.model = wrap(model)

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ipy_intervene.sites import Adapter, SiteKind, get_path
-from ipy_intervene.hooks import site_hooks
+from ipy_intervene.arch.sites import Adapter, SiteKind, get_path
+from ipy_intervene.infra.hooks import site_hooks
 
 
 @dataclass

@@ -10,15 +10,15 @@ computed from there on. The unembedding runs only at the positions the metric re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-import os
 from typing import Any, Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
-from ipy_intervene.sites import Adapter, SiteKind, get_path, split_heads
+from ipy_intervene.infra.progress import progress_disabled
+from ipy_intervene.arch.sites import Adapter, SiteKind, get_path, split_heads
 from ipy_intervene.sweep.blocks import BlockCaller
-from ipy_intervene.hooks import site_hooks
+from ipy_intervene.infra.hooks import site_hooks
 from ipy_intervene.sweep.record import Recording
 
 
@@ -263,10 +263,3 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
     """The bit patterns of ``x`` (``0.0`` and ``-0.0`` differ, NaN equals itself)."""
     return x.contiguous().view({1: torch.int8, 2: torch.int16, 4: torch.int32,
                                 8: torch.int64}[x.element_size()])
-
-
-def progress_disabled() -> bool:
-    """``TQDM_DISABLE=1`` turns the sweep's progress bar off, in a notebook too (tqdm's own
-    notebook bar ignores the variable): for tests and exports whose outputs must not depend
-    on how fast the machine is."""
-    return os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false", "no")

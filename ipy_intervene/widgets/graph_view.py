@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import Iterator
 
-from ipy_intervene.graph import InterventionGraph
+from ipy_intervene.compiler.graph import InterventionGraph
 
 
 @lru_cache(maxsize=64)
