@@ -94,7 +94,7 @@ def _scale(target):
 ], ids=["pattern", "q", "k", "v", "z"])
 def test_writes_change_the_forward_as_by_hand(case, cell, edit):
     arch, model = case
-    names = {n[0]: site(arch, n) for n in attention.SITES}
+    names = {n[0]: site(arch, n) for n in attention.ATTENTION_SITES}
     ns = {"model": model}
     ii.trace(model, cell.format(**names) + "\nlogits = model.lm_head.output", PROMPT,
              namespace=ns)

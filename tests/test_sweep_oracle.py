@@ -160,9 +160,9 @@ def test_cells_in_any_order_come_back_in_that_order(demo):
     """The engine runs a chunk sorted by join layer, and returns it in the order asked."""
     result = ii.patch_sweep(demo, PROMPT, CORRUPT, ii.logit_diff("Mary", "John"))
     engine = result.patcher.engine()
-    from ipy_intervene.sweep.staircase import Cell
+    from ipy_intervene.sweep.staircase import GridCell
 
-    cells = [Cell((3,), 10), Cell((0,), 10), Cell((2,), 10), Cell((1,), 10)]
+    cells = [GridCell((3,), 10), GridCell((0,), 10), GridCell((2,), 10), GridCell((1,), 10)]
     got = engine._run_chunk(10, cells)[:, 0]
     expected = result.raw[[3, 0, 2, 1], 10]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

@@ -39,11 +39,10 @@ from ipy_intervene.infra.progress import progress_disabled
 from ipy_intervene.infra.hooks import HookSession, entry_point, tap
 from ipy_intervene.model.loading import warn_if_training, wrap
 from ipy_intervene.model.envoys import Model
-from ipy_intervene.arch.sites import SITES, Adapter, adapter_for, get_path, split_heads
+from ipy_intervene.arch.sites import MODULE_SITES, Adapter, adapter_for, get_path, split_heads
 
 CHUNK_BYTES = 1 << 30     # one chunk's values of the sites asked for, at most (default size)
-ATTENTION_SITES = attention.SITES
-ALL_SITES = ("embed", *SITES, *ATTENTION_SITES)
+ALL_SITES = ("embed", *MODULE_SITES, *attention.ATTENTION_SITES)
 # the position dimensions of one prompt's value (query dims first)
 _POS_DIMS = {"q": (1,), "k": (1,), "v": (1,), "pattern": (1, 2)}
 
@@ -302,7 +301,7 @@ def _run_chunk(model: Model, adapter: Adapter, plan: list[tuple[str, int | None]
     lengths = [int(n) for n in mask.sum(1)]
     seen: dict[tuple[str, int | None], torch.Tensor] = {}
     with HookSession() as session:
-        if any(site in ATTENTION_SITES for site, _ in plan):
+        if any(site in attention.ATTENTION_SITES for site, _ in plan):
             attention.use_sites(session, model.module)
         for site, layer in plan:
             module, before = _where(model, adapter, site, layer)
@@ -340,12 +339,12 @@ def _where(model: Model, adapter: Adapter, site: str, layer: int | None) -> tupl
     root = model.module
     if site == "embed":
         return get_path(root, adapter.embed), False
-    if site in ATTENTION_SITES:
+    if site in attention.ATTENTION_SITES:
         attn = get_path(adapter.block(root, layer), adapter.attn)
         point = attention.point(attn, site)
         if point is None:
             raise SiteError(f"{type(attn).__name__} does not go through transformers' "
                             f"attention interface, so its `{site}` cannot be read")
         return point, False
-    kind = SITES[site]
+    kind = MODULE_SITES[site]
     return adapter.module(root, site, layer), kind.where in ("block_in", "module_in")

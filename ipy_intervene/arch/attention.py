@@ -37,7 +37,7 @@ from torch import nn
 
 from ipy_intervene.errors import SiteError
 
-SITES = ("q", "k", "v", "pattern", "z", "result")
+ATTENTION_SITES = ("q", "k", "v", "pattern", "z", "result")
 OUT_PROJECTIONS = ("c_proj", "o_proj", "dense", "out_proj")
 KEY = "ii_eager"
 
@@ -71,11 +71,11 @@ def is_attention(module: nn.Module) -> bool:
 
 def point(module: nn.Module, name: str) -> HookPoint | None:
     """The hook point ``name`` of an attention module (None for other modules or names)."""
-    if name not in SITES or not is_attention(module):
+    if name not in ATTENTION_SITES or not is_attention(module):
         return None
     table = _points.get(module)
     if table is None:
-        table = _points[module] = {n: HookPoint(n) for n in SITES}
+        table = _points[module] = {n: HookPoint(n) for n in ATTENTION_SITES}
     return table[name]
 
 

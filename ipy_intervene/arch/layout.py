@@ -149,7 +149,7 @@ NAMED: dict[str, Layout] = {
     "attentions": Layout(fixed(2, 3), each=PATTERN),
     "past_key_values": KEYS,
 }
-SITES = {"q": KEYS, "k": KEYS, "v": KEYS, "pattern": PATTERN,
+SITE_LAYOUTS = {"q": KEYS, "k": KEYS, "v": KEYS, "pattern": PATTERN,
          "z": Layout(fixed(1)), "result": Layout(fixed(1))}
 ATTENTION_OUTPUT = Layout(items={0: FEATURES, 1: PATTERN})
 
@@ -172,7 +172,7 @@ def of_output(module: nn.Module) -> Layout:
     from ipy_intervene.arch import attention
 
     if isinstance(module, attention.HookPoint):
-        return SITES.get(module.name, GENERIC)
+        return SITE_LAYOUTS.get(module.name, GENERIC)
     if attention.is_attention(module):
         return ATTENTION_OUTPUT
     if isinstance(module, nn.Embedding) or _features_last(module):
@@ -192,7 +192,7 @@ def of_input(module: nn.Module, key: int | str = 0) -> Layout:
     if key not in (0, None):
         return GENERIC
     if isinstance(module, attention.HookPoint):
-        return SITES.get(module.name, GENERIC)
+        return SITE_LAYOUTS.get(module.name, GENERIC)
     if isinstance(module, nn.Embedding) or (
             hasattr(module, "get_input_embeddings") and hasattr(module, "config")):
         return IDS

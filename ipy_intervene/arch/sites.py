@@ -36,7 +36,7 @@ class SiteKind:
     doc: str = ""
 
 
-SITES: dict[str, SiteKind] = {s.name: s for s in (
+MODULE_SITES: dict[str, SiteKind] = {s.name: s for s in (
     SiteKind("resid_pre", "block_in", None, doc="residual stream entering block l"),
     SiteKind("resid_mid", "module_in", "mid_norm",
              doc="residual stream between attention and MLP (the input of the second norm)"),
@@ -104,9 +104,9 @@ class Adapter:
 
 
 def site_kind(site: str) -> SiteKind:
-    kind = SITES.get(site)
+    kind = MODULE_SITES.get(site)
     if kind is None:
-        raise SiteError(f"unknown site {site!r}; sites: {', '.join(SITES)}")
+        raise SiteError(f"unknown site {site!r}; sites: {', '.join(MODULE_SITES)}")
     return kind
 
 

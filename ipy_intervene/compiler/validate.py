@@ -57,7 +57,7 @@ def validate(cell: CompiledCell, model: Model, graph: InterventionGraph | None =
             continue
         parts = cell.site_parts[site.id]
         try:
-            envoys = resolve(model, parts, is_call=site.attr == "call")
+            envoys = envoys_at(model, parts, is_call=site.attr == "call")
         except InterventionError as exc:
             raise exc.at_line(site.line) from None
         if site.attr == "call" and not envoys:
@@ -82,7 +82,7 @@ def check_called(envoy: Envoy, attr: str, line: int | None = None) -> None:
             f"`for layer in model.{envoy.path}: layer.{attr}`", line=line)
 
 
-def resolve(model: Model, parts: tuple[Part, ...], *, is_call: bool = False) -> list[Envoy]:
+def envoys_at(model: Model, parts: tuple[Part, ...], *, is_call: bool = False) -> list[Envoy]:
     """The envoys a path can name: one for a constant path, every layer for ``h[l]``.
 
     For a call on something that is not a module (``model.tokenizer.decode(...)``),

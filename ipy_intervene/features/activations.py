@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ipy_intervene.errors import InputError, SiteError
-from ipy_intervene.features.splice import Splice, attached, resolve
+from ipy_intervene.features.splice import Splice, attached, module_at
 from ipy_intervene.infra.hooks import entry_point, site_hooks
 from ipy_intervene.model.loading import wrap
 
@@ -151,7 +151,7 @@ def _splice(model: Any, site: Any) -> Splice:
     if isinstance(module, Splice):
         return module
     if isinstance(site, str):
-        found = resolve(model.module, site)
+        found = module_at(model.module, site)
         if isinstance(found, Splice):
             return found
         spliced = [s for s in attached(model).values() if s.target_path == site]

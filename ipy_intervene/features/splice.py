@@ -120,7 +120,7 @@ def attach(model: Any, at: Any, dictionary: nn.Module, *, name: str = "sae",
     if not isinstance(path, str):
         raise InputError(f"`at` is a module of the model (model.transformer.h[2]) or its path "
                          f"('transformer.h[2]'); got {type(at).__name__}")
-    target = resolve(root, path)
+    target = module_at(root, path)
     path = next((_envoy_path(root, n) for n, m in root.named_modules() if m is target), path)
     if name in target._modules or hasattr(type(target), name):
         raise SiteError(f"model.{path} already has a child or attribute `{name}`; detach it "
@@ -145,9 +145,9 @@ def detach(model: Any, at: Any = None) -> None:
     _not_in_a_trace("ii.detach")
     path = None if at is None else (at.path if hasattr(at, "module") else at)
     if path is not None:
-        target = resolve(_root(model), path)
+        target = module_at(_root(model), path)
         path = next((s.target_path for s in attached(model).values()
-                     if resolve(_root(model), s.target_path) is target), path)
+                     if module_at(_root(model), s.target_path) is target), path)
     spliced = attached(model)
     if path is not None and not any(s.target_path == path for s in spliced.values()):
         where = ", ".join(s.target_path for s in spliced.values()) or "none"
@@ -156,7 +156,7 @@ def detach(model: Any, at: Any = None) -> None:
     for splice in spliced.values():
         if path is not None and splice.target_path != path:
             continue
-        parent = resolve(root, splice.target_path)
+        parent = module_at(root, splice.target_path)
         child = next(n for n, m in parent._modules.items() if m is splice)
         if splice._handle is not None:
             splice._handle.remove()
@@ -188,7 +188,7 @@ def _envoy_path(root: nn.Module, dotted: str) -> str:
     return path
 
 
-def resolve(root: nn.Module, path: str) -> nn.Module:
+def module_at(root: nn.Module, path: str) -> nn.Module:
     """The module at an envoy path (``"transformer.h[2].mlp"``) under ``root``."""
     module = root
     for part in _parts(path):

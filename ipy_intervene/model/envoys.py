@@ -146,7 +146,7 @@ class Envoy:
             yield self[i]
 
     def __dir__(self) -> list[str]:
-        inner = set(attention.SITES) if attention.is_attention(self._module) else set()
+        inner = set(attention.ATTENTION_SITES) if attention.is_attention(self._module) else set()
         return sorted(set(self._module._modules) | inner | {"output", "input", "inputs", "skip",
                                                              "path"})
 

@@ -56,11 +56,11 @@ def load_model(name_or_path: str | Path = "demo", *,
     4
     >>> load_model(folder, tokenizer="gpt2", device_map="auto")    # doctest: +SKIP
     """
-    source = DEMO_DIR if str(name_or_path) == "demo" else resolve(name_or_path, "model")
+    source = DEMO_DIR if str(name_or_path) == "demo" else local_or_hub(name_or_path, "model")
     dtype = _dtype(dtype)
     tok = tokenizer
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
-        tok = source if tokenizer is None else resolve(tokenizer, "tokenizer")
+        tok = source if tokenizer is None else local_or_hub(tokenizer, "tokenizer")
         check_tokenizer_files(tok, own=tokenizer is None)  # fail before a long load
     module = _load_module(source, allow_missing_weights, device_map=device_map, dtype=dtype,
                           trust_remote_code=trust_remote_code, **kwargs)
@@ -71,13 +71,13 @@ def load_model(name_or_path: str | Path = "demo", *,
 
 # -- where the files are ------------------------------------------------------------------------
 
-def resolve(name_or_path: str | Path, what: str = "model") -> Path | str:
+def local_or_hub(name_or_path: str | Path, what: str = "model") -> Path | str:
     """A local folder (checked) as a ``Path``, or a hub id as it is.
 
     A name is local when it is a ``Path``, starts with ``/``, ``.`` or ``~``, is not shaped
     like a hub id (``name`` or ``owner/name``), or its first part exists here.
 
-    >>> resolve("gpt2")
+    >>> local_or_hub("gpt2")
     'gpt2'
     """
     if not looks_local(name_or_path):

@@ -47,7 +47,7 @@ class Outcome:
     loss: Any = None                   # the model's loss, when the INPUT gave labels=
 
 
-class Run:
+class TraceRun:
     """One running trace: what ``__ii__`` and ``tracer`` talk to."""
 
     def __init__(self, model: Model, cell: Any, graph: InterventionGraph, ns: dict,
@@ -262,7 +262,7 @@ def run_cell(model: Model, cell: Any, graph: InterventionGraph, plan: HookPlan, 
             session.keep_grads(model.module)
         if plan.uses_attention_sites():
             attention.use_sites(session, model.module)
-        run = Run(model, cell, graph, ns, generate, session, ignore_eos, options)
+        run = TraceRun(model, cell, graph, ns, generate, session, ignore_eos, options)
         try:
             with active.tracing(run):
                 output, batch = _interleave(run, cell, ns, line_input, plan, fake)
@@ -273,7 +273,7 @@ def run_cell(model: Model, cell: Any, graph: InterventionGraph, plan: HookPlan, 
                    time.perf_counter() - start, sched.stop_line, sched.loss)
 
 
-def _interleave(run: Run, cell: Any, ns: dict, line_input: Any, plan: HookPlan,
+def _interleave(run: TraceRun, cell: Any, ns: dict, line_input: Any, plan: HookPlan,
                 fake: bool) -> tuple[Any, Batch]:
     """The set-up (which registers the invokes), the invokes interleaved with the forward,
     then the code after it."""

@@ -13,16 +13,16 @@ from ipy_intervene.errors import InputError
 from ipy_intervene.infra.hooks import entry_point
 from ipy_intervene.model.loading import warn_if_training, wrap
 from ipy_intervene.model.envoys import Model
-from ipy_intervene.arch.sites import SITES, Adapter, SiteKind, adapter_for, site_kind
+from ipy_intervene.arch.sites import MODULE_SITES, Adapter, SiteKind, adapter_for, site_kind
 from ipy_intervene.sweep import (atp_star, attribution, choices, cluster as clusters, custom,
                                  latent_atp, latents as latent_sites, memory)
-from ipy_intervene.sweep.heads import SITES as HEAD_SITES, head_sweep
+from ipy_intervene.sweep.heads import HEAD_SITES, head_sweep
 from ipy_intervene.sweep.paths import path_patch
 from ipy_intervene.analysis.inputs import index_list
 from ipy_intervene.sweep.record import record
 from ipy_intervene.sweep.result import SweepResult, normalised
-from ipy_intervene.sweep.runs import CellPatcher, Run, prepare
-from ipy_intervene.sweep.staircase import Cell, Engine
+from ipy_intervene.sweep.runs import CellPatcher, SweepInputs, prepare
+from ipy_intervene.sweep.staircase import Engine, GridCell
 
 METHODS = ("activation", "attribution", "atp*", "noise", "path")
 DIRECTIONS = ("denoising", "noising")
@@ -50,10 +50,10 @@ class Grid:
         sizes = {"layer": len(self.layers), "pos": len(self.positions), "head": len(self.heads)}
         return tuple(sizes[d] for d in self.dims)
 
-    def cells(self) -> list[Cell]:
+    def cells(self) -> list[GridCell]:
         positions = self.positions if self.kind.per_position else [None]
         heads = self.heads if self.kind.per_head else [None]
-        return [Cell(self.window_of(layer), pos, head)
+        return [GridCell(self.window_of(layer), pos, head)
                 for layer in self.layers for pos in positions for head in heads]
 
     def window_of(self, layer: int) -> tuple[int, ...]:
@@ -188,7 +188,7 @@ class SweepSpec:
         refused."""
         spec = replace(self, site=site, sites=[site])
         spec.atp = choices.atp_options(spec.method, spec.qk_fix, spec.grad_drop)
-        found = None if site in SITES or site in HEAD_SITES else \
+        found = None if site in MODULE_SITES or site in HEAD_SITES else \
             latent_sites.find_splice(spec.model, site)
         if found is not None:
             spec.family, (spec.site, spec.splice) = "latent", found
@@ -331,7 +331,7 @@ class Patcher(CellPatcher):
     [('Mary', 0.93), ('John', 0.05), ('them', 0.01)]
     """
 
-    def __init__(self, model: Model, adapter: Adapter, grid: Grid, run: Run,
+    def __init__(self, model: Model, adapter: Adapter, grid: Grid, run: SweepInputs,
                  memory_fraction: float) -> None:
         self.model, self.adapter, self.grid, self.run = model, adapter, grid, run
         self.memory_fraction = memory_fraction
@@ -345,10 +345,10 @@ class Patcher(CellPatcher):
         return self._engine
 
 
-def _engine(model: Model, adapter: Adapter, grid: Grid, run: Run, batch_size: int | None,
+def _engine(model: Model, adapter: Adapter, grid: Grid, run: SweepInputs, batch_size: int | None,
             memory_fraction: float) -> Engine:
     """The recorded source and base runs, ready to patch (sets the run's baselines). The
-    clean one is recorded first: it finds the positions the metric reads (``Run.settle``)."""
+    clean one is recorded first: it finds the positions the metric reads (``SweepInputs.settle``)."""
     with torch.no_grad():
         recorded: dict[str, Any] = {}
         for name in ("base", "source") if run.base_is_clean else ("source", "base"):
@@ -369,7 +369,7 @@ def _engine(model: Model, adapter: Adapter, grid: Grid, run: Run, batch_size: in
         return engine
 
 
-def _result(model: Model, grid: Grid, run: Run, rows: torch.Tensor, site: str, method: str,
+def _result(model: Model, grid: Grid, run: SweepInputs, rows: torch.Tensor, site: str, method: str,
             direction: str, seconds: float) -> SweepResult:
     per_prompt = rows.view(rows.shape[0], -1, run.n_prompts).mean(1).float().cpu()
     raw = per_prompt.mean(-1)

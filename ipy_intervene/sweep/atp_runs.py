@@ -23,7 +23,7 @@ from torch import nn
 
 from ipy_intervene.arch import attention
 from ipy_intervene.infra.hooks import HookSession, tap
-from ipy_intervene.arch.sites import SITES, Adapter, SiteKind
+from ipy_intervene.arch.sites import MODULE_SITES, Adapter, SiteKind
 from ipy_intervene.sweep.attribution import _check_differentiable, _grad_root
 from ipy_intervene.sweep.heads import attention_point
 from ipy_intervene.sweep.record import record
@@ -47,7 +47,7 @@ class Wanted:
 
 
 @dataclass
-class Run:
+class GradRecording:
     """One recorded forward: per-prompt metric, site values, attention values and calls."""
 
     scores: torch.Tensor
@@ -73,12 +73,12 @@ class Run:
 
 
 def source_run(model: Any, adapter: Adapter, kwargs: dict, wanted: Wanted,
-               positions: list[int], metric: Callable) -> Run:
+               positions: list[int], metric: Callable) -> GradRecording:
     """The run patched values come from (no autograd)."""
     with torch.no_grad(), HookSession() as session:
-        run = Run(scores=torch.empty(0))
+        run = GradRecording(scores=torch.empty(0))
         _attach(session, model.module, adapter, wanted, run)
-        rec = record(model, adapter, kwargs, kind=wanted.kind or SITES["resid_pre"],
+        rec = record(model, adapter, kwargs, kind=wanted.kind or MODULE_SITES["resid_pre"],
                      layers=wanted.layers if wanted.kind else [], positions=positions)
         run.scores = metric(rec.logits).float()
         run.sites = rec.sites
@@ -86,18 +86,18 @@ def source_run(model: Any, adapter: Adapter, kwargs: dict, wanted: Wanted,
 
 
 def base_run(model: Any, adapter: Adapter, kwargs: dict, wanted: Wanted,
-             positions: list[int], metric: Callable, metric_name: Any) -> Run:
+             positions: list[int], metric: Callable, metric_name: Any) -> GradRecording:
     """The run patched into, with autograd on and a GradDrop gate after every block."""
     module = model.module
     gates = _Gates()
     with torch.enable_grad(), HookSession() as session:
-        run = Run(scores=torch.empty(0), gates=gates)
+        run = GradRecording(scores=torch.empty(0), gates=gates)
         root, where, fn = _grad_root(model, adapter)
         tap(session, root, False, fn)
         for layer in range(adapter.n_layers):
             gates.attach(session, adapter.block(module, layer), layer)
         _attach(session, module, adapter, wanted, run)
-        rec = record(model, adapter, kwargs, kind=wanted.kind or SITES["resid_pre"],
+        rec = record(model, adapter, kwargs, kind=wanted.kind or MODULE_SITES["resid_pre"],
                      layers=wanted.layers if wanted.kind else [], positions=positions)
         scores = metric(rec.logits)
         _check_differentiable(scores, metric_name)
@@ -108,7 +108,7 @@ def base_run(model: Any, adapter: Adapter, kwargs: dict, wanted: Wanted,
 
 
 def _attach(session: HookSession, module: nn.Module, adapter: Adapter, wanted: Wanted,
-            run: Run) -> None:
+            run: GradRecording) -> None:
     """Record the attention values ``wanted`` names (with the eager attention they need)."""
     if not wanted.attention:
         return

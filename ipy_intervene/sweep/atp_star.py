@@ -44,17 +44,17 @@ from ipy_intervene.errors import InputError, SiteError
 from ipy_intervene.infra.hooks import entry_point
 from ipy_intervene.model.loading import warn_if_training, wrap
 from ipy_intervene.analysis.metrics import as_metric
-from ipy_intervene.arch.sites import SITES as MODULE_SITES, Adapter, SiteKind, adapter_for, get_path
+from ipy_intervene.arch.sites import MODULE_SITES, Adapter, SiteKind, adapter_for, get_path
 from ipy_intervene.sweep import qk_fix as fix
-from ipy_intervene.sweep.atp_runs import Run, Wanted, base_run, source_run
+from ipy_intervene.sweep.atp_runs import GradRecording, Wanted, base_run, source_run
 from ipy_intervene.sweep.attribution import _effect
-from ipy_intervene.sweep.heads import SITES as ATTENTION_SITES, attention_point
+from ipy_intervene.sweep.heads import HEAD_SITES, attention_point
 from ipy_intervene.analysis.inputs import index_list, prepare_pair, token_labels
 from ipy_intervene.sweep.result import SweepResult, normalised
 
 COMPONENT_SITES = ("attn_out", "mlp_out", "head_out", "head_out_pos")
-HEAD_INPUT_SITES = tuple(s for s in ATTENTION_SITES if not s.startswith("head_pattern"))
-SITES = (*COMPONENT_SITES, *HEAD_INPUT_SITES)
+HEAD_INPUT_SITES = tuple(s for s in HEAD_SITES if not s.startswith("head_pattern"))
+ATP_SITES = (*COMPONENT_SITES, *HEAD_INPUT_SITES)
 
 
 @dataclass
@@ -96,8 +96,8 @@ def sweep(model: Any, clean: Any, corrupted: Any, metric: Any, *, site: str,
     >>> sweep(model, clean, corrupt, metric, site="head_out", grad_drop=True)  # doctest: +SKIP
     """
     start = time.perf_counter()
-    if site not in SITES:
-        raise SiteError(f"AtP* sweeps the sites {', '.join(SITES)}; got {site!r}")
+    if site not in ATP_SITES:
+        raise SiteError(f"AtP* sweeps the sites {', '.join(ATP_SITES)}; got {site!r}")
     if direction not in ("denoising", "noising"):
         raise InputError(f"direction={direction!r} is not one of: denoising, noising")
     model = wrap(model)
@@ -171,7 +171,7 @@ def _plan(model: Any, adapter: Adapter, site: str, qk_fix: bool, length: int,
         adapter.module(model.module, site, 0)  # a clear error for a site the model lacks
         grid = _Grid(site, kind, None, kind.per_position, layer_list, position_list, [])
         return grid, Wanted(sorted(set(layer_list)), kind=kind)
-    name, per_position = ATTENTION_SITES[site]
+    name, per_position = HEAD_SITES[site]
     attention_point(model.module, adapter, 0, name)  # a clear error without attention sites
     fixed = qk_fix and name in ("q", "k")
     grid = _Grid(site, None, name, per_position, layer_list,
@@ -180,13 +180,13 @@ def _plan(model: Any, adapter: Adapter, site: str, qk_fix: bool, length: int,
     return grid, Wanted(sorted(set(layer_list)), attention=needs)
 
 
-def _head_count(grid: _Grid, adapter: Adapter, base: Run) -> int:
+def _head_count(grid: _Grid, adapter: Adapter, base: GradRecording) -> int:
     if grid.name is None:
         return adapter.n_heads
     return int(base.values[(grid.layers[0], grid.name)].shape[1])
 
 
-def _estimates(model: Any, adapter: Adapter, grid: _Grid, base: Run, source: Run,
+def _estimates(model: Any, adapter: Adapter, grid: _Grid, base: GradRecording, source: GradRecording,
                grad_drop: bool, qk_fix: bool,
                batch_size: int | None) -> tuple[dict[int, torch.Tensor], dict[str, int]]:
     """Per grid layer ``[passes, cells, prompts]``: pass 0 plain, pass i with layer
@@ -216,19 +216,19 @@ def _estimates(model: Any, adapter: Adapter, grid: _Grid, base: Run, source: Run
     return out, cost
 
 
-def _graded(grid: _Grid, base: Run, layer: int, fixed: bool) -> torch.Tensor:
+def _graded(grid: _Grid, base: GradRecording, layer: int, fixed: bool) -> torch.Tensor:
     if grid.kind is not None:
         return base.sites[layer]
     return base.values[(layer, "pattern" if fixed else grid.name)]
 
 
-def _split(base: Run, tensors: dict[int, torch.Tensor], layers: list[int],
+def _split(base: GradRecording, tensors: dict[int, torch.Tensor], layers: list[int],
            dropped: int | None) -> dict[int, list[torch.Tensor]]:
     grads = base.backward([tensors[l] for l in layers], dropped)
     return {l: [g.detach()] for l, g in zip(layers, grads)}
 
 
-def _head_terms(model: Any, adapter: Adapter, grid: _Grid, base: Run, source: Run, layer: int,
+def _head_terms(model: Any, adapter: Adapter, grid: _Grid, base: GradRecording, source: GradRecording, layer: int,
                 grads: torch.Tensor, fixed: bool,
                 batch_size: int | None) -> tuple[torch.Tensor, int]:
     """``[passes, prompts, heads, cells_pos]`` for a head input site at one layer."""

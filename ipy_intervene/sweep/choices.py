@@ -11,9 +11,9 @@ from typing import Any
 
 from ipy_intervene.errors import InputError, SiteError
 from ipy_intervene.model.loading import wrap
-from ipy_intervene.arch.sites import SITES, Adapter, adapter_for
+from ipy_intervene.arch.sites import MODULE_SITES, Adapter, adapter_for
 from ipy_intervene.sweep import atp_star, latents as latent_sites
-from ipy_intervene.sweep.heads import SITES as HEAD_SITES
+from ipy_intervene.sweep.heads import HEAD_SITES
 
 
 def site_names(site: Any, model: Any = None) -> list[str]:
@@ -31,12 +31,12 @@ def site_names(site: Any, model: Any = None) -> list[str]:
     if not names:
         raise InputError(f"site={site!r} names no site. {_SITES_HINT}")
     for name in names:
-        if name not in SITES and name not in HEAD_SITES and (
+        if name not in MODULE_SITES and name not in HEAD_SITES and (
                 model is None or latent_sites.find_splice(model, name) is None):
             spliced = latent_sites.site_names(model) if model is not None else []
             latent = f"; latent sites (ii.attach): {', '.join(spliced)}" if spliced else ""
             raise SiteError(f"unknown site {name!r}; sweep sites: "
-                            f"{', '.join([*SITES, *HEAD_SITES])}{latent}")
+                            f"{', '.join([*MODULE_SITES, *HEAD_SITES])}{latent}")
     return names
 
 
@@ -50,12 +50,12 @@ def check_sites(model: Any, sites: list[str], method: str, adapter: Adapter | No
     model = wrap(model)
     found = adapter_for(model, adapter)
     for name in sites:
-        if name not in SITES and name not in HEAD_SITES:
+        if name not in MODULE_SITES and name not in HEAD_SITES:
             latent_sites.check_method(name, method)
             continue
-        if method == "atp*" and name not in atp_star.SITES:
-            raise SiteError(f"AtP* sweeps the sites {', '.join(atp_star.SITES)}; got {name!r}")
-        if name in SITES:
+        if method == "atp*" and name not in atp_star.ATP_SITES:
+            raise SiteError(f"AtP* sweeps the sites {', '.join(atp_star.ATP_SITES)}; got {name!r}")
+        if name in MODULE_SITES:
             found.module(model.module, name, 0)
         elif method not in ("activation", "path", "atp*") and not (
                 method == "attribution" and name in atp_star.HEAD_INPUT_SITES):
@@ -77,7 +77,7 @@ def atp_options(method: str, qk_fix: bool | None, grad_drop: bool | None) -> dic
 def head_site_error(site: str, method: str) -> InputError:
     also = ", 'attribution' or 'atp*'" if site in atp_star.HEAD_INPUT_SITES else ""
     return InputError(f"site {site!r} is swept with method='activation' (exact){also}; "
-                      f"{method!r} covers the sites {', '.join(SITES)}")
+                      f"{method!r} covers the sites {', '.join(MODULE_SITES)}")
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -23,7 +23,7 @@ from ipy_intervene.errors import InputError
 from ipy_intervene.infra.interrupts import uninterruptible
 from ipy_intervene.sweep import cluster_worker
 from ipy_intervene.infra.progress import progress_disabled
-from ipy_intervene.sweep.staircase import Cell, Engine
+from ipy_intervene.sweep.staircase import Engine, GridCell
 
 METHODS = ("activation", "noise")
 
@@ -120,7 +120,7 @@ def as_cluster(cluster: Any, method: str, sites: list[str]) -> RayCluster | None
     if not isinstance(cluster, RayCluster):
         raise InputError(f"cluster={cluster!r}: give ii.RayCluster(workers=..., "
                          "gpus_per_worker=...), True (a local Ray, 2 actors) or None")
-    from ipy_intervene.sweep.heads import SITES as HEAD_SITES
+    from ipy_intervene.sweep.heads import HEAD_SITES
 
     if method not in METHODS:
         raise InputError(f"cluster sweeps run method={' or '.join(map(repr, METHODS))}; "
@@ -132,7 +132,7 @@ def as_cluster(cluster: Any, method: str, sites: list[str]) -> RayCluster | None
     return cluster
 
 
-def run(cluster: RayCluster, engine: Engine, prepared: Any, cells: list[Cell],
+def run(cluster: RayCluster, engine: Engine, prepared: Any, cells: list[GridCell],
         desc: str = "sweep") -> torch.Tensor:
     """What ``engine.run(cells)`` returns, bit for bit, computed on the cluster's actors.
 
@@ -167,7 +167,7 @@ class _Schedule:
         self.flying: dict[Any, tuple[int, Any]] = {}   # ref -> (chunk, actor)
         self.tries = [0] * len(chunks)
 
-    def run(self, out: torch.Tensor, bar: Any, cells: list[Cell]) -> None:
+    def run(self, out: torch.Tensor, bar: Any, cells: list[GridCell]) -> None:
         ray = _ray()
         try:
             self._fill_pool()
@@ -192,7 +192,7 @@ class _Schedule:
         self.cluster._actors.append(actor)
         return actor
 
-    def _submit(self, cells: list[Cell]) -> None:
+    def _submit(self, cells: list[GridCell]) -> None:
         busy = [actor for _, actor in self.flying.values()]
         for actor in list(self.cluster._actors):
             while self.todo and busy.count(actor) < 2:

@@ -26,7 +26,7 @@ from ipy_intervene.model.envoys import Model
 from ipy_intervene.arch.sites import Adapter, SiteKind
 from ipy_intervene.analysis.reads import Reads
 from ipy_intervene.sweep.record import Recording
-from ipy_intervene.sweep.staircase import Cell, Engine
+from ipy_intervene.sweep.staircase import Engine, GridCell
 
 
 @dataclass
@@ -80,7 +80,7 @@ def model_payload(model: Model) -> ModelPayload:
 
 
 def sweep_payload(engine: Engine, run: Any, threads: int | None) -> SweepPayload:
-    """The recorded runs of ``engine`` and the metric of ``run`` (an ``api.Run``), on CPU."""
+    """The recorded runs of ``engine`` and the metric of ``run`` (a ``SweepInputs``), on CPU."""
     base_kwargs, base, source = pack([engine.base_kwargs, engine.base, engine.source])
     return SweepPayload(engine.adapter, engine.kind, base_kwargs, base, source, run.metric,
                         run.reads, list(engine.positions), engine.n_prompts, threads)
@@ -149,7 +149,7 @@ class Worker:
             self.error = exc
             raise
 
-    def run_chunk(self, prefix: int, cells: list[Cell]) -> torch.Tensor:
+    def run_chunk(self, prefix: int, cells: list[GridCell]) -> torch.Tensor:
         """The metric rows ``[len(cells), rows]`` of one chunk, as ``Engine.run`` computes them."""
         if self.error is not None:
             raise self.error

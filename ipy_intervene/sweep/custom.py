@@ -30,7 +30,7 @@ from ipy_intervene.errors import InputError
 from ipy_intervene.features.splice import dictionary_dtype
 from ipy_intervene.analysis.inputs import index_list
 
-SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+DICTIONARY_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 METHODS = ("activation", "attribution")
 
 Interchange = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -43,9 +43,9 @@ def check(dictionary: Any, site: str, method: str) -> None:
             raise InputError(f"dictionary= needs encode(x) -> coordinates and decode(c) -> x "
                              f"(ii.Direction, ii.Subspace, ii.Neurons, ii.Custom, an SAE); "
                              f"{type(dictionary).__name__} has no `{name}`")
-    if site not in SITES:
+    if site not in DICTIONARY_SITES:
         raise InputError(f"dictionary= reads a module site of every layer: one of "
-                         f"{', '.join(SITES)}; got site={site!r}")
+                         f"{', '.join(DICTIONARY_SITES)}; got site={site!r}")
     if method not in METHODS:
         raise InputError(f"dictionary= is swept with method {' or '.join(METHODS)}; got "
                          f"method={method!r}")

@@ -32,9 +32,9 @@ from ipy_intervene.analysis.reads import OnLogits
 from ipy_intervene.sweep.result import SweepResult, normalised
 from ipy_intervene.infra.progress import progress_disabled
 
-SITES = {f"head_{name}{pos}": (name, bool(pos)) for name in ("q", "k", "v", "pattern")
+HEAD_SITES = {f"head_{name}{pos}": (name, bool(pos)) for name in ("q", "k", "v", "pattern")
          for pos in ("", "_pos")}
-Cell = tuple[int, int, int | None]   # layer, head, position (None: every position)
+HeadCell = tuple[int, int, int | None]   # layer, head, position (None: every position)
 
 
 @entry_point
@@ -49,9 +49,9 @@ def head_sweep(model: Any, clean: Any, corrupted: Any, metric: Any, *, site: str
     >>> head_sweep(model, clean, corrupt, metric, site="head_v")  # doctest: +SKIP
     """
     start = time.perf_counter()
-    if site not in SITES:
-        raise InputError(f"unknown attention site {site!r}; sites: {', '.join(SITES)}")
-    name, per_position = SITES[site]
+    if site not in HEAD_SITES:
+        raise InputError(f"unknown attention site {site!r}; sites: {', '.join(HEAD_SITES)}")
+    name, per_position = HEAD_SITES[site]
     model = wrap(model)
     warn_if_training(model)
     adapter = adapter_for(model)
@@ -85,7 +85,7 @@ class _Grid:
         self.layers, self.positions, self.heads = layers, positions, heads
         if per_position:
             self.dims = ("layer", "pos", "head")
-            self.cells: list[Cell] = [(l, h, p) for l in layers for p in positions for h in heads]
+            self.cells: list[HeadCell] = [(l, h, p) for l in layers for p in positions for h in heads]
             self.shape: tuple[int, ...] = (len(layers), len(positions), len(heads))
         else:
             self.dims, self.positions = ("layer", "head"), []
@@ -137,7 +137,7 @@ class _Patches:
             kwargs, n
         self.recorded, self.bound = recorded, bound
 
-    def chunk(self, cells: list[Cell]) -> torch.Tensor:
+    def chunk(self, cells: list[HeadCell]) -> torch.Tensor:
         """The metric of each (cell, prompt) row: ``[len(cells) * n]``."""
         kwargs = {k: v.repeat(len(cells), *[1] * (v.dim() - 1))
                   if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == self.n else v

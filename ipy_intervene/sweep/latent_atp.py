@@ -22,7 +22,7 @@ import torch
 from ipy_intervene.errors import SiteError
 from ipy_intervene.features.splice import Splice
 from ipy_intervene.infra.hooks import site_hooks
-from ipy_intervene.arch.sites import SITES, Adapter
+from ipy_intervene.arch.sites import MODULE_SITES, Adapter
 from ipy_intervene.sweep.atp_runs import Wanted, base_run
 from ipy_intervene.sweep.atp_star import _grad_drop, estimate_inputs
 from ipy_intervene.analysis.inputs import token_labels
@@ -41,7 +41,7 @@ def sweep(model: Any, adapter: Adapter, clean: Any, corrupted: Any, metric: Any,
     seen: dict[str, torch.Tensor] = {}
     keep = [(splice.latents, "module_out", lambda x: seen.__setitem__("latents", x))]
     with torch.no_grad(), site_hooks(keep):
-        rec = record(model, adapter, source_batch.kwargs, kind=SITES["resid_pre"], layers=[],
+        rec = record(model, adapter, source_batch.kwargs, kind=MODULE_SITES["resid_pre"], layers=[],
                      positions=logit_positions)
         source_scores = bound(rec.logits).float()
     source = seen.pop("latents", None)

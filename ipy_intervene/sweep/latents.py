@@ -30,13 +30,13 @@ import torch
 from ipy_intervene.errors import InputError, SiteError
 from ipy_intervene.features.splice import Splice, attached
 from ipy_intervene.infra.hooks import site_hooks
-from ipy_intervene.arch.sites import SITES, Adapter, get_path
+from ipy_intervene.arch.sites import MODULE_SITES, Adapter, get_path
 from ipy_intervene.sweep import memory
 from ipy_intervene.sweep.attribution import _check_differentiable, _grad_root
 from ipy_intervene.analysis.inputs import index_list
 from ipy_intervene.sweep.record import Recording, record
 from ipy_intervene.sweep.result import SweepResult, normalised
-from ipy_intervene.sweep.runs import CellPatcher, Run
+from ipy_intervene.sweep.runs import CellPatcher, SweepInputs
 from ipy_intervene.sweep.staircase import Engine, _bits
 
 METHODS = ("activation", "attribution", "atp*", "noise")
@@ -173,7 +173,7 @@ class LatentEngine(Engine):
         return edit
 
 
-def _record(model: Any, adapter: Adapter, run: Run, name: str, splice: Splice, site: str,
+def _record(model: Any, adapter: Adapter, run: SweepInputs, name: str, splice: Splice, site: str,
             grad: bool = False) -> tuple[Recording, torch.Tensor]:
     """One recorded run and the splice's latents in it (with autograd for attribution's
     base run); the first recorded, the clean one, finds the metric's positions."""
@@ -183,7 +183,7 @@ def _record(model: Any, adapter: Adapter, run: Run, name: str, splice: Splice, s
         hooks.insert(0, _grad_root(model, adapter))
     base = name == "base"
     with torch.set_grad_enabled(grad), site_hooks(hooks):
-        rec = record(model, adapter, getattr(run, f"{name}_kwargs"), kind=SITES["resid_pre"],
+        rec = record(model, adapter, getattr(run, f"{name}_kwargs"), kind=MODULE_SITES["resid_pre"],
                      layers=[], positions=run.positions, stream=base and not grad,
                      noise=run.noise if base else None)
         run.settle(model, rec)
@@ -193,7 +193,7 @@ def _record(model: Any, adapter: Adapter, run: Run, name: str, splice: Splice, s
     return rec, seen["latents"]
 
 
-def _recorded(model: Any, adapter: Adapter, run: Run, splice: Splice, site: str,
+def _recorded(model: Any, adapter: Adapter, run: SweepInputs, splice: Splice, site: str,
               grad: bool = False) -> dict[str, tuple[Recording, torch.Tensor]]:
     out = {}
     for name in ("base", "source") if run.base_is_clean else ("source", "base"):
@@ -207,14 +207,14 @@ def make_grid(latents: Sequence[int] | int | None, positions: Sequence[int] | in
                       index_list(positions, length, "position"))
 
 
-def engine(model: Any, adapter: Adapter, run: Run, splice: Splice, site: str,
+def engine(model: Any, adapter: Adapter, run: SweepInputs, splice: Splice, site: str,
            batch_size: int | None, memory_fraction: float) -> LatentEngine:
     """The recorded runs, ready to patch latents (sets the run's baselines)."""
     layer = splice_layer(model, adapter, splice, site)
     with torch.no_grad():
         recorded = _recorded(model, adapter, run, splice, site)
     (base, base_latents), (source, source_latents) = recorded["base"], recorded["source"]
-    out = LatentEngine(model, adapter, SITES["resid_pre"], run.base_kwargs, base, source,
+    out = LatentEngine(model, adapter, MODULE_SITES["resid_pre"], run.base_kwargs, base, source,
                        run.bound(model), run.positions,
                        memory.budget(model.device, memory_fraction), run.n_prompts,
                        cells_per_chunk=batch_size, splice=splice, layer=layer,
@@ -225,7 +225,7 @@ def engine(model: Any, adapter: Adapter, run: Run, splice: Splice, site: str,
     return out
 
 
-def attribution_rows(model: Any, adapter: Adapter, run: Run, splice: Splice, site: str,
+def attribution_rows(model: Any, adapter: Adapter, run: SweepInputs, splice: Splice, site: str,
                      latents: Any, positions: Any) -> tuple[LatentGrid, torch.Tensor]:
     """``(grid, [cells, prompts])``: the base metric plus ``(source - base) * d metric /
     d latents`` at the base run, the gradient reaching the latents through the decoder (the
@@ -257,7 +257,7 @@ class LatentPatcher(CellPatcher):
     >>> result.patcher.top_tokens((3, 0), k=3)       # doctest: +SKIP
     """
 
-    def __init__(self, model: Any, engine: LatentEngine, grid: LatentGrid, run: Run) -> None:
+    def __init__(self, model: Any, engine: LatentEngine, grid: LatentGrid, run: SweepInputs) -> None:
         self.model, self._engine, self.grid, self.run = model, engine, grid, run
         self._cells = grid.cells()
 
@@ -271,7 +271,7 @@ def check_method(site: str, method: str) -> None:
                          f"got {method!r}")
 
 
-def sweep(model: Any, adapter: Adapter, run: Run, site: str, splice: Splice, *, method: str,
+def sweep(model: Any, adapter: Adapter, run: SweepInputs, site: str, splice: Splice, *, method: str,
           latents: Any, positions: Any, batch_size: int | None, memory_fraction: float,
           direction: str) -> SweepResult:
     """Every (latent, position) cell of a latent site: exact (``activation``, ``noise``)
@@ -291,7 +291,7 @@ def sweep(model: Any, adapter: Adapter, run: Run, site: str, splice: Splice, *, 
     return result
 
 
-def latent_result(grid: LatentGrid, run: Run, rows: torch.Tensor, site: str, method: str,
+def latent_result(grid: LatentGrid, run: SweepInputs, rows: torch.Tensor, site: str, method: str,
                   direction: str, layer: int) -> SweepResult:
     """The result of ``rows [cells, rows]`` (cells latent-major)."""
     per_prompt = rows.view(rows.shape[0], -1, run.n_prompts).mean(1).float().cpu()

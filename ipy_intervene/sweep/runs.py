@@ -1,4 +1,4 @@
-"""The prepared inputs of a sweep (:class:`Run`): which run is patched into (the base) and
+"""The prepared inputs of a sweep (:class:`SweepInputs`): which run is patched into (the base) and
 which one the patched values come from (the source), the metric and the positions it reads.
 
 >>> run = prepare(model, adapter, clean, corrupt, ii.logit_diff("Mary", "John"),
@@ -25,7 +25,7 @@ from ipy_intervene.analysis.reads import Reads, declared_reads, find_reads
 
 
 @dataclass
-class Run:
+class SweepInputs:
     """The prepared inputs of a sweep: the base run (patched into) and the source run."""
 
     base_kwargs: dict[str, Any]
@@ -67,7 +67,7 @@ class Run:
 
 def prepare(model: Model, adapter: Adapter, clean: Any, corrupted: Any, metric: Any,
              method: str, direction: str, subject: Any, samples: int, noise: float,
-             noise_std: float | None, seed: int) -> Run:
+             noise_std: float | None, seed: int) -> SweepInputs:
     if method == "noise":
         return _prepare_noise(model, adapter, clean, metric, subject, samples, noise, noise_std,
                               seed)
@@ -78,12 +78,12 @@ def prepare(model: Model, adapter: Adapter, clean: Any, corrupted: Any, metric: 
     a, b = prepare_pair(model, clean, corrupted)
     metric = as_metric(metric)
     base, source = (b, a) if direction == "denoising" else (a, b)
-    return Run(base.kwargs, source.kwargs, metric, declared_reads(metric, a.length), a.size,
+    return SweepInputs(base.kwargs, source.kwargs, metric, declared_reads(metric, a.length), a.size,
                token_labels(model, a), base_is_clean=direction == "noising")
 
 
 def _prepare_noise(model: Model, adapter: Adapter, clean: Any, metric: Any, subject: Any,
-                   samples: int, noise: float, noise_std: float | None, seed: int) -> Run:
+                   samples: int, noise: float, noise_std: float | None, seed: int) -> SweepInputs:
     batch = model.prepare([clean])
     mask = subject_mask(model, batch, subject)
     if samples < 1:
@@ -98,7 +98,7 @@ def _prepare_noise(model: Model, adapter: Adapter, clean: Any, metric: Any, subj
     metric = as_metric(metric)
     base = {k: v.repeat(samples, *([1] * (v.dim() - 1))) for k, v in batch.kwargs.items()}
     noise_rows = subject_noise(mask, embeddings.shape[-1], samples, std, seed)
-    return Run(base, batch.kwargs, metric, declared_reads(metric, batch.length), batch.size,
+    return SweepInputs(base, batch.kwargs, metric, declared_reads(metric, batch.length), batch.size,
                token_labels(model, batch), noise=noise_rows.to(embeddings.device, embeddings.dtype))
 
 

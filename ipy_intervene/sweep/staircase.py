@@ -23,7 +23,7 @@ from ipy_intervene.sweep.record import Recording
 
 
 @dataclass(frozen=True)
-class Cell:
+class GridCell:
     """One grid cell: the layers it patches (a window), a position (None: all) and a head."""
 
     layers: tuple[int, ...]
@@ -80,7 +80,7 @@ class Engine:
     # -- public --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def run(self, cells: list[Cell], desc: str = "sweep") -> torch.Tensor:
+    def run(self, cells: list[GridCell], desc: str = "sweep") -> torch.Tensor:
         """The metric of every row under each cell's patch: ``[len(cells), rows]``."""
         out = torch.empty(len(cells), self.rows, dtype=torch.float32,
                           device=self.base.logits.device)
@@ -98,17 +98,17 @@ class Engine:
 
     # -- planning ------------------------------------------------------------------------
 
-    def prefix(self, cell: Cell) -> int:
+    def prefix(self, cell: GridCell) -> int:
         return 0 if cell.pos is None else cell.pos
 
-    def joins_at(self, cell: Cell) -> int:
+    def joins_at(self, cell: GridCell) -> int:
         """The stream point where the cell's rows leave the corrupted run."""
         return min(self._point(layer) for layer in cell.layers)
 
     def _point(self, layer: int) -> int:
         return layer + 1 if self.kind.where == "block_out" else layer
 
-    def _chunks(self, cells: list[Cell]) -> Iterator[tuple[int, list[int]]]:
+    def _chunks(self, cells: list[GridCell]) -> Iterator[tuple[int, list[int]]]:
         by_prefix: dict[int, list[int]] = {}
         for i, cell in enumerate(cells):
             by_prefix.setdefault(self.prefix(cell), []).append(i)
@@ -149,14 +149,14 @@ class Engine:
         return caller
 
     @torch.no_grad()
-    def cell_logits(self, cell: Cell) -> torch.Tensor:
+    def cell_logits(self, cell: GridCell) -> torch.Tensor:
         """Logits ``[rows, positions, vocab]`` at the metric's positions under one cell's patch."""
         return self._patched_logits(self.prefix(cell), [cell])
 
-    def _run_chunk(self, prefix: int, cells: list[Cell]) -> torch.Tensor:
+    def _run_chunk(self, prefix: int, cells: list[GridCell]) -> torch.Tensor:
         return self.metric(self._patched_logits(prefix, cells)).view(len(cells), self.rows)
 
-    def _patched_logits(self, prefix: int, cells: list[Cell]) -> torch.Tensor:
+    def _patched_logits(self, prefix: int, cells: list[GridCell]) -> torch.Tensor:
         """Logits of each cell's block of rows, in the order of ``cells``. A cell that writes
         exactly (bit for bit) the values already there is the base run: its recorded logits."""
         moving = [i for i, cell in enumerate(cells) if not self.untouched(cell)]
@@ -172,7 +172,7 @@ class Engine:
             len(order), self.rows, *logits.shape[1:]).to(out.dtype)
         return out
 
-    def untouched(self, cell: Cell) -> bool:
+    def untouched(self, cell: GridCell) -> bool:
         """True when the cell's patch writes, in every row, the value already there."""
         if self._same is None:
             self._same = {layer: self._same_bits(layer) for layer in self.source.sites
@@ -197,7 +197,7 @@ class Engine:
         equal = _bits(base) == _bits(source.to(base.dtype))
         return equal.flatten(start_dim=3 if self.kind.per_head else 2).all(-1).all(0).cpu()
 
-    def _staircase(self, prefix: int, cells: list[Cell]) -> torch.Tensor:
+    def _staircase(self, prefix: int, cells: list[GridCell]) -> torch.Tensor:
         """Run cells sorted by the point where they join: each block of rows joins there."""
         caller, n_layers = self._caller(prefix), self.adapter.n_layers
         joins = [self.joins_at(cell) for cell in cells]
@@ -221,7 +221,7 @@ class Engine:
                 hidden = caller(point, hidden)
         return self._logits(hidden, prefix, len(cells))
 
-    def _edit(self, cells: list[Cell], prefix: int, point: int) -> Edit | None:
+    def _edit(self, cells: list[GridCell], prefix: int, point: int) -> Edit | None:
         """The writes of all cells at one stream point (or inside one block)."""
         rows, pos, heads, values = [], [], [], []
         prompts = torch.arange(self.rows) % self.n_prompts

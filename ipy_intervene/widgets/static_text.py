@@ -75,12 +75,12 @@ def contrast(rgb: RGB) -> str:
 
 TAG = re.compile(r"<(/?)(b|i|em|strong|sub|sup|span)(\s[^<>]*)?>|<br\s*/?>", re.IGNORECASE)
 COLOR_STYLE = re.compile(r"color\s*:\s*([^;'\"]+)")
-Run = tuple[str, dict[str, Any]]
+TextRun = tuple[str, dict[str, Any]]
 
 
-def lines_of(text: Any) -> list[list[Run]]:
+def lines_of(text: Any) -> list[list[TextRun]]:
     """Plotly's pseudo-HTML as lines of (text, style) runs; unknown tags stay literal."""
-    lines: list[list[Run]] = [[]]
+    lines: list[list[TextRun]] = [[]]
     stack: list[dict[str, Any]] = [{}]
     at = 0
     source = "" if text is None else str(text)
@@ -99,7 +99,7 @@ def lines_of(text: Any) -> list[list[Run]]:
     return lines
 
 
-def _add(line: list[Run], text: str, style: dict[str, Any]) -> None:
+def _add(line: list[TextRun], text: str, style: dict[str, Any]) -> None:
     if text:
         line.append((html.unescape(text), dict(style)))
 
@@ -136,7 +136,7 @@ def char_em(ch: str) -> float:
     return 0.55
 
 
-def line_width(line: list[Run], size: float) -> float:
+def line_width(line: list[TextRun], size: float) -> float:
     """Estimated width in px of one line of runs at font ``size``."""
     total = 0.0
     for text, style in line:
@@ -154,7 +154,7 @@ def escape(text: str) -> str:
     return html.escape(text, quote=True)
 
 
-def tspans(line: list[Run], size: float) -> str:
+def tspans(line: list[TextRun], size: float) -> str:
     """One line of runs as SVG ``<tspan>`` elements."""
     out = []
     for text, style in line:
