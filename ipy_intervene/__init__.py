@@ -15,11 +15,27 @@ from ipy_intervene.analysis.lens import LensResult, lens
 from ipy_intervene.analysis.metrics import logit_diff, logprob, metric, prob
 from ipy_intervene.analysis.patterns import PatternBatch, PatternResult, attention_patterns
 from ipy_intervene.arch.sites import Adapter, adapter_for
-from ipy_intervene.circuit import (Circuit, EdgeResult, VerifyResult, edge_attribution,
-                                   verify_circuit)
+from ipy_intervene.circuit import (
+    Circuit,
+    EdgeResult,
+    VerifyResult,
+    edge_attribution,
+    verify_circuit,
+)
 from ipy_intervene.errors import InterventionError
-from ipy_intervene.features import (SAE, Custom, Direction, Neurons, Splice, Subspace, attach,
-                                    attached, detach, feature_activations, load_sae)
+from ipy_intervene.features import (
+    SAE,
+    Custom,
+    Direction,
+    Neurons,
+    Splice,
+    Subspace,
+    attach,
+    attached,
+    detach,
+    feature_activations,
+    load_sae,
+)
 from ipy_intervene.model.envoys import Envoy, Model
 from ipy_intervene.model.loading import load_model, wrap
 from ipy_intervene.model.positions import Positions, positions

@@ -34,12 +34,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ipy_intervene.arch import attention
-from ipy_intervene.errors import InputError, SiteError
-from ipy_intervene.infra.progress import progress_disabled
-from ipy_intervene.infra.hooks import HookSession, entry_point, tap
-from ipy_intervene.model.loading import warn_if_training, wrap
-from ipy_intervene.model.envoys import Model
 from ipy_intervene.arch.sites import MODULE_SITES, Adapter, adapter_for, get_path, split_heads
+from ipy_intervene.errors import InputError, SiteError
+from ipy_intervene.infra.hooks import HookSession, entry_point, tap
+from ipy_intervene.infra.progress import progress_disabled
+from ipy_intervene.model.envoys import Model
+from ipy_intervene.model.loading import warn_if_training, wrap
 
 CHUNK_BYTES = 1 << 30     # one chunk's values of the sites asked for, at most (default size)
 ALL_SITES = ("embed", *MODULE_SITES, *attention.ATTENTION_SITES)

@@ -26,13 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ipy_intervene.analysis.metrics import LogitDiff, Metric
 from ipy_intervene.arch.attention import head_results
+from ipy_intervene.arch.sites import Adapter, adapter_for, get_path, split_heads
 from ipy_intervene.errors import InputError, SiteError
 from ipy_intervene.infra.hooks import entry_point, site_hooks
-from ipy_intervene.model.loading import warn_if_training, wrap
-from ipy_intervene.analysis.metrics import LogitDiff, Metric
 from ipy_intervene.model.envoys import Model
-from ipy_intervene.arch.sites import Adapter, adapter_for, get_path, split_heads
+from ipy_intervene.model.loading import warn_if_training, wrap
 
 
 @dataclass

@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
-from ipy_intervene.errors import InputError
-from ipy_intervene.model.batch import Batch
-from ipy_intervene.model.loading import wrap
-from ipy_intervene.model.envoys import Model
-from ipy_intervene.arch.sites import adapter_for, get_path
-from ipy_intervene.infra.hooks import entry_point, site_hooks
-from ipy_intervene.model.provenance import input_ids_of
 from ipy_intervene.analysis.inputs import first_prompt_tokens, numbered
+from ipy_intervene.arch.sites import adapter_for, get_path
+from ipy_intervene.errors import InputError
+from ipy_intervene.infra.hooks import entry_point, site_hooks
+from ipy_intervene.model.batch import Batch
+from ipy_intervene.model.envoys import Model
+from ipy_intervene.model.loading import wrap
+from ipy_intervene.model.provenance import input_ids_of
 
 
 @dataclass

@@ -18,14 +18,14 @@ from typing import Any, Sequence
 
 import torch
 
-from ipy_intervene.model.batch import encode_id_list
+from ipy_intervene.analysis.inputs import numbered
+from ipy_intervene.arch.sites import adapter_for
 from ipy_intervene.errors import InputError
 from ipy_intervene.infra.hooks import entry_point
-from ipy_intervene.model.loading import warn_if_training, wrap
+from ipy_intervene.model.batch import encode_id_list
 from ipy_intervene.model.envoys import Model
+from ipy_intervene.model.loading import warn_if_training, wrap
 from ipy_intervene.model.provenance import input_ids_of
-from ipy_intervene.arch.sites import adapter_for
-from ipy_intervene.analysis.inputs import numbered
 
 ROW_SUM_TOL = {torch.float32: 1e-4, torch.float64: 1e-8}   # other dtypes: 2e-2
 

@@ -50,17 +50,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ipy_intervene.analysis.inputs import prepare_pair
+from ipy_intervene.analysis.metrics import as_metric
+from ipy_intervene.analysis.reads import OnLogits
 from ipy_intervene.circuit.graph import Graph, build_graph
 from ipy_intervene.circuit.result import EdgeResult
 from ipy_intervene.circuit.runs import GraphRun, Writes
 from ipy_intervene.circuit.verify import record
 from ipy_intervene.errors import InputError
 from ipy_intervene.infra.hooks import HookSession, entry_point
-from ipy_intervene.model.loading import warn_if_training, wrap
-from ipy_intervene.analysis.metrics import as_metric
-from ipy_intervene.analysis.inputs import prepare_pair
-from ipy_intervene.analysis.reads import OnLogits
 from ipy_intervene.infra.progress import progress_disabled
+from ipy_intervene.model.loading import warn_if_training, wrap
 
 METHODS = ("eap", "eap-ig")
 DIRECTIONS = ("denoising", "noising")

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ipy_intervene.errors import InputError
 from ipy_intervene.arch.sites import get_path
+from ipy_intervene.errors import InputError
 
 
 @dataclass(frozen=True)

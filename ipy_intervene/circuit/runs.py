@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from ipy_intervene.arch.attention import head_results
+from ipy_intervene.arch.sites import get_path, split_heads
 from ipy_intervene.circuit.graph import Graph, Slot
 from ipy_intervene.errors import InputError
 from ipy_intervene.infra.hooks import HookSession, tap
-from ipy_intervene.arch.sites import get_path, split_heads
 
 Writes = list[torch.Tensor]
 

@@ -27,14 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ipy_intervene.analysis.inputs import prepare_pair
+from ipy_intervene.analysis.metrics import as_metric
+from ipy_intervene.analysis.reads import OnLogits
 from ipy_intervene.circuit.graph import Graph, build_graph, edge_mask
 from ipy_intervene.circuit.runs import GraphRun, Writes
 from ipy_intervene.errors import InputError
 from ipy_intervene.infra.hooks import HookSession, entry_point
 from ipy_intervene.model.loading import warn_if_training, wrap
-from ipy_intervene.analysis.metrics import as_metric
-from ipy_intervene.analysis.inputs import prepare_pair
-from ipy_intervene.analysis.reads import OnLogits
 
 ABLATIONS = ("corrupted", "mean")
 

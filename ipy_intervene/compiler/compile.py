@@ -27,13 +27,23 @@ from dataclasses import dataclass, field
 from types import CodeType
 from typing import Callable
 
-from ipy_intervene.errors import CellSyntaxError
 from ipy_intervene.compiler.graph import InterventionGraph
-from ipy_intervene.habits.explain import site_roots
 from ipy_intervene.compiler.invokes import Block, find_blocks, name_rules
 from ipy_intervene.compiler.rewrite import _GraphBuilder
-from ipy_intervene.compiler.syntax import (BRIDGE, INTERNAL_NAMES, SITE_ATTRS, TRACER, Part, bridge_call,
-                                  child_blocks, format_path, locate, statement_names)
+from ipy_intervene.compiler.syntax import (
+    BRIDGE,
+    INTERNAL_NAMES,
+    SITE_ATTRS,
+    TRACER,
+    Part,
+    bridge_call,
+    child_blocks,
+    format_path,
+    locate,
+    statement_names,
+)
+from ipy_intervene.errors import CellSyntaxError
+from ipy_intervene.habits.explain import site_roots
 
 __all__ = ["BRIDGE", "INTERNAL_NAMES", "SITE_ATTRS", "TRACER", "CompiledCell", "InvokeCode",
            "Part", "compile_cell", "format_path", "parse_cell", "statement_names"]

@@ -18,8 +18,8 @@ import ast
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from ipy_intervene.errors import CellSyntaxError
 from ipy_intervene.compiler.syntax import all_defs, child_blocks, header_parts, statement_names
+from ipy_intervene.errors import CellSyntaxError
 
 
 @dataclass

@@ -24,9 +24,9 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass
 
-from ipy_intervene.errors import CellSyntaxError
 from ipy_intervene.compiler.invoke_setup import Block, Timeline, check_setup, mutated
 from ipy_intervene.compiler.syntax import TRACER, all_defs, all_uses, child_blocks
+from ipy_intervene.errors import CellSyntaxError
 
 
 @dataclass

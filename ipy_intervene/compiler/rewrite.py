@@ -20,13 +20,24 @@ from __future__ import annotations
 import ast
 from types import CodeType
 
-from ipy_intervene.errors import CellSyntaxError
 from ipy_intervene.compiler.graph import InterventionGraph, Site, Statement
 from ipy_intervene.compiler.invokes import InvokeNames
 from ipy_intervene.compiler.rewrite_expr import ExprRewriter
-from ipy_intervene.compiler.syntax import (BRIDGE, INTERNAL_NAMES, SITE_ATTRS, TRACER, Part, bridge_call,
-                                  child_blocks, compile_module, format_path, index_expr, locate,
-                                  statement_names)
+from ipy_intervene.compiler.syntax import (
+    BRIDGE,
+    INTERNAL_NAMES,
+    SITE_ATTRS,
+    TRACER,
+    Part,
+    bridge_call,
+    child_blocks,
+    compile_module,
+    format_path,
+    index_expr,
+    locate,
+    statement_names,
+)
+from ipy_intervene.errors import CellSyntaxError
 
 _AUG_OPS = {ast.Add: "iadd", ast.Sub: "isub", ast.Mult: "imul", ast.Div: "itruediv",
             ast.MatMult: "imatmul", ast.Pow: "ipow", ast.FloorDiv: "ifloordiv", ast.Mod: "imod"}

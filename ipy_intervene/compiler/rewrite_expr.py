@@ -9,8 +9,8 @@ import ast
 import copy
 from typing import Any, Protocol
 
-from ipy_intervene.errors import CellSyntaxError
 from ipy_intervene.compiler.syntax import BRIDGE, TRACER, Part, bridge_call, locate
+from ipy_intervene.errors import CellSyntaxError
 
 
 class SiteBuilder(Protocol):

@@ -16,8 +16,8 @@ from torch import nn
 
 from ipy_intervene.arch import attention
 from ipy_intervene.compiler.compile import CompiledCell, Part
-from ipy_intervene.errors import InterventionError, SiteError
 from ipy_intervene.compiler.graph import InterventionGraph, Site
+from ipy_intervene.errors import InterventionError, SiteError
 from ipy_intervene.model.envoys import Envoy, Model
 
 INPUT_ATTRS = ("input", "inputs", "skip")

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ipy_intervene.infra import active
 from ipy_intervene.errors import InputError, InterventionError, SiteError
+from ipy_intervene.infra import active
 from ipy_intervene.infra.hooks import first_tensor, input_key
 
 KINDS = ("output", "transcoder")

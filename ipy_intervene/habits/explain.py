@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ipy_intervene.infra.last_trace import note_trace, past_end, trace_root
 from ipy_intervene.errors import InputError, InterventionError, PositionError, SiteError
 from ipy_intervene.habits.transformer_lens import act_name_hint
+from ipy_intervene.infra.last_trace import note_trace, past_end, trace_root
 
 # what nnsight users write, and what to write in a %%trace cell
 _NNSIGHT = {

@@ -12,7 +12,6 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-
 _LAST_TRACE: dict[str, Any] = {"length": None, "root": None, "widths": None}
 
 

@@ -21,11 +21,12 @@ from IPython.core.error import UsageError
 from torch import nn
 
 from ipy_intervene.compiler.compile import CompiledCell
-from ipy_intervene.model.loading import wrap
 from ipy_intervene.magics.command import TraceCommand
 from ipy_intervene.magics.tracebacks import shorten
 from ipy_intervene.model.envoys import Model
+from ipy_intervene.model.loading import wrap
 from ipy_intervene.tracing.trace import NO_INPUT, TraceResult, run_compiled
+
 
 def as_model(value: Any, expr: str, magic: str) -> Model:
     """MODEL's value as an ``ii.Model`` (a raw ``nn.Module`` is wrapped)."""

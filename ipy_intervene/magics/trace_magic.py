@@ -12,8 +12,13 @@ from IPython.display import display
 from ipy_intervene.compiler.compile import compile_cell
 from ipy_intervene.magics.command import TraceCommand, generate_values
 from ipy_intervene.magics.evaluate import evaluate
-from ipy_intervene.magics.trace_def import (TracedCell, as_model, check_options, signature_of,
-                                            take_def)
+from ipy_intervene.magics.trace_def import (
+    TracedCell,
+    as_model,
+    check_options,
+    signature_of,
+    take_def,
+)
 from ipy_intervene.magics.tracebacks import shorten, title_of
 from ipy_intervene.model.envoys import Model
 from ipy_intervene.tracing.trace import NO_INPUT, TraceResult, run_compiled

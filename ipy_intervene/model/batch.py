@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from ipy_intervene.errors import InputError, SiteError
+from ipy_intervene.errors import InputError
+
 
 def describe(x: Any) -> str:
     """A short description of an INPUT for error messages."""

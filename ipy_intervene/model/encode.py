@@ -13,12 +13,18 @@ from typing import Any
 
 import torch
 
-from ipy_intervene.infra import active
-from ipy_intervene.infra.last_trace import note_trace
-from ipy_intervene.model.batch import (Batch, check_ids, describe, encode_dict, encode_id_list,
-                                       encode_ids)
 from ipy_intervene.errors import InputError
 from ipy_intervene.habits.explain import check_output_attentions
+from ipy_intervene.infra import active
+from ipy_intervene.infra.last_trace import note_trace
+from ipy_intervene.model.batch import (
+    Batch,
+    check_ids,
+    describe,
+    encode_dict,
+    encode_id_list,
+    encode_ids,
+)
 from ipy_intervene.model.tokens import check_known, check_kwargs
 
 

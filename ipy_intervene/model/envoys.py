@@ -22,14 +22,14 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ipy_intervene.infra import active
 from ipy_intervene.arch import attention
-from ipy_intervene.model import encode
-from ipy_intervene.model.batch import Batch, describe
 from ipy_intervene.errors import InputError, MissingAttributeError, SiteError
 from ipy_intervene.habits.explain import nnsight_hint
-from ipy_intervene.model.placement import input_device
 from ipy_intervene.habits.transformer_lens import tl_hint
+from ipy_intervene.infra import active
+from ipy_intervene.model import encode
+from ipy_intervene.model.batch import Batch, describe
+from ipy_intervene.model.placement import input_device
 from ipy_intervene.model.tokens import check_known
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo" / "weights"

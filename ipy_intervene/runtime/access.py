@@ -18,11 +18,12 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ipy_intervene.arch import layout
-from ipy_intervene.runtime import values
 from ipy_intervene.errors import SiteError
 from ipy_intervene.habits.explain import guard_pattern
 from ipy_intervene.infra.hooks import input_key, replace_input
+from ipy_intervene.runtime import values
 from ipy_intervene.runtime.values import View
+
 
 class Request(Protocol):
     """A site request as serving reads it (``runtime/scheduler.py``'s ``Request``)."""

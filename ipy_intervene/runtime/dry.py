@@ -17,10 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ipy_intervene.errors import cell_line
 from ipy_intervene.compiler.graph import InterventionGraph
-from ipy_intervene.runtime.run import NO_INPUT, run_cell
 from ipy_intervene.compiler.validate import HookPlan
+from ipy_intervene.errors import cell_line
+from ipy_intervene.runtime.run import NO_INPUT, run_cell
 
 
 @dataclass
@@ -33,8 +33,11 @@ class DryOutcome:
 def run_dry(model: Any, cell: Any, graph: InterventionGraph, plan: HookPlan, ns: dict, *,
             line_input: Any = NO_INPUT, generate: int | None = None) -> DryOutcome:
     """Run ``cell`` on fake tensors; the caller undoes whatever the cell bound."""
-    from torch._subclasses.fake_tensor import (DataDependentOutputException,
-                                               DynamicOutputShapeException, FakeTensorMode)
+    from torch._subclasses.fake_tensor import (
+        DataDependentOutputException,
+        DynamicOutputShapeException,
+        FakeTensorMode,
+    )
 
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):

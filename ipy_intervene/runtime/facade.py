@@ -16,9 +16,9 @@ import builtins
 import sys
 from typing import Any, Iterable, Iterator
 
-from ipy_intervene.infra import active
 from ipy_intervene.errors import InterventionError
 from ipy_intervene.habits.explain import check_row0
+from ipy_intervene.infra import active
 
 NAME = "__ii__"
 

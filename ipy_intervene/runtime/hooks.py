@@ -10,10 +10,10 @@ from typing import Any
 
 from torch import nn
 
+from ipy_intervene.compiler.validate import HookPlan
 from ipy_intervene.infra.hooks import HookSession
 from ipy_intervene.runtime.access import Inputs, Output, apply_skips, skipped_output
 from ipy_intervene.runtime.scheduler import OUT, PRE, Scheduler
-from ipy_intervene.compiler.validate import HookPlan
 
 
 class StopForward(BaseException):

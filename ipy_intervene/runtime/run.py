@@ -9,27 +9,25 @@ from __future__ import annotations
 import re
 import time
 from contextlib import nullcontext
-from types import FunctionType
 from dataclasses import dataclass
+from types import FunctionType
 from typing import Any, Callable, Iterator
 
-import torch
 from torch import nn
 
-from ipy_intervene.infra import active
 from ipy_intervene.arch import attention
-from ipy_intervene.runtime import values
-from ipy_intervene.errors import InterventionError, SiteError, cell_line
-from ipy_intervene.runtime.generation import GenerateOptions
 from ipy_intervene.compiler.graph import InterventionGraph, Visit
+from ipy_intervene.compiler.validate import HookPlan, check_called
+from ipy_intervene.errors import InterventionError, SiteError, cell_line
+from ipy_intervene.infra import active
 from ipy_intervene.infra.hooks import HookSession
 from ipy_intervene.model.batch import Batch
 from ipy_intervene.model.envoys import Envoy, Model
-from ipy_intervene.runtime import facade
+from ipy_intervene.runtime import facade, values
+from ipy_intervene.runtime.generation import GenerateOptions
 from ipy_intervene.runtime.hooks import StopForward, TraceHooks
 from ipy_intervene.runtime.scheduler import OUT, Request, Scheduler
 from ipy_intervene.runtime.taken import changed, fingerprint
-from ipy_intervene.compiler.validate import HookPlan, check_called
 
 NO_INPUT = object()  # no INPUT on the magic line
 

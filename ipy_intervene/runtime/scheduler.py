@@ -16,11 +16,11 @@ from typing import Any, Callable
 import greenlet
 import torch
 
-from ipy_intervene.runtime import values
-from ipy_intervene.errors import InterventionError, SiteError
 from ipy_intervene.compiler.graph import InterventionGraph, Site, Visit
+from ipy_intervene.errors import InterventionError, SiteError
 from ipy_intervene.model.batch import Batch
 from ipy_intervene.model.envoys import Envoy
+from ipy_intervene.runtime import values
 from ipy_intervene.runtime.access import Output, ReadLedger, serve_model_output
 
 PRE, OUT = "pre", "out"

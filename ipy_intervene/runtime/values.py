@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from ipy_intervene.infra.last_trace import past_end
-from ipy_intervene.errors import PositionError, SiteError, ValueMismatchError
 from ipy_intervene.arch.layout import GENERIC, Layout, Unknown
+from ipy_intervene.errors import PositionError, SiteError, ValueMismatchError
+from ipy_intervene.infra.last_trace import past_end
 
 
 @dataclass(frozen=True)

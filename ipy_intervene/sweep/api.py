@@ -9,16 +9,17 @@ from typing import Any, Sequence
 
 import torch
 
+from ipy_intervene.analysis.inputs import index_list
+from ipy_intervene.arch.sites import MODULE_SITES, Adapter, SiteKind, adapter_for, site_kind
 from ipy_intervene.errors import InputError
 from ipy_intervene.infra.hooks import entry_point
-from ipy_intervene.model.loading import warn_if_training, wrap
 from ipy_intervene.model.envoys import Model
-from ipy_intervene.arch.sites import MODULE_SITES, Adapter, SiteKind, adapter_for, site_kind
-from ipy_intervene.sweep import (atp_star, attribution, choices, cluster as clusters, custom,
-                                 latent_atp, latents as latent_sites, memory)
+from ipy_intervene.model.loading import warn_if_training, wrap
+from ipy_intervene.sweep import atp_star, attribution, choices, custom, latent_atp, memory
+from ipy_intervene.sweep import cluster as clusters
+from ipy_intervene.sweep import latents as latent_sites
 from ipy_intervene.sweep.heads import HEAD_SITES, head_sweep
 from ipy_intervene.sweep.paths import path_patch
-from ipy_intervene.analysis.inputs import index_list
 from ipy_intervene.sweep.record import record
 from ipy_intervene.sweep.result import SweepResult, normalised
 from ipy_intervene.sweep.runs import CellPatcher, SweepInputs, prepare
@@ -348,7 +349,8 @@ class Patcher(CellPatcher):
 def _engine(model: Model, adapter: Adapter, grid: Grid, run: SweepInputs, batch_size: int | None,
             memory_fraction: float) -> Engine:
     """The recorded source and base runs, ready to patch (sets the run's baselines). The
-    clean one is recorded first: it finds the positions the metric reads (``SweepInputs.settle``)."""
+    clean one is recorded first: it finds the positions the metric reads
+    (``SweepInputs.settle``)."""
     with torch.no_grad():
         recorded: dict[str, Any] = {}
         for name in ("base", "source") if run.base_is_clean else ("source", "base"):

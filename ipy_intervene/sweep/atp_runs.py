@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ipy_intervene.arch import attention
-from ipy_intervene.infra.hooks import HookSession, tap
 from ipy_intervene.arch.sites import MODULE_SITES, Adapter, SiteKind
+from ipy_intervene.infra.hooks import HookSession, tap
 from ipy_intervene.sweep.attribution import _check_differentiable, _grad_root
 from ipy_intervene.sweep.heads import attention_point
 from ipy_intervene.sweep.record import record

@@ -40,16 +40,16 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
+from ipy_intervene.analysis.inputs import index_list, prepare_pair, token_labels
+from ipy_intervene.analysis.metrics import as_metric
+from ipy_intervene.arch.sites import MODULE_SITES, Adapter, SiteKind, adapter_for, get_path
 from ipy_intervene.errors import InputError, SiteError
 from ipy_intervene.infra.hooks import entry_point
 from ipy_intervene.model.loading import warn_if_training, wrap
-from ipy_intervene.analysis.metrics import as_metric
-from ipy_intervene.arch.sites import MODULE_SITES, Adapter, SiteKind, adapter_for, get_path
 from ipy_intervene.sweep import qk_fix as fix
 from ipy_intervene.sweep.atp_runs import GradRecording, Wanted, base_run, source_run
 from ipy_intervene.sweep.attribution import _effect
 from ipy_intervene.sweep.heads import HEAD_SITES, attention_point
-from ipy_intervene.analysis.inputs import index_list, prepare_pair, token_labels
 from ipy_intervene.sweep.result import SweepResult, normalised
 
 COMPONENT_SITES = ("attn_out", "mlp_out", "head_out", "head_out_pos")
@@ -186,8 +186,8 @@ def _head_count(grid: _Grid, adapter: Adapter, base: GradRecording) -> int:
     return int(base.values[(grid.layers[0], grid.name)].shape[1])
 
 
-def _estimates(model: Any, adapter: Adapter, grid: _Grid, base: GradRecording, source: GradRecording,
-               grad_drop: bool, qk_fix: bool,
+def _estimates(model: Any, adapter: Adapter, grid: _Grid, base: GradRecording,
+               source: GradRecording, grad_drop: bool, qk_fix: bool,
                batch_size: int | None) -> tuple[dict[int, torch.Tensor], dict[str, int]]:
     """Per grid layer ``[passes, cells, prompts]``: pass 0 plain, pass i with layer
     ``layer + i`` dropped."""
@@ -228,8 +228,8 @@ def _split(base: GradRecording, tensors: dict[int, torch.Tensor], layers: list[i
     return {l: [g.detach()] for l, g in zip(layers, grads)}
 
 
-def _head_terms(model: Any, adapter: Adapter, grid: _Grid, base: GradRecording, source: GradRecording, layer: int,
-                grads: torch.Tensor, fixed: bool,
+def _head_terms(model: Any, adapter: Adapter, grid: _Grid, base: GradRecording,
+                source: GradRecording, layer: int, grads: torch.Tensor, fixed: bool,
                 batch_size: int | None) -> tuple[torch.Tensor, int]:
     """``[passes, prompts, heads, cells_pos]`` for a head input site at one layer."""
     positions = grid.positions if grid.per_position else None

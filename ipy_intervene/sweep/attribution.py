@@ -10,9 +10,8 @@ from typing import Any
 
 import torch
 
-from ipy_intervene.errors import InputError
-
 from ipy_intervene.arch.sites import Adapter, get_path, split_heads
+from ipy_intervene.errors import InputError
 from ipy_intervene.infra.hooks import site_hooks
 from ipy_intervene.sweep.record import record
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from ipy_intervene.infra.hooks import HookSession
 from ipy_intervene.arch.sites import Adapter, get_path
+from ipy_intervene.infra.hooks import HookSession
 from ipy_intervene.sweep.record import cache_kwarg
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from ipy_intervene.arch.sites import MODULE_SITES, Adapter, adapter_for
 from ipy_intervene.errors import InputError, SiteError
 from ipy_intervene.model.loading import wrap
-from ipy_intervene.arch.sites import MODULE_SITES, Adapter, adapter_for
-from ipy_intervene.sweep import atp_star, latents as latent_sites
+from ipy_intervene.sweep import atp_star
+from ipy_intervene.sweep import latents as latent_sites
 from ipy_intervene.sweep.heads import HEAD_SITES
 
 

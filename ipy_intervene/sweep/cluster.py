@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from ipy_intervene.errors import InputError
 from ipy_intervene.infra.interrupts import uninterruptible
-from ipy_intervene.sweep import cluster_worker
 from ipy_intervene.infra.progress import progress_disabled
+from ipy_intervene.sweep import cluster_worker
 from ipy_intervene.sweep.staircase import Engine, GridCell
 
 METHODS = ("activation", "noise")

@@ -20,11 +20,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ipy_intervene.errors import InputError
 from ipy_intervene.analysis.metrics import Metric
-from ipy_intervene.model.envoys import Model
-from ipy_intervene.arch.sites import Adapter, SiteKind
 from ipy_intervene.analysis.reads import Reads
+from ipy_intervene.arch.sites import Adapter, SiteKind
+from ipy_intervene.errors import InputError
+from ipy_intervene.model.envoys import Model
 from ipy_intervene.sweep.record import Recording
 from ipy_intervene.sweep.staircase import Engine, GridCell
 

@@ -26,9 +26,9 @@ from typing import Any, Callable
 
 import torch
 
+from ipy_intervene.analysis.inputs import index_list
 from ipy_intervene.errors import InputError
 from ipy_intervene.features.splice import dictionary_dtype
-from ipy_intervene.analysis.inputs import index_list
 
 DICTIONARY_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 METHODS = ("activation", "attribution")

@@ -21,16 +21,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ipy_intervene.analysis.inputs import prepare_pair, token_labels
+from ipy_intervene.analysis.metrics import as_metric
+from ipy_intervene.analysis.reads import OnLogits
 from ipy_intervene.arch import attention
+from ipy_intervene.arch.sites import Adapter, adapter_for, get_path
 from ipy_intervene.errors import InputError
 from ipy_intervene.infra.hooks import HookSession, entry_point, tap
-from ipy_intervene.model.loading import warn_if_training, wrap
-from ipy_intervene.analysis.metrics import as_metric
-from ipy_intervene.arch.sites import Adapter, adapter_for, get_path
-from ipy_intervene.analysis.inputs import prepare_pair, token_labels
-from ipy_intervene.analysis.reads import OnLogits
-from ipy_intervene.sweep.result import SweepResult, normalised
 from ipy_intervene.infra.progress import progress_disabled
+from ipy_intervene.model.loading import warn_if_training, wrap
+from ipy_intervene.sweep.result import SweepResult, normalised
 
 HEAD_SITES = {f"head_{name}{pos}": (name, bool(pos)) for name in ("q", "k", "v", "pattern")
          for pos in ("", "_pos")}
@@ -85,7 +85,8 @@ class _Grid:
         self.layers, self.positions, self.heads = layers, positions, heads
         if per_position:
             self.dims = ("layer", "pos", "head")
-            self.cells: list[HeadCell] = [(l, h, p) for l in layers for p in positions for h in heads]
+            self.cells: list[HeadCell] = [(l, h, p) for l in layers for p in positions
+                                          for h in heads]
             self.shape: tuple[int, ...] = (len(layers), len(positions), len(heads))
         else:
             self.dims, self.positions = ("layer", "head"), []

@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
+from ipy_intervene.analysis.inputs import token_labels
+from ipy_intervene.arch.sites import MODULE_SITES, Adapter
 from ipy_intervene.errors import SiteError
 from ipy_intervene.features.splice import Splice
 from ipy_intervene.infra.hooks import site_hooks
-from ipy_intervene.arch.sites import MODULE_SITES, Adapter
 from ipy_intervene.sweep.atp_runs import Wanted, base_run
 from ipy_intervene.sweep.atp_star import _grad_drop, estimate_inputs
-from ipy_intervene.analysis.inputs import token_labels
 from ipy_intervene.sweep.latents import make_grid, splice_layer
 from ipy_intervene.sweep.record import record
 from ipy_intervene.sweep.result import SweepResult, normalised

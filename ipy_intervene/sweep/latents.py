@@ -27,13 +27,13 @@ from typing import Any, Sequence
 
 import torch
 
+from ipy_intervene.analysis.inputs import index_list
+from ipy_intervene.arch.sites import MODULE_SITES, Adapter, get_path
 from ipy_intervene.errors import InputError, SiteError
 from ipy_intervene.features.splice import Splice, attached
 from ipy_intervene.infra.hooks import site_hooks
-from ipy_intervene.arch.sites import MODULE_SITES, Adapter, get_path
 from ipy_intervene.sweep import memory
 from ipy_intervene.sweep.attribution import _check_differentiable, _grad_root
-from ipy_intervene.analysis.inputs import index_list
 from ipy_intervene.sweep.record import Recording, record
 from ipy_intervene.sweep.result import SweepResult, normalised
 from ipy_intervene.sweep.runs import CellPatcher, SweepInputs
@@ -257,7 +257,8 @@ class LatentPatcher(CellPatcher):
     >>> result.patcher.top_tokens((3, 0), k=3)       # doctest: +SKIP
     """
 
-    def __init__(self, model: Any, engine: LatentEngine, grid: LatentGrid, run: SweepInputs) -> None:
+    def __init__(self, model: Any, engine: LatentEngine, grid: LatentGrid,
+                 run: SweepInputs) -> None:
         self.model, self._engine, self.grid, self.run = model, engine, grid, run
         self._cells = grid.cells()
 

@@ -25,15 +25,15 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ipy_intervene.analysis.inputs import prepare_pair, token_labels
+from ipy_intervene.analysis.metrics import as_metric
+from ipy_intervene.analysis.reads import OnLogits
 from ipy_intervene.arch import attention
+from ipy_intervene.arch.sites import Adapter, adapter_for, get_path, split_heads
 from ipy_intervene.errors import InputError
-from ipy_intervene.sweep.heads import attention_point, in_chunks
 from ipy_intervene.infra.hooks import HookSession, entry_point, tap
 from ipy_intervene.model.loading import warn_if_training, wrap
-from ipy_intervene.analysis.metrics import as_metric
-from ipy_intervene.arch.sites import Adapter, adapter_for, get_path, split_heads
-from ipy_intervene.analysis.inputs import prepare_pair, token_labels
-from ipy_intervene.analysis.reads import OnLogits
+from ipy_intervene.sweep.heads import attention_point, in_chunks
 from ipy_intervene.sweep.result import SweepResult, normalised
 
 Head = tuple[int, int]

@@ -49,7 +49,9 @@ def record(model: Any, adapter: Adapter, kwargs: dict[str, Any], *, kind: SiteKi
                       _keep(rec.stream, adapter.n_layers)))
     if noise is not None:
         hooks.append((get_path(module, adapter.embed), "module_out", lambda x: x + noise))
-    from transformers import DynamicCache  # imported on first use: `import ipy_intervene` stays light
+    from transformers import (
+        DynamicCache,  # imported on first use: `import ipy_intervene` stays light
+    )
 
     cache = DynamicCache() if stream else None
     with site_hooks(hooks):

@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
+from ipy_intervene.analysis.inputs import prepare_pair, subject_mask, subject_noise, token_labels
+from ipy_intervene.analysis.metrics import Metric, Prob, as_metric
+from ipy_intervene.analysis.reads import Reads, declared_reads, find_reads
+from ipy_intervene.arch.sites import Adapter, get_path
 from ipy_intervene.errors import InputError
 from ipy_intervene.infra.hooks import entry_point
-from ipy_intervene.analysis.metrics import Metric, Prob, as_metric
 from ipy_intervene.model.envoys import Model
-from ipy_intervene.arch.sites import Adapter, get_path
-from ipy_intervene.analysis.inputs import prepare_pair, subject_mask, subject_noise, token_labels
-from ipy_intervene.analysis.reads import Reads, declared_reads, find_reads
 
 
 @dataclass

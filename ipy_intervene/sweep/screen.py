@@ -74,7 +74,6 @@ class ScreenResult:
         """The screen's heatmap with the verified cells marked (their exact value in the
         hover)."""
         from ipy_intervene.widgets.heatmap import sweep_heatmap
-
         from ipy_intervene.widgets.sweep_view import row_labels, shown_rows
 
         fig = self.screen.figure() if self.screen.dims[0] == "latent" else \

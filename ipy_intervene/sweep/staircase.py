@@ -15,10 +15,10 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ipy_intervene.infra.progress import progress_disabled
 from ipy_intervene.arch.sites import Adapter, SiteKind, get_path, split_heads
-from ipy_intervene.sweep.blocks import BlockCaller
 from ipy_intervene.infra.hooks import site_hooks
+from ipy_intervene.infra.progress import progress_disabled
+from ipy_intervene.sweep.blocks import BlockCaller
 from ipy_intervene.sweep.record import Recording
 
 

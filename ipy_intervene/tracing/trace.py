@@ -16,18 +16,18 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ipy_intervene.compiler.compile import CompiledCell, compile_cell
-from ipy_intervene.errors import InterventionError, cell_line
-from ipy_intervene.runtime.generation import check as check_generate_options
 from ipy_intervene.compiler.graph import InterventionGraph
+from ipy_intervene.compiler.validate import validate
+from ipy_intervene.errors import InterventionError, cell_line
 from ipy_intervene.habits.explain import check_other_models, explain
 from ipy_intervene.infra.interrupts import holding, uninterruptible
-from ipy_intervene.model.loading import warn_if_training, wrap
 from ipy_intervene.model.envoys import Model
-from ipy_intervene.tracing.namespace import Bindings, bound_names
+from ipy_intervene.model.loading import warn_if_training, wrap
 from ipy_intervene.model.provenance import remember
 from ipy_intervene.runtime import NO_INPUT, Outcome, run_cell
 from ipy_intervene.runtime.dry import run_dry
-from ipy_intervene.compiler.validate import validate
+from ipy_intervene.runtime.generation import check as check_generate_options
+from ipy_intervene.tracing.namespace import Bindings, bound_names
 
 
 @dataclass
