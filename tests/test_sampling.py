@@ -22,7 +22,7 @@ def generate_alone(model, texts, n, hook=None, **kw):
     handle = model.module.transformer.h[2].register_forward_hook(hook) if hook else None
     try:
         with torch.no_grad():
-            out = model.module.generate(**enc, max_new_tokens=n, pad_token_id=model._pad_id(),
+            out = model.module.generate(**enc, max_new_tokens=n, pad_token_id=model.pad_id,
                                         **kw)
     finally:
         if handle is not None:

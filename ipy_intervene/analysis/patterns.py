@@ -226,7 +226,7 @@ def _is_published(model: Model, source: Any) -> bool:
             raise InputError(f"a {source.dtype} tensor of shape {list(source.shape)} is not "
                              f"token ids: {_IDS}")
     else:
-        encode_id_list(tensors, model._pad_id(), None)   # its errors name the bad item
+        encode_id_list(tensors, model.pad_id, None)   # its errors name the bad item
     return False
 
 

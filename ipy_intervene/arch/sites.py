@@ -122,6 +122,13 @@ _LLAMA_LIKE = dict(blocks="model.layers", final_norm="model.norm", unembed="lm_h
                    embed="model.embed_tokens", attn="self_attn", mlp="mlp",
                    mid_norm="post_attention_layernorm", head_proj="self_attn.o_proj")
 
+# Every family here has blocks whose attention and MLP outputs are added to the residual
+# stream as they are (no multiplier, no norm after them), embeddings that reach block 0
+# unscaled and logits that are the unembedding of the final norm; the self-check
+# (:mod:`ipy_intervene.arch.check`) proves it on each model's first analysis. MoE families
+# (mixtral, qwen2_moe, qwen3_moe): `mlp` is the sparse MoE block (its output, shared expert
+# included, is mlp_out). Families with a parallel residual have mid_norm=None (GPT-J always;
+# GPT-NeoX and StableLM when their config's flag in _PARALLEL is set).
 _FAMILIES: dict[str, dict[str, Any]] = {
     "gpt2": dict(blocks="transformer.h", final_norm="transformer.ln_f", unembed="lm_head",
                  embed="transformer.wte", attn="attn", mlp="mlp", mid_norm="ln_2",
@@ -130,14 +137,32 @@ _FAMILIES: dict[str, dict[str, Any]] = {
                      unembed="lm_head", embed="gpt_neox.embed_in", attn="attention", mlp="mlp",
                      mid_norm="post_attention_layernorm", head_proj="attention.dense"),
     **{name: _LLAMA_LIKE for name in ("llama", "mistral", "qwen2", "qwen3")},
+    "gptj": dict(blocks="transformer.h", final_norm="transformer.ln_f", unembed="lm_head",
+                 embed="transformer.wte", attn="attn", mlp="mlp", mid_norm=None,
+                 head_proj="attn.out_proj"),
+    **{name: _LLAMA_LIKE for name in ("mixtral", "phi3", "olmo", "stablelm", "qwen2_moe",
+                                      "qwen3_moe", "smollm3")},
 }
+_PARALLEL = {"gpt_neox": "use_parallel_residual", "stablelm": "use_parallel_residual"}
 
 
-def adapter_for(model: Any, adapter: Adapter | None = None) -> Adapter:
-    """The adapter of a model (an ``ii.Model`` or a Hugging Face causal LM)."""
+def adapter_for(model: Any, adapter: Adapter | None = None, *, check: bool = True) -> Adapter:
+    """The adapter of a model (an ``ii.Model`` or a Hugging Face causal LM), the family's or
+    ``adapter`` (one by hand); either is checked on one small forward of this model the first
+    time (:mod:`ipy_intervene.arch.check`: a map whose sites would be wrong is a SiteError)."""
     module = getattr(model, "module", model)
     if adapter is not None:
-        return adapter.with_layers(module) if not adapter.n_layers else adapter
+        found = adapter.with_layers(module) if not adapter.n_layers else adapter
+    else:
+        found = _family_adapter(module)
+    if not check:
+        return found
+    from ipy_intervene.arch.check import checked
+
+    return checked(module, found)
+
+
+def _family_adapter(module: Any) -> Adapter:
     config = getattr(module, "config", None)
     model_type = getattr(config, "model_type", None)
     family = _FAMILIES.get(model_type)
@@ -148,7 +173,8 @@ def adapter_for(model: Any, adapter: Adapter | None = None) -> Adapter:
             "adapter=ii.Adapter(name, blocks=..., final_norm=..., unembed=..., embed=..., "
             "attn=..., mlp=..., mid_norm=..., head_proj=..., n_heads=...)")
     fields = dict(family)
-    if model_type == "gpt_neox" and getattr(config, "use_parallel_residual", False):
+    flag = _PARALLEL.get(model_type)
+    if flag is not None and getattr(config, flag, False):
         fields["mid_norm"] = None
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
     return Adapter(model_type, n_heads=int(heads), **fields).with_layers(module)

@@ -47,7 +47,7 @@ def prepare(model: Any, inputs: list[Any], *, line: int | None = None,
             note_trace(None, model.module)
         return Batch.join(parts, device=model.device, line=line)
     encoded = [encode(model, x, line) for x in inputs]
-    batch = Batch.concat(encoded, pad_id=model._pad_id(), device=model.device,
+    batch = Batch.concat(encoded, pad_id=model.pad_id, device=model.device,
                          with_positions="position_ids" in model._forward_params)
     check_ids(batch.kwargs["input_ids"], model.vocab_size, line)
     if active.current_trace() is not None:  # the trace's batch: named by position errors
@@ -115,7 +115,7 @@ def encode(model: Any, x: Any, line: int | None) -> dict[str, torch.Tensor]:
     if isinstance(x, (list, tuple)) and x and all(isinstance(s, int) for s in x):
         return encode_ids(torch.tensor(x), line)
     if isinstance(x, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in x):
-        return encode_id_list(list(x), model._pad_id(), line)
+        return encode_id_list(list(x), model.pad_id, line)
     raise InputError(f"INPUT must be a prompt string, a list of prompts, a tensor of token "
                      f"ids ([seq] or [batch, seq]), a list of 1-D token-id tensors or a dict "
                      f"of model kwargs; got {describe(x)}", line=line)

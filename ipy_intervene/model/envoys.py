@@ -335,7 +335,9 @@ class Model(Envoy):
                 return value
         return None
 
-    def _pad_id(self) -> int:
+    @property
+    def pad_id(self) -> int:
+        """The token id that pads shorter prompts: the tokenizer's, else 0 (masked out)."""
         tok = self.tokenizer
         pad = getattr(tok, "pad_token_id", None) if tok is not None else None
         return int(pad) if pad is not None else 0

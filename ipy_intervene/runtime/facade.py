@@ -145,7 +145,7 @@ class Facade:
     def bound(self, names: tuple[str, ...]) -> None:
         run = active.current_trace()
         if run is not None and _own(run):
-            run.sched.bound_names.update(names)
+            run.bound(names)
 
     def branch(self, region: int, test: Any) -> Any:
         run = active.current_trace()

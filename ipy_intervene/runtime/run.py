@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 from torch import nn
 
 from ipy_intervene.arch import attention
+from ipy_intervene.compiler.compile import CompiledCell, InvokeCode
 from ipy_intervene.compiler.graph import InterventionGraph, Visit
 from ipy_intervene.compiler.validate import HookPlan, check_called
 from ipy_intervene.errors import InterventionError, SiteError, cell_line
@@ -26,7 +27,7 @@ from ipy_intervene.model.envoys import Envoy, Model
 from ipy_intervene.runtime import facade, values
 from ipy_intervene.runtime.generation import GenerateOptions
 from ipy_intervene.runtime.hooks import StopForward, TraceHooks
-from ipy_intervene.runtime.scheduler import OUT, Request, Scheduler
+from ipy_intervene.runtime.scheduler import OUT, Invoke, Request, Scheduler
 from ipy_intervene.runtime.taken import changed, fingerprint
 
 NO_INPUT = object()  # no INPUT on the magic line
@@ -48,7 +49,7 @@ class Outcome:
 class TraceRun:
     """One running trace: what ``__ii__`` and ``tracer`` talk to."""
 
-    def __init__(self, model: Model, cell: Any, graph: InterventionGraph, ns: dict,
+    def __init__(self, model: Model, cell: CompiledCell, graph: InterventionGraph, ns: dict,
                  generate: int | None, session: HookSession, ignore_eos: bool = False,
                  options: GenerateOptions | None = None) -> None:
         self.model, self.cell, self.graph, self.ns = model, cell, graph, ns
@@ -144,7 +145,11 @@ class TraceRun:
                     f"`{name} *= 2`; a new dict), or a loop variable",
                     line=self.cell.invokes[code].line)
 
-    def enter(self, inv: Any) -> None:
+    def bound(self, names: tuple[str, ...]) -> None:
+        """The invoke that runs now has bound ``names`` (another invoke may wait for them)."""
+        self.sched.bound_names.update(names)
+
+    def enter(self, inv: Invoke) -> None:
         """Before an invoke's code runs: the set-up names that differ between invokes hold
         its values (for functions of the cell that read them). Installed only for cells
         that have such names."""
@@ -231,14 +236,15 @@ class TraceRun:
             options = {"do_sample": False, **self.options.kwargs}
             with self.options.seeded(self.model.device):
                 return root.generate(*args, **kwargs, max_new_tokens=self.generate,
-                                     pad_token_id=self.model._pad_id(), **options)
+                                     pad_token_id=self.model.pad_id, **options)
         except StopForward:
             return None
         finally:
             self.sched.running = False
 
 
-def run_cell(model: Model, cell: Any, graph: InterventionGraph, plan: HookPlan, ns: dict, *,
+def run_cell(model: Model, cell: CompiledCell, graph: InterventionGraph, plan: HookPlan,
+             ns: dict, *,
              line_input: Any = NO_INPUT, generate: int | None = None,
              grad: bool = False, fake: bool = False, ignore_eos: bool = False,
              options: GenerateOptions | None = None) -> Outcome:
@@ -271,7 +277,7 @@ def run_cell(model: Model, cell: Any, graph: InterventionGraph, plan: HookPlan, 
                    time.perf_counter() - start, sched.stop_line, sched.loss)
 
 
-def _interleave(run: TraceRun, cell: Any, ns: dict, line_input: Any, plan: HookPlan,
+def _interleave(run: TraceRun, cell: CompiledCell, ns: dict, line_input: Any, plan: HookPlan,
                 fake: bool) -> tuple[Any, Batch]:
     """The set-up (which registers the invokes), the invokes interleaved with the forward,
     then the code after it."""
@@ -331,7 +337,7 @@ def _real_tensors() -> Any:
     return unset_fake_temporarily()
 
 
-def _body(cell: Any, invoke: Any, ns: dict, names: dict[str, Any],
+def _body(cell: CompiledCell, invoke: InvokeCode, ns: dict, names: dict[str, Any],
           own: dict[str, Any]) -> Callable[[], None]:
     """What an invoke's greenlet runs: the cell's code (INPUT on the magic line), or the
     invoke block's function called with the names it captured; its own names land in ``own``."""
@@ -354,7 +360,7 @@ def _body(cell: Any, invoke: Any, ns: dict, names: dict[str, Any],
     return run
 
 
-def _note_filled_later(exc: Exception, cell: Any, invoke: Any) -> None:
+def _note_filled_later(exc: Exception, cell: CompiledCell, invoke: InvokeCode) -> None:
     """An item of a list another invoke fills was asked for before the forward got there."""
     line = cell_line(exc, cell.filename)
     names = sorted({n for st in cell.graph.statements if st.line == line for n in st.uses}
@@ -366,7 +372,8 @@ def _note_filled_later(exc: Exception, cell: Any, invoke: Any) -> None:
                      "same layer (that value is computed when the forward reaches the site)")
 
 
-def unbound_own_name(exc: UnboundLocalError, cell: Any, invoke: Any) -> Exception:
+def unbound_own_name(exc: UnboundLocalError, cell: CompiledCell,
+                     invoke: InvokeCode) -> Exception:
     """An invoke read one of its own names before binding it: say whose names are whose."""
     found = re.search(r"'(\w+)'", str(exc))
     name = getattr(exc, "name", None) or (found.group(1) if found else None)

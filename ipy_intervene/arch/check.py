@@ -1,0 +1,244 @@
+"""The self-check of a site map: one small forward proves that an :class:`Adapter`'s sites
+are what their names say, on this model, before any analysis reads them.
+
+On a forward of two rows of four tokens (no padding), to float tolerance:
+
+- in every block ``l``: ``resid_pre + attn_out + mlp_out == resid_post``, and with a
+  ``mid_norm``, ``resid_pre + attn_out == resid_mid`` (the input of ``mid_norm``) and
+  ``resid_mid + mlp_out == resid_post``: ``attn_out`` and ``mlp_out`` are what the block adds
+  to the residual stream (a residual multiplier or a norm after a sublayer breaks this);
+- ``head_proj``'s output is ``attn_out`` (the heads' writes, summed, are what attention
+  adds) and its input splits into ``n_heads`` equal heads;
+- what the model adds to the token embeddings (``embed``) before block 0 does not depend on
+  the tokens (GPT-2's position embeddings pass; an embedding scale does not);
+- ``resid_post`` of the last block through ``final_norm`` and ``unembed`` is the model's logits
+  (a logit scale or soft-cap breaks this).
+
+A map that fails is refused with a :class:`~ipy_intervene.errors.SiteError` naming the family,
+the identity, the layer and the largest difference, and the ``ii.Adapter(...)`` line to edit.
+A map that passes is remembered for that model object, so the forward runs once per model and
+map. The forward runs in its own hook scope (a trace's hooks do not see it), in eval mode,
+without autograd, and through ``model.forward`` (hooks on the model's top module do not see it).
+
+>>> import ipy_intervene as ii
+>>> from ipy_intervene.arch.sites import adapter_for
+>>> model = ii.load_model("demo")
+>>> checked(model.module, adapter_for(model)).name
+'gpt2'
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from ipy_intervene.arch.sites import Adapter, get_path
+from ipy_intervene.errors import SiteError
+from ipy_intervene.infra.hooks import entry_point, first_tensor, site_hooks
+
+ROWS, LENGTH = 2, 4          # the check's forward: two rows of four tokens
+SLACK = 16                   # tolerance, in units of the dtype's epsilon, per element
+
+_passed: "weakref.WeakKeyDictionary[nn.Module, set[Adapter]]" = weakref.WeakKeyDictionary()
+_failed: "weakref.WeakKeyDictionary[nn.Module, dict[Adapter, str]]" = (
+    weakref.WeakKeyDictionary())
+
+
+def checked(module: nn.Module, adapter: Adapter) -> Adapter:
+    """``adapter`` if its sites hold on ``module`` (checked once per model and map); else a
+    :class:`SiteError` saying what failed."""
+    if adapter in _passed.get(module, ()):
+        return adapter
+    known = _failed.get(module, {}).get(adapter)
+    if known is not None:
+        raise SiteError(known)
+    problem = _problem(module, adapter)
+    if problem is None:
+        _passed.setdefault(module, set()).add(adapter)
+        return adapter
+    message = refusal(adapter, problem)
+    _failed.setdefault(module, {})[adapter] = message
+    raise SiteError(message)
+
+
+def refusal(adapter: Adapter, problem: str) -> str:
+    return (f"the site map of {adapter.name!r} fails its check on this model: {problem}. No "
+            "analysis runs on a map whose sites would be wrong. If other modules hold these "
+            f"values, pass the map by hand (edit this line): adapter={adapter_line(adapter)}")
+
+
+def adapter_line(adapter: Adapter) -> str:
+    """The ``ii.Adapter(...)`` call that builds ``adapter``."""
+    parts = [repr(adapter.name)] + [f"{f.name}={getattr(adapter, f.name)!r}"
+                                    for f in fields(adapter) if f.name not in ("name", "n_layers")]
+    return f"ii.Adapter({', '.join(parts)})"
+
+
+def _problem(module: nn.Module, adapter: Adapter) -> str | None:
+    """What fails on one forward of ``module``, or None."""
+    try:
+        blocks = get_path(module, adapter.blocks)
+        n = len(blocks)
+        parts = {name: [get_path(blocks[l], path) for l in range(n)]
+                 for name, path in (("attn", adapter.attn), ("mlp", adapter.mlp),
+                                    ("mid_norm", adapter.mid_norm),
+                                    ("head_proj", adapter.head_proj)) if path is not None}
+        embed = get_path(module, adapter.embed)
+        final_norm = get_path(module, adapter.final_norm)
+        unembed = get_path(module, adapter.unembed)
+    except (AttributeError, IndexError, TypeError) as error:
+        return f"a path of the map does not exist ({type(error).__name__}: {error})"
+    if n == 0:
+        return f"{adapter.blocks} holds no blocks"
+    seen = _forward(module, adapter, blocks, parts, embed)
+    return _identities(adapter, seen, n) or _readout(adapter, seen, final_norm, unembed)
+
+
+@entry_point
+def _forward(module: nn.Module, adapter: Adapter, blocks: Any, parts: dict[str, list],
+             embed: nn.Module) -> dict[str, Any]:
+    """One forward of ``ROWS`` x ``LENGTH`` tokens: the values of every site, per layer."""
+    seen: dict[str, Any] = {"pre": {}, "post": {}, "attn": {}, "mlp": {}, "mid": {},
+                            "heads_in": {}, "heads_out": {}, "embed": {}}
+
+    def keep(name: str, layer: int) -> Any:
+        def fn(x: torch.Tensor) -> None:
+            seen[name].setdefault(layer, []).append(x.detach().clone())
+        return fn
+
+    hooks = [(embed, "module_out", keep("embed", 0))]
+    for l in range(len(blocks)):
+        hooks += [(blocks[l], "block_in", keep("pre", l)), (blocks[l], "block_out", keep("post", l)),
+                  (parts["attn"][l], "module_out", keep("attn", l)),
+                  (parts["mlp"][l], "module_out", keep("mlp", l)),
+                  (parts["head_proj"][l], "module_in", keep("heads_in", l)),
+                  (parts["head_proj"][l], "module_out", keep("heads_out", l))]
+        if "mid_norm" in parts:
+            hooks.append((parts["mid_norm"][l], "module_in", keep("mid", l)))
+    ids = _tokens(module, embed)
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad(), site_hooks(hooks):
+            out = module.forward(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 use_cache=False)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    logits = getattr(out, "logits", None)
+    seen["logits"] = first_tensor(out) if logits is None else logits
+    return seen
+
+
+def _tokens(module: nn.Module, embed: nn.Module) -> torch.Tensor:
+    """Two rows of ``LENGTH`` different tokens (no pad token), on the model's input device."""
+    weight = getattr(embed, "weight", None)
+    vocab = int(weight.shape[0]) if weight is not None else int(module.config.vocab_size)
+    pad = getattr(getattr(module, "config", None), "pad_token_id", None)
+    usable = [t for t in range(min(vocab, 64)) if t != pad][1:] or [0]
+    picks = [usable[(3 + 5 * i) % len(usable)] for i in range(ROWS * LENGTH)]
+    return torch.tensor(picks).view(ROWS, LENGTH).to(_device(module, weight))
+
+
+def _device(module: nn.Module, weight: Any) -> torch.device:
+    if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+        return weight.device
+    for m in module.modules():       # offloaded by accelerate: where its hooks run the model
+        device = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    return next((p.device for p in module.parameters() if p.device.type != "meta"),
+                torch.device("cpu"))
+
+
+def _one(seen: dict, name: str, layer: int, what: str) -> torch.Tensor | str:
+    calls = seen[name].get(layer, [])
+    if len(calls) != 1:
+        return f"layer {layer}: {what} ran {len(calls)} times in one forward (expected once)"
+    return calls[0]
+
+
+def _mismatch(got: torch.Tensor, want: torch.Tensor, *scale: torch.Tensor) -> float | None:
+    """The largest difference when it is above float tolerance (elementwise, relative to the
+    magnitudes of the terms), else None."""
+    if got.shape != want.shape:
+        return float("inf")
+    got, scale = got.to(want.device), tuple(t.to(want.device) for t in scale)
+    eps = max(torch.finfo(t.dtype).eps if t.is_floating_point() else 0.0
+              for t in (got, want, *scale))
+    size = sum((t.double().abs() for t in (want, *scale)), torch.zeros((), dtype=torch.float64,
+                                                                       device=want.device))
+    diff = (got.double() - want.double()).abs()
+    floor = eps * float(size.max()) if size.numel() else 0.0
+    bad = diff > SLACK * eps * size + floor
+    return float(diff.max()) if bool(bad.any()) else None
+
+
+def _identities(adapter: Adapter, seen: dict, n: int) -> str | None:
+    where = lambda attr, l: f"{adapter.blocks}[{l}].{getattr(adapter, attr)}"  # noqa: E731
+    for l in range(n):
+        names = {"pre": "resid_pre (the block's input)", "post": "resid_post (the block's output)",
+                 "attn": f"attn_out ({where('attn', l)})", "mlp": f"mlp_out ({where('mlp', l)})",
+                 "heads_in": f"head_proj ({where('head_proj', l)})",
+                 "heads_out": f"head_proj ({where('head_proj', l)})"}
+        if adapter.mid_norm is not None:
+            names["mid"] = f"resid_mid (the input of {where('mid_norm', l)})"
+        values = {}
+        for key, what in names.items():
+            value = _one(seen, key, l, what)
+            if isinstance(value, str):
+                return value
+            values[key] = value
+        pre, post, attn, mlp = values["pre"], values["post"], values["attn"], values["mlp"]
+        if "mid" in values:
+            mid = values["mid"]
+            checks = [(pre + attn, mid, (pre, attn), "resid_pre + attn_out == resid_mid",
+                       "`attn` or `mid_norm`"),
+                      (mid + mlp, post, (mid, mlp), "resid_mid + mlp_out == resid_post",
+                       "`mlp`")]
+        else:
+            checks = [(pre + attn + mlp, post, (pre, attn, mlp),
+                       "resid_pre + attn_out + mlp_out == resid_post (the parallel form: "
+                       "mid_norm=None)", "`attn` or `mlp`")]
+        checks.append((values["heads_out"], attn, (), "head_proj's output == attn_out",
+                       "`head_proj`"))
+        for got, want, terms, identity, fix in checks:
+            diff = _mismatch(got, want, *terms)
+            if diff is not None:
+                return (f"layer {l}: {identity} does not hold (max difference {diff:.3g}); the "
+                        f"modules the map names are not what the block adds to its residual "
+                        f"stream (check {fix}; a residual multiplier or a norm after the "
+                        f"sublayer also does this)")
+        width = values["heads_in"].shape[-1]
+        if width % adapter.n_heads:
+            return (f"layer {l}: the input of head_proj is {width} wide, not a multiple of "
+                    f"n_heads={adapter.n_heads}")
+    return None
+
+
+def _readout(adapter: Adapter, seen: dict, final_norm: nn.Module,
+             unembed: nn.Module) -> str | None:
+    embed, start = _one(seen, "embed", 0, f"embed ({adapter.embed})"), seen["pre"][0][0]
+    if isinstance(embed, str):
+        return embed
+    added = start - embed
+    diff = _mismatch(added[0], added[1], start[0], start[1], embed[0], embed[1])
+    if diff is not None:
+        return (f"what the model adds to the token embeddings ({adapter.embed}'s output) "
+                f"before block 0 depends on the tokens (max difference {diff:.3g}): the "
+                "embeddings are changed on their way in (an embedding scale?), so `embed` is "
+                "not what block 0 reads")
+    last = seen["post"][len(seen["post"]) - 1][0]
+    with torch.no_grad():
+        logits = unembed(final_norm(last))
+    model_logits = seen["logits"]
+    diff = _mismatch(logits, model_logits) if isinstance(model_logits, torch.Tensor) else None
+    if diff is not None:
+        return (f"the last block's resid_post through {adapter.final_norm} and "
+                f"{adapter.unembed} is not the model's logits (max difference {diff:.3g}; a "
+                "logit scale or soft-cap after the unembedding also does this)")
+    return None
