@@ -106,7 +106,8 @@ def assert_differs(before: Any, after: Any, what: str) -> None:
 
 
 @pytest.fixture(autouse=True)
-def nothing_kept():
+def nothing_kept(monkeypatch):
+    monkeypatch.setattr(memo, "MIN_SECONDS", 0.0)   # keep every sweep, however quick
     forget()
     yield
     forget()

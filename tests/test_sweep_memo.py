@@ -15,6 +15,12 @@ from conftest import CORRUPT, PROMPT, tiny_model
 MARY_JOHN = ii.logit_diff("Mary", "John")
 
 
+@pytest.fixture(autouse=True)
+def keep_every_sweep(monkeypatch):
+    """The tiny models' sweeps take milliseconds: keep them anyway (see MIN_SECONDS)."""
+    monkeypatch.setattr(memo, "MIN_SECONDS", 0.0)
+
+
 @pytest.fixture
 def model(demo):
     """A fresh tiny GPT-2 (weights this test may change), the demo tokenizer."""
@@ -206,3 +212,13 @@ def test_a_reused_result_has_values_of_its_own(model):
     third = ii.patch_sweep(model, PROMPT, CORRUPT, MARY_JOHN)
     assert torch.equal(third.values, kept)
     memo.forget()
+
+
+def test_a_quick_sweep_is_not_kept_and_pays_for_no_proof(model, monkeypatch):
+    monkeypatch.setattr(memo, "MIN_SECONDS", 1e9)
+    proofs = []
+    original = memo.Witness.of
+    monkeypatch.setattr(memo.Witness, "of", lambda *a: proofs.append(1) or original(*a))
+    ii.patch_sweep(model, PROMPT, CORRUPT, MARY_JOHN)
+    again = ii.patch_sweep(model, PROMPT, CORRUPT, MARY_JOHN)
+    assert "reused" not in again.extra and memo.stats()["entries"] == 0 and proofs == []

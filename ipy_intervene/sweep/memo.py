@@ -18,9 +18,12 @@ matches the one recorded when the result was computed, bit for bit:
   prompts' token ids and the metric's answer ids. Anything the sweep's
   forwards depend on shows there; a mismatch means the sweep runs again.
 
-The proof costs one forward, so an identical repeat is still many times faster than the
-sweep (``benchmarks/repeat_sweep.py``). The recorded clean and corrupted runs a sweep starts
-from are *not* kept across sweeps: proving one current would cost the forward it saves.
+The proof costs a forward of the clean and corrupted prompts, taken when the sweep has run
+(so a sweep pays nothing for it unless it is kept) and again when it is repeated; a sweep
+that took less than :data:`MIN_SECONDS` is not kept at all (``benchmarks/repeat_sweep.py``
+prints what keeping costs and what a repeat saves). The recorded clean and corrupted runs
+a sweep starts from are *not* kept across sweeps: proving one current would cost the
+forward it saves.
 The reused result says so: ``result.extra["reused"] = True``, in its repr and its view.
 
 >>> fast = memoized(patch_sweep)                  # what sweep/__init__.py exports  # doctest: +SKIP
@@ -33,6 +36,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -43,6 +47,9 @@ from torch import nn
 from ipy_intervene.infra.hooks import HookSession, entry_point, first_tensor
 
 MAX_ENTRIES = 3    # a result holds its patcher (the view's exact runs): keep only the last few
+#: A sweep quicker than this is not kept: its repeat costs less than a second anyway, and the
+#: proof (a forward of the clean and corrupted prompts) would be a large share of it.
+MIN_SECONDS = 1.0
 _entries: list["_Entry"] = []
 _counts = {"hits": 0, "misses": 0, "refuted": 0}
 
@@ -78,18 +85,19 @@ def memoized(sweep: Callable[..., Any]) -> Callable[..., Any]:
             return sweep(*args, **kwargs)
         state = (model_state(module), id(getattr(model, "tokenizer", None)), _torch_settings())
         entry = _find(module, state, key, options)
-        witness = Witness.of(model, options, metric)
-        if witness is None:                       # no proof possible: the sweep says why
-            return sweep(*args, **kwargs)
         if entry is not None:
-            if witness == entry.witness:
+            if Witness.of(model, options, metric) == entry.witness:
                 _counts["hits"] += 1
                 return _with_model(_copy(entry.result, reused=True), model)
             _counts["refuted"] += 1
             _entries.remove(entry)
         _counts["misses"] += 1
+        start = time.perf_counter()
         result = sweep(*args, **kwargs)
-        _keep(module, state, key, options, witness, result)
+        if time.perf_counter() - start >= MIN_SECONDS and model_state(module) == state[0]:
+            witness = Witness.of(model, options, metric)   # the model the sweep ran on
+            if witness is not None:
+                _keep(module, state, key, options, witness, result)
         return _copy(result)
 
     return remembering
