@@ -1,5 +1,6 @@
-"""The self-check of a site map: one small forward proves that an :class:`Adapter`'s sites
-are what their names say, on this model, before any analysis reads them.
+"""The self-check of a site map: one small forward proves that the sites of an
+:class:`~ipy_intervene.arch.sites.Adapter` are what their names say, on this model, before
+any analysis reads them.
 
 On a forward of two rows of four tokens (no padding), to float tolerance:
 
@@ -36,15 +37,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ipy_intervene.arch.sites import Adapter, get_path
 from ipy_intervene.errors import SiteError
 from ipy_intervene.infra.hooks import entry_point, first_tensor, site_hooks
+
+# `sites` imports this module (adapter_for checks every map), so nothing here imports `sites`:
+# an Adapter is any object with its fields, paths are followed by `_get`.
+Adapter = Any
 
 ROWS, LENGTH = 2, 4          # the check's forward: two rows of four tokens
 SLACK = 16                   # tolerance, in units of the dtype's epsilon, per element
 
-_passed: "weakref.WeakKeyDictionary[nn.Module, set[Adapter]]" = weakref.WeakKeyDictionary()
-_failed: "weakref.WeakKeyDictionary[nn.Module, dict[Adapter, str]]" = (
+_passed: "weakref.WeakKeyDictionary[nn.Module, set[Any]]" = weakref.WeakKeyDictionary()
+_failed: "weakref.WeakKeyDictionary[nn.Module, dict[Any, str]]" = (
     weakref.WeakKeyDictionary())
 
 
@@ -78,24 +82,33 @@ def adapter_line(adapter: Adapter) -> str:
     return f"ii.Adapter({', '.join(parts)})"
 
 
+def _get(root: Any, path: str) -> Any:
+    """Follow a dotted attribute path (``sites.get_path``)."""
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
 def _problem(module: nn.Module, adapter: Adapter) -> str | None:
     """What fails on one forward of ``module``, or None."""
     try:
-        blocks = get_path(module, adapter.blocks)
+        blocks = _get(module, adapter.blocks)
         n = len(blocks)
-        parts = {name: [get_path(blocks[l], path) for l in range(n)]
+        parts = {name: [_get(blocks[l], path) for l in range(n)]
                  for name, path in (("attn", adapter.attn), ("mlp", adapter.mlp),
                                     ("mid_norm", adapter.mid_norm),
                                     ("head_proj", adapter.head_proj)) if path is not None}
-        embed = get_path(module, adapter.embed)
-        final_norm = get_path(module, adapter.final_norm)
-        unembed = get_path(module, adapter.unembed)
+        embed = _get(module, adapter.embed)
+        final_norm = _get(module, adapter.final_norm)
+        unembed = _get(module, adapter.unembed)
     except (AttributeError, IndexError, TypeError) as error:
         return f"a path of the map does not exist ({type(error).__name__}: {error})"
     if n == 0:
         return f"{adapter.blocks} holds no blocks"
     seen = _forward(module, adapter, blocks, parts, embed)
-    return _identities(adapter, seen, n) or _readout(adapter, seen, final_norm, unembed)
+    return (_identities(adapter, seen, n) or _readout(adapter, seen, final_norm, unembed)
+            or (_parallel(module, adapter, blocks, parts, seen) if adapter.mid_norm is None
+                else None))
 
 
 @entry_point
@@ -112,26 +125,68 @@ def _forward(module: nn.Module, adapter: Adapter, blocks: Any, parts: dict[str, 
 
     hooks = [(embed, "module_out", keep("embed", 0))]
     for l in range(len(blocks)):
-        hooks += [(blocks[l], "block_in", keep("pre", l)), (blocks[l], "block_out", keep("post", l)),
+        hooks += [(blocks[l], "block_in", keep("pre", l)),
+                  (blocks[l], "block_out", keep("post", l)),
                   (parts["attn"][l], "module_out", keep("attn", l)),
                   (parts["mlp"][l], "module_out", keep("mlp", l)),
                   (parts["head_proj"][l], "module_in", keep("heads_in", l)),
                   (parts["head_proj"][l], "module_out", keep("heads_out", l))]
         if "mid_norm" in parts:
             hooks.append((parts["mid_norm"][l], "module_in", keep("mid", l)))
-    ids = _tokens(module, embed)
+    out = _run(module, hooks, _tokens(module, embed))
+    logits = getattr(out, "logits", None)
+    seen["logits"] = first_tensor(out) if logits is None else logits
+    return seen
+
+
+def _run(module: nn.Module, hooks: list, ids: torch.Tensor) -> Any:
+    """``module.forward`` on ``ids`` with ``hooks``, in eval mode, without autograd."""
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         with torch.no_grad(), site_hooks(hooks):
-            out = module.forward(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 use_cache=False)
+            return module.forward(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  use_cache=False)
     finally:
         for m, mode in modes:
             m.training = mode
-    logits = getattr(out, "logits", None)
-    seen["logits"] = first_tensor(out) if logits is None else logits
-    return seen
+
+
+@entry_point
+def _parallel(module: nn.Module, adapter: Adapter, blocks: Any, parts: dict[str, list],
+              seen: dict) -> str | None:
+    """With ``mid_norm=None`` (a parallel residual), the MLP must not read attention's output
+    of its own block: a second forward gives each block its first forward's input and
+    changes attention's output; each MLP's output must stay as it was."""
+    moved: dict[str, Any] = {"mlp": {}}
+    gen = torch.Generator().manual_seed(0)
+
+    def restore(l: int) -> Any:
+        return lambda x: seen["pre"][l][0]
+
+    def shift(x: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.device, x.dtype)
+        return x + noise * (x.float().std() + 1.0).to(x.dtype)
+
+    def keep(l: int) -> Any:
+        return lambda x: moved["mlp"].setdefault(l, []).append(x.detach().clone())
+
+    hooks = []
+    for l in range(len(blocks)):
+        hooks += [(blocks[l], "block_in", restore(l)), (parts["attn"][l], "module_out", shift),
+                  (parts["mlp"][l], "module_out", keep(l))]
+    _run(module, hooks, _tokens(module, _get(module, adapter.embed)))
+    for l in range(len(blocks)):
+        after = _one(moved, "mlp", l, f"mlp_out ({adapter.blocks}[{l}].{adapter.mlp})")
+        if isinstance(after, str):
+            return after
+        diff = _mismatch(after, seen["mlp"][l][0], seen["mlp"][l][0])
+        if diff is not None:
+            return (f"layer {l}: mid_norm=None says attention and the MLP read the same "
+                    f"stream (a parallel residual), but the MLP's output changes with "
+                    f"attention's (max difference {diff:.3g}): the block is serial; name the "
+                    f"norm before the MLP as mid_norm")
+    return None
 
 
 def _tokens(module: nn.Module, embed: nn.Module) -> torch.Tensor:
