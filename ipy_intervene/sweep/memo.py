@@ -178,7 +178,10 @@ def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def _fingerprints(module: nn.Module, kwargs: dict[str, Any]) -> list[torch.Tensor]:
-    """One forward; each module's output tensor, fingerprinted (:func:`fingerprint`)."""
+    """One forward; each module's output tensor, fingerprinted (:func:`fingerprint`): every
+    position of every module, and the logits at the last position (all a built-in metric
+    reads; the unembedding of the other positions would be most of the cost at a real
+    vocabulary)."""
     prints: list[torch.Tensor] = []
 
     def keep(mod: nn.Module, args: tuple, output: Any) -> None:
@@ -186,8 +189,11 @@ def _fingerprints(module: nn.Module, kwargs: dict[str, Any]) -> list[torch.Tenso
         if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.numel():
             prints.append(fingerprint(x.detach()))
 
-    if "use_cache" in inspect.signature(module.forward).parameters:
+    params = inspect.signature(module.forward).parameters
+    if "use_cache" in params:
         kwargs = {**kwargs, "use_cache": False}
+    if "logits_to_keep" in params:   # the built-in metrics read the last position's logits;
+        kwargs = {**kwargs, "logits_to_keep": 1}   # every earlier output is kept in full
     with HookSession() as session:
         for m in module.modules():
             session.post(m, keep)
