@@ -83,8 +83,7 @@ def memoized(sweep: Callable[..., Any]) -> Callable[..., Any]:
                 options.get("dictionary") is not None or not isinstance(module, nn.Module) or \
                 not reusable(module):
             return sweep(*args, **kwargs)
-        state = (model_state(module), id(getattr(model, "tokenizer", None)), _torch_settings())
-        entry = _find(module, state, key, options)
+        entry = _find(module, key, options, lambda: _state(model, module))
         if entry is not None:
             if Witness.of(model, options, metric) == entry.witness:
                 _counts["hits"] += 1
@@ -94,10 +93,10 @@ def memoized(sweep: Callable[..., Any]) -> Callable[..., Any]:
         _counts["misses"] += 1
         start = time.perf_counter()
         result = sweep(*args, **kwargs)
-        if time.perf_counter() - start >= MIN_SECONDS and model_state(module) == state[0]:
-            witness = Witness.of(model, options, metric)   # the model the sweep ran on
+        if time.perf_counter() - start >= MIN_SECONDS:   # worth keeping: prove what it ran on
+            witness = Witness.of(model, options, metric)
             if witness is not None:
-                _keep(module, state, key, options, witness, result)
+                _keep(module, _state(model, module), key, options, witness, result)
         return _copy(result)
 
     return remembering
@@ -323,14 +322,24 @@ def _purge(gone: "weakref.ref[nn.Module]") -> None:
     _entries[:] = [e for e in _entries if e.module is not gone]
 
 
-def _find(module: nn.Module, state: tuple, key: tuple, options: dict[str, Any]) -> Any:
+def _state(model: Any, module: nn.Module) -> tuple:
+    """The cheap checks' value: the weights, tree and configs, the tokenizer, torch's
+    settings."""
+    return model_state(module), id(getattr(model, "tokenizer", None)), _torch_settings()
+
+
+def _find(module: nn.Module, key: tuple, options: dict[str, Any],
+          state: Callable[[], tuple]) -> Any:
     """The kept entry for this sweep, moved last (the most recent); entries whose model is
-    gone, or whose result's tensors were changed in place since, are dropped on the way."""
+    gone, or whose result's tensors were changed in place since, are dropped on the way.
+    ``state()`` (a checksum of every weight) is computed only when an entry could match."""
+    current = functools.cache(state)   # once, and only if an entry could match
     for entry in list(_entries):
         if entry.module() is None:
             _entries.remove(entry)
-        elif (entry.module() is module and entry.metric == key and entry.state == state
-              and same_options(entry.options, options)):
+        elif (entry.module() is module and entry.metric == key
+              and same_options(entry.options, options)
+              and entry.state == current()):
             _entries.remove(entry)
             if all(t._version == v for t, v in entry.versions):
                 _entries.append(entry)
