@@ -115,3 +115,15 @@ def attention_case(request, demo):
     module = tiny_model(arch, len(demo.tokenizer))
     module.set_attn_implementation(impl)
     return arch, impl, ii.wrap(module, demo.tokenizer)
+
+
+def greedy_generate(model: ii.Model, prompt: torch.Tensor, steps: int) -> tuple:
+    """``steps`` greedy tokens after ``prompt`` ([1, seq]) with plain ``generate``, every step
+    run (no early end): the sequences and the logits of each step."""
+    with torch.no_grad():
+        out = model.module.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                    max_new_tokens=steps, min_new_tokens=steps,
+                                    do_sample=False, output_logits=True,
+                                    return_dict_in_generate=True,
+                                    pad_token_id=model.tokenizer.pad_token_id)
+    return out.sequences, torch.stack(out.logits, 1)

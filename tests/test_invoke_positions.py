@@ -20,7 +20,7 @@ import ipy_intervene as ii
 from ipy_intervene.errors import InterventionError, SiteError
 from ipy_intervene.arch.sites import get_path
 from attention_oracle import logits_by_hand
-from conftest import PROMPT, SHORT, hook_count, tiny_model
+from conftest import PROMPT, SHORT, greedy_generate, hook_count, tiny_model
 
 PROMPTS = [PROMPT, SHORT, "When Mary and John went to the store", "Then , John had a drink to"]
 LENGTHS = [15, 7, 9, 8]                        # tokens of each, BOS included
@@ -446,16 +446,11 @@ def generate_alone(model, p, text, coef, v, steps):
     model.module.set_attn_implementation("recording")
     handle = module(model, block(p, 1)).register_forward_hook(steer)
     try:
-        with torch.no_grad():
-            out = model.module.generate(prompt, attention_mask=torch.ones_like(prompt),
-                                        max_new_tokens=steps, min_new_tokens=steps,
-                                        do_sample=False, output_logits=True,
-                                        return_dict_in_generate=True,
-                                        pad_token_id=model.tokenizer.pad_token_id)
+        sequences, logits = greedy_generate(model, prompt, steps)
     finally:
         handle.remove()
         model.module.set_attn_implementation(before)
-    return out.sequences[0], torch.stack(out.logits, 1)[0], records
+    return sequences[0], logits[0], records
 
 
 @pytest.mark.parametrize("form", ["explicit", "loop"])

@@ -15,7 +15,7 @@ import torch
 import ipy_intervene as ii
 from ipy_intervene.arch.sites import get_path
 from attention_oracle import logits_by_hand
-from conftest import PROMPT, SHORT, hook_count, tiny_model
+from conftest import PROMPT, SHORT, greedy_generate, hook_count, tiny_model
 
 PROMPTS = [PROMPT, SHORT, "When Mary and John went to the store", "Then , John had a drink"]
 SOURCE = "After Mary and John went to the park , Mary gave a drink to"
@@ -264,15 +264,10 @@ def generate_alone(model, text, coef, vec, steps):
     layer = module(model, paths(model)["B"])[1]
     handle = layer.register_forward_hook(steer)
     try:
-        with torch.no_grad():
-            out = model.module.generate(prompt, attention_mask=torch.ones_like(prompt),
-                                        max_new_tokens=steps, min_new_tokens=steps,
-                                        do_sample=False, output_logits=True,
-                                        return_dict_in_generate=True,
-                                        pad_token_id=model.tokenizer.pad_token_id)
+        sequences, logits = greedy_generate(model, prompt, steps)
     finally:
         handle.remove()
-    return out.sequences[0, prompt.shape[1]:], torch.stack(out.logits, 1)[0]
+    return sequences[0, prompt.shape[1]:], logits[0]
 
 
 @pytest.mark.parametrize("form", ["explicit", "loop"])
