@@ -69,14 +69,16 @@ DIRECTIONS = ("denoising", "noising")
 @entry_point
 def edge_attribution(model: Any, clean: Any, corrupted: Any, metric: Any, *,
                      method: str = "eap", steps: int = 5,
-                     direction: str = "denoising") -> EdgeResult:
+                     direction: str = "denoising", adapter: Any = None) -> EdgeResult:
     """Score every edge of the component graph (see the module docstring).
 
     ``clean`` / ``corrupted``: a prompt or a list of prompts that align token for token;
     ``metric``: ``ii.logit_diff(...)`` or any callable from logits to one number per prompt;
     ``method``: ``"eap"`` or ``"eap-ig"`` (``steps`` interpolation points); ``direction``:
     ``"denoising"`` (clean into corrupted) or ``"noising"`` (corrupted into clean; the papers'
-    convention), see the module docstring.
+    convention), see the module docstring; ``adapter``: an ``ii.Adapter`` by hand (with
+    ``attn_norm``, ``qkv`` and, under a parallel residual, ``mlp_norm``) for a model whose
+    family the architecture layer does not know (default: the family's map).
 
     >>> r = ii.edge_attribution(model, clean, corrupt, ii.logit_diff("Mary", "John"),
     ...                         method="eap-ig", steps=5)              # doctest: +SKIP
@@ -90,7 +92,7 @@ def edge_attribution(model: Any, clean: Any, corrupted: Any, metric: Any, *,
                          f"{direction!r}")
     model = wrap(model)
     warn_if_training(model)
-    graph = build_graph(model)
+    graph = build_graph(model, adapter)
     a, b = prepare_pair(model, clean, corrupted)
     bound = OnLogits(model, as_metric(metric), a.size, a.length)
     root = model.module

@@ -12,8 +12,13 @@ senders upstream of it (plus the out-projection biases, which no run changes), s
 
 Upstream: ``embed`` feeds everything; a component of layer l feeds the heads of later layers
 and the logits; a head of layer l feeds ``MLP{l}`` in sequential models (GPT-2, Llama) but
-not with a parallel residual (GPT-NeoX/Pythia with ``use_parallel_residual``: attention and
-MLP of a layer read the same stream).
+not with a parallel residual (the adapter's ``mid_norm`` is None: GPT-J, GPT-NeoX/Pythia and
+StableLM with ``use_parallel_residual``: attention and MLP of a layer read the same stream).
+
+Every fact about the model family comes from the architecture layer: the site map
+(:func:`~ipy_intervene.arch.sites.adapter_for`, the family's or an ``ii.Adapter`` by hand)
+and the per-head columns of the q/k/v projections
+(:func:`~ipy_intervene.arch.qkv.attention_layout`).
 
 >>> import ipy_intervene as ii
 >>> g = build_graph(ii.load_model("demo"))
@@ -29,7 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ipy_intervene.arch.sites import get_path
+from ipy_intervene.arch.qkv import AttentionLayout, attention_layout
+from ipy_intervene.arch.sites import Adapter, adapter_for, family_names, get_path
 from ipy_intervene.errors import InputError
 
 
@@ -55,42 +61,18 @@ class Slot:
     """Output columns ``start:stop`` of a q/k/v projection, computed from the input of
     attention receiver ``receiver`` (its index among its layer's attention receivers)."""
 
-    projection: str        # path inside the attention module: "c_attn", "q_proj", ...
+    projection: str        # path inside a block: "attn.c_attn", "self_attn.q_proj", ...
     receiver: int
     start: int
     stop: int
-
-
-@dataclass(frozen=True)
-class Family:
-    """Module names of one architecture family, inside a block and at the top."""
-
-    blocks: str
-    final_norm: str
-    attn: str
-    attn_norm: str
-    mlp: str
-    mlp_norm: str
-    out_proj: str          # inside the attention module
-
-
-_LLAMA = Family("model.layers", "model.norm", "self_attn", "input_layernorm", "mlp",
-                "post_attention_layernorm", "o_proj")
-FAMILIES: dict[str, Family] = {
-    "gpt2": Family("transformer.h", "transformer.ln_f", "attn", "ln_1", "mlp", "ln_2",
-                   "c_proj"),
-    "gpt_neox": Family("gpt_neox.layers", "gpt_neox.final_layer_norm", "attention",
-                       "input_layernorm", "mlp", "post_attention_layernorm", "dense"),
-    **{name: _LLAMA for name in ("llama", "mistral", "qwen2", "qwen3")},
-}
 
 
 @dataclass
 class Graph:
     """Senders, receivers and which sender is upstream of which receiver, for one model."""
 
-    model_type: str
-    family: Family
+    model_type: str        # the adapter's name (the model_type for the table's families)
+    adapter: Adapter
     n_layers: int
     n_heads: int
     n_kv: int
@@ -100,6 +82,7 @@ class Graph:
     receivers: list[Node]
     upstream: torch.Tensor              # [senders, receivers] bool: the edges
     slots: list[Slot] = field(default_factory=list)   # one layer's q/k/v columns
+    layout: AttentionLayout | None = None
 
     @property
     def per_layer(self) -> int:
@@ -133,17 +116,25 @@ class Graph:
     def receiver_index(self, name: str) -> int:
         return _index([n.name for n in self.receivers], name, "receiver")
 
+    @property
+    def shared_norm(self) -> bool:
+        """Attention and the MLP read the block's input through one norm (GPT-J)."""
+        return self.layout is not None and self.layout.shared_norm
+
     def block(self, root: nn.Module, layer: int) -> nn.Module:
-        return get_path(root, self.family.blocks)[layer]
+        return get_path(root, self.adapter.blocks)[layer]
 
     def part(self, root: nn.Module, layer: int, name: str) -> nn.Module:
-        """A module of block ``layer`` named by a :class:`Family` field:
-        ``part(root, 2, "attn_norm")``."""
-        path = getattr(self.family, name)
-        block = self.block(root, layer)
-        if name == "out_proj":
-            return get_path(get_path(block, self.family.attn), path)
-        return get_path(block, path)
+        """A module of block ``layer``: ``attn_norm``, ``mlp_norm``, ``out_proj``, ``attn``
+        or ``mlp`` (``part(root, 2, "attn_norm")``), as the adapter and its layout name it."""
+        assert self.layout is not None
+        path = {"attn_norm": self.layout.attn_norm, "mlp_norm": self.layout.mlp_norm,
+                "out_proj": self.layout.out_proj, "attn": self.adapter.attn,
+                "mlp": self.adapter.mlp}[name]
+        return get_path(self.block(root, layer), path)
+
+    def final_norm(self, root: nn.Module) -> nn.Module:
+        return get_path(root, self.adapter.final_norm)
 
 
 def _index(names: list[str], name: str, what: str) -> int:
@@ -168,34 +159,29 @@ def edge_mask(graph: Graph, edges: Any) -> torch.Tensor:
     return mask
 
 
-def family_of(root: nn.Module) -> tuple[str, Family]:
-    config = getattr(root, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
-        raise InputError(f"edge attribution knows the architectures {', '.join(FAMILIES)}; "
-                         f"got {model_type or type(root).__name__!r}")
-    return model_type, FAMILIES[model_type]
-
-
-def build_graph(model: Any) -> Graph:
-    """The component graph of ``model`` (an ``ii.Model`` or a Hugging Face causal LM).
+def build_graph(model: Any, adapter: Adapter | None = None) -> Graph:
+    """The component graph of ``model`` (an ``ii.Model`` or a Hugging Face causal LM), under
+    its family's map from the architecture layer or ``adapter`` (an ``ii.Adapter`` by hand,
+    with ``attn_norm``, ``qkv`` and, under a parallel residual, ``mlp_norm``).
 
     >>> build_graph(model).n_edges                                  # doctest: +SKIP
     """
     root = getattr(model, "module", model)
-    model_type, fam = family_of(root)
-    config = root.config
-    n_layers = len(get_path(root, fam.blocks))
-    n_heads = int(config.num_attention_heads)
-    n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
-    attn = get_path(get_path(root, fam.blocks)[0], fam.attn)
-    head_dim = int(getattr(attn, "head_dim", 0) or getattr(attn, "head_size", 0)
-                   or config.hidden_size // n_heads)
-    parallel = model_type == "gpt_neox" and bool(getattr(config, "use_parallel_residual", False))
-    senders, receivers = _nodes(n_layers, n_heads, n_kv)
-    graph = Graph(model_type, fam, n_layers, n_heads, n_kv, head_dim, parallel, senders,
-                  receivers, torch.zeros(0, dtype=torch.bool),
-                  _slots(model_type, n_heads, n_kv, head_dim))
+    if adapter is None:
+        model_type = getattr(getattr(root, "config", None), "model_type", None)
+        if model_type not in family_names():
+            raise InputError(f"edge attribution knows the architectures "
+                             f"{', '.join(family_names())}; got "
+                             f"{model_type or type(root).__name__!r}. For another one pass "
+                             "adapter=ii.Adapter(...) with attn_norm=, mlp_norm= and qkv= "
+                             "(see help(ii.Adapter))")
+    adapter = adapter_for(model, adapter)
+    layout = attention_layout(root, adapter)
+    n_heads, n_kv = layout.n_heads, layout.n_kv
+    senders, receivers = _nodes(adapter.n_layers, n_heads, n_kv)
+    graph = Graph(adapter.name, adapter, adapter.n_layers, n_heads, n_kv, layout.head_dim,
+                  layout.parallel, senders, receivers, torch.zeros(0, dtype=torch.bool),
+                  _slots(layout), layout)
     graph.upstream = _upstream(graph)
     return graph
 
@@ -224,21 +210,8 @@ def _upstream(graph: Graph) -> torch.Tensor:
     return (send < recv) | same_layer_mlp
 
 
-def _slots(model_type: str, n_heads: int, n_kv: int, d: int) -> list[Slot]:
-    """Which projection columns each attention receiver of a layer computes."""
-    q = range(n_heads)
-    k = [(n_heads + g, g) for g in range(n_kv)]
-    v = [(n_heads + n_kv + g, g) for g in range(n_kv)]
-    if model_type == "gpt2":          # fused Conv1D c_attn: [q heads | k heads | v heads]
-        width = n_heads * d
-        return ([Slot("c_attn", h, h * d, (h + 1) * d) for h in q]
-                + [Slot("c_attn", r, width + g * d, width + (g + 1) * d) for r, g in k]
-                + [Slot("c_attn", r, 2 * width + g * d, 2 * width + (g + 1) * d) for r, g in v])
-    if model_type == "gpt_neox":      # fused query_key_value: per head [q | k | v]
-        return ([Slot("query_key_value", h, 3 * d * h, 3 * d * h + d) for h in q]
-                + [Slot("query_key_value", r, 3 * d * g + d, 3 * d * g + 2 * d) for r, g in k]
-                + [Slot("query_key_value", r, 3 * d * g + 2 * d, 3 * d * (g + 1))
-                   for r, g in v])
-    return ([Slot("q_proj", h, h * d, (h + 1) * d) for h in q]
-            + [Slot("k_proj", r, g * d, (g + 1) * d) for r, g in k]
-            + [Slot("v_proj", r, g * d, (g + 1) * d) for r, g in v])
+def _slots(layout: AttentionLayout) -> list[Slot]:
+    """Which projection columns each attention receiver of a layer computes (receivers: the
+    q heads, then the kv heads' k, then their v, as :func:`_nodes` orders them)."""
+    first = {"q": 0, "k": layout.n_heads, "v": layout.n_heads + layout.n_kv}
+    return [Slot(c.path, first[c.role] + c.index, c.start, c.stop) for c in layout.columns]

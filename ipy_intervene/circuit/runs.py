@@ -30,7 +30,7 @@ from torch import nn
 from ipy_intervene.arch.attention import head_results
 from ipy_intervene.arch.sites import get_path, split_heads
 from ipy_intervene.circuit.graph import Graph, Slot
-from ipy_intervene.errors import InputError
+from ipy_intervene.errors import InputError, SiteError
 from ipy_intervene.infra.hooks import HookSession, tap
 
 Writes = list[torch.Tensor]
@@ -54,6 +54,7 @@ class GraphRun:
         self.current: list[torch.Tensor | None] = [None] * len(graph.senders)
         self.leaves: dict[int, torch.Tensor] = {}     # first receiver index -> its input
         self._normed: dict[int, torch.Tensor] = {}
+        self._resid: dict[int, torch.Tensor] = {}     # layer -> the shared norm's input
 
     # -- installing -------------------------------------------------------------------------
 
@@ -69,22 +70,44 @@ class GraphRun:
             tap(session, g.part(root, layer, "out_proj"), True,
                 lambda z, layer=layer: self._heads(layer, z))
             mlp = g.mlp_receiver(layer)
-            tap(session, g.part(root, layer, "mlp_norm"), True,
-                lambda x, r=mlp: self._single_input(r, x))
+            if g.shared_norm:       # the MLP reads attention's norm: its own input, normed
+                tap(session, g.part(root, layer, "mlp"), True,
+                    lambda x, layer=layer, r=mlp: self._shared_input(layer, r, x))
+            else:
+                tap(session, g.part(root, layer, "mlp_norm"), True,
+                    lambda x, r=mlp: self._single_input(r, x))
             tap(session, g.part(root, layer, "mlp"), False,
                 lambda out, s=g.mlp_sender(layer): self._keep(s, out))
-        tap(session, get_path(root, g.family.final_norm), True, self._final)
+        tap(session, g.final_norm(root), True, self._final)
+        if self.check:
+            self._check_reads(session)
+
+    def _check_reads(self, session: HookSession) -> None:
+        """The map's norms are what the projections and the MLP read: each q/k/v projection's
+        input is ``attn_norm``'s output, the MLP's is ``mlp_norm``'s (else a receiver's input
+        would not be what the graph says; a SiteError naming the map and the module)."""
+        g, root, normed = self.graph, self.root, {}
+        paths = sorted({slot.projection for slot in g.slots})
+        for layer in range(g.n_layers):
+            for name in ("attn_norm", "mlp_norm"):
+                tap(session, g.part(root, layer, name), False,
+                    lambda out, key=(layer, name): normed.__setitem__(key, out))
+            reads = [(get_path(g.block(root, layer), p), "attn_norm", p) for p in paths]
+            reads.append((g.part(root, layer, "mlp"), "mlp_norm", g.adapter.mlp))
+            for module, name, path in reads:
+                tap(session, module, True,
+                    lambda x, key=(layer, name), path=path: _same(normed, key, x, g, path))
 
     def _touched(self, receivers: list[int]) -> bool:
         return self.patched is not None and bool(self.patched[:, receivers].any())
 
     def _replace_projections(self, session: HookSession, layer: int) -> None:
-        attn = get_path(self.graph.block(self.root, layer), self.graph.family.attn)
+        block = self.graph.block(self.root, layer)
         by_module: dict[str, list[Slot]] = {}
         for slot in self.graph.slots:
             by_module.setdefault(slot.projection, []).append(slot)
         for path, slots in by_module.items():
-            module = get_path(attn, path)
+            module = get_path(block, path)
             plan = _plan(module, slots)
             session.replace_forward(module, lambda original, m=module, p=plan, l=layer:
                                     self._projection(original, m, p, l))
@@ -110,6 +133,8 @@ class GraphRun:
     def _attn_inputs(self, layer: int, receivers: list[int], resid: torch.Tensor) -> None:
         """The layer's attention receivers' inputs, normed, for the projections."""
         self._normed.pop(layer, None)
+        if self.graph.shared_norm:
+            self._resid[layer] = resid
         delta = self._delta(receivers, resid)
         if delta is None and not self.grad:
             return None
@@ -128,6 +153,20 @@ class GraphRun:
         out = resid.view_as(resid) if delta is None else resid + delta[:, :, 0]
         self._differentiate(receiver, out)          # a tensor of its own: the norm reads it
         return out
+
+    def _shared_input(self, layer: int, receiver: int, normed: torch.Tensor
+                      ) -> torch.Tensor | None:
+        """The MLP's input where it shares attention's norm (GPT-J, parallel StableLM): the
+        norm of the receiver's own residual input (the norm's input this layer, plus its
+        patched edges), a tensor only this norm call reads, so its gradient is ``d metric /
+        d input_v``; the model's own input when nothing changes it."""
+        resid = self._resid.pop(layer)
+        delta = self._delta([receiver], resid)
+        if delta is None and not self.grad:
+            return None
+        own = resid.view_as(resid) if delta is None else resid + delta[:, :, 0]
+        self._differentiate(receiver, own)
+        return self.graph.part(self.root, layer, "mlp_norm").forward(own).to(normed.dtype)
 
     def _heads(self, layer: int, z: torch.Tensor) -> None:
         self._normed.pop(layer, None)
@@ -189,6 +228,17 @@ class GraphRun:
             raise InputError(f"the forward did not reach {', '.join(missing[:4])}: edge "
                              "attribution needs every block to run")
         return list(self.current)  # type: ignore[arg-type]
+
+
+def _same(normed: dict, key: tuple, x: torch.Tensor, graph: Graph, path: str) -> None:
+    seen = normed.get(key)
+    if seen is None or not (seen is x or (seen.shape == x.shape and torch.equal(seen, x))):
+        layer, name = key
+        raise SiteError(f"the {graph.model_type!r} map says {path} reads {name}="
+                        f"{getattr(graph.layout, name)!r}, but in layer {layer} its input is "
+                        "not that norm's output: edge attribution would read the wrong stream; "
+                        f"pass adapter=ii.Adapter(..., {name}=...) with the right norm")
+    return None
 
 
 def _plan(module: nn.Module, slots: list[Slot]) -> tuple:

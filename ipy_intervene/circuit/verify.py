@@ -21,7 +21,7 @@ circuit is the clean run; no edge in it is the corrupted run (with ``"corrupted"
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from ipy_intervene.analysis.metrics import as_metric
 from ipy_intervene.analysis.reads import OnLogits
 from ipy_intervene.circuit.graph import Graph, build_graph, edge_mask
 from ipy_intervene.circuit.runs import GraphRun, Writes
-from ipy_intervene.errors import InputError
+from ipy_intervene.errors import InputError, InterventionError
 from ipy_intervene.infra.hooks import HookSession, entry_point
 from ipy_intervene.model.loading import warn_if_training, wrap
 
@@ -63,9 +63,11 @@ class VerifyResult:
 
 @entry_point
 def verify_circuit(model: Any, circuit: Any, clean: Any, corrupted: Any, metric: Any, *,
-                   ablation: str = "corrupted") -> VerifyResult:
+                   ablation: str = "corrupted", adapter: Any = None) -> VerifyResult:
     """The fraction of the clean - corrupted metric gap the circuit recovers, run exactly
-    (three forwards: clean, corrupted, the circuit).
+    (three forwards: clean, corrupted, the circuit). ``adapter``: the ``ii.Adapter`` to
+    compare the model's graph with the circuit's (default: the map the circuit was built
+    with).
 
     >>> c = ii.edge_attribution(model, clean, corrupt, m).circuit(top=30)   # doctest: +SKIP
     >>> ii.verify_circuit(model, c, clean, corrupt, m, ablation="mean")    # doctest: +SKIP
@@ -79,7 +81,7 @@ def verify_circuit(model: Any, circuit: Any, clean: Any, corrupted: Any, metric:
                          f"{type(circuit).__name__}")
     model = wrap(model)
     warn_if_training(model)
-    check_same_graph(circuit.graph, build_graph(model))
+    check_same_graph(circuit.graph, _model_graph(model, circuit.graph, adapter))
     a, b = prepare_pair(model, clean, corrupted)
     bound = OnLogits(model, as_metric(metric), a.size, a.length)
     graph, root = circuit.graph, model.module
@@ -96,14 +98,15 @@ def verify_circuit(model: Any, circuit: Any, clean: Any, corrupted: Any, metric:
 
 @entry_point
 def patch_edges(model: Any, base: Any, source: Any, metric: Any,
-                edges: list[tuple[str, str]]) -> torch.Tensor:
+                edges: list[tuple[str, str]], *, adapter: Any = None) -> torch.Tensor:
     """The metric of each ``base`` prompt, run with the listed edges carrying their sender's
-    write from the ``source`` prompts (every other edge: this run's own writes).
+    write from the ``source`` prompts (every other edge: this run's own writes);
+    ``adapter``: an ``ii.Adapter`` by hand (default: the family's map).
 
     >>> patch_edges(model, corrupt, clean, m, [("L0H1", "L2H0.q")])   # doctest: +SKIP
     """
     model = wrap(model)
-    graph = build_graph(model)
+    graph = build_graph(model, adapter)
     mask = edge_mask(graph, edges)
     a, b = prepare_pair(model, base, source)
     bound = OnLogits(model, as_metric(metric), a.size, a.length)
@@ -116,6 +119,19 @@ def patch_edges(model: Any, base: Any, source: Any, metric: Any,
 def mean_writes(writes: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each write's mean over the prompts, at each position, for every prompt."""
     return [w.mean(0, keepdim=True).expand_as(w) for w in writes]
+
+
+def _model_graph(model: Any, mine: Graph, adapter: Any) -> Graph:
+    """The model's graph under ``adapter``, else under the circuit's own map; a map that
+    does not fit this model means the circuit was built for another one."""
+    if adapter is not None:
+        return build_graph(model, adapter)
+    try:
+        return build_graph(model, replace(mine.adapter, n_layers=0))   # this model's layers
+    except (InterventionError, AttributeError) as error:    # AttributeError: a missing path
+        raise InputError(f"the circuit was built for another model ({mine.model_type}, "
+                         f"{mine.n_layers} layers, {mine.n_heads} heads): its map does not "
+                         f"fit this one ({getattr(error, 'detail', error)})") from None
 
 
 def check_same_graph(mine: Graph, model_graph: Graph) -> None:

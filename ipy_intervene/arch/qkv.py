@@ -1,0 +1,158 @@
+"""How attention reads the residual stream, per head: the facts edge attribution needs.
+
+From an :class:`~ipy_intervene.arch.sites.Adapter` (the family's or one by hand) and the
+model, :func:`attention_layout` gives the norm attention reads through, the norm the MLP reads
+through, the out-projection, the head counts and, for each head's ``q`` and each kv head's
+``k`` and ``v``, the output columns of the projection that computes it. Nothing is guessed:
+the layout is the adapter's ``qkv`` / ``qkv_layout`` (stated from transformers' modeling
+files for the table's families), the head size is the out-projection's input width over
+``n_heads``, the kv heads follow from the projections' widths, and a projection whose width
+does not fit the layout is a :class:`SiteError` naming the family and the width.
+
+>>> import ipy_intervene as ii
+>>> from ipy_intervene.arch.sites import adapter_for
+>>> model = ii.load_model("demo")
+>>> layout = attention_layout(model.module, adapter_for(model))
+>>> layout.n_heads, layout.n_kv, layout.head_dim, layout.parallel
+(4, 4, 32, False)
+>>> layout.columns[5]
+HeadColumns(path='attn.c_attn', role='k', index=1, start=160, stop=192)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from torch import nn
+
+from ipy_intervene.arch.sites import Adapter, get_path
+from ipy_intervene.errors import SiteError
+
+QKV_LAYOUTS = ("separate", "blocks", "per_head")
+
+
+@dataclass(frozen=True)
+class HeadColumns:
+    """Output columns ``start:stop`` of the projection at ``path`` (inside a block) that
+    compute input ``role`` (``q``, ``k`` or ``v``) of head ``index`` (a kv head for k, v)."""
+
+    path: str
+    role: str
+    index: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Paths inside a block, and the per-head columns of the q/k/v projections (every q
+    head in order, then every kv head's k, then every kv head's v)."""
+
+    attn_norm: str
+    mlp_norm: str
+    out_proj: str
+    parallel: bool
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    columns: tuple[HeadColumns, ...]
+
+    @property
+    def shared_norm(self) -> bool:
+        """Attention and the MLP read the block's input through the same norm (GPT-J)."""
+        return self.mlp_norm == self.attn_norm
+
+
+def attention_layout(root: nn.Module, adapter: Adapter) -> AttentionLayout:
+    """The layout of ``root``'s attention under ``adapter`` (see the module docstring); a
+    :class:`SiteError` naming what is missing or does not fit."""
+    missing = [name for name in ("attn_norm", "qkv") if getattr(adapter, name) is None]
+    mlp_norm = adapter.mlp_norm or adapter.mid_norm
+    if mlp_norm is None:
+        missing.append("mlp_norm")
+    if missing:
+        raise SiteError(
+            f"edge attribution needs, for the {adapter.name!r} map, how attention and the MLP "
+            f"read the residual stream; missing: {', '.join(missing)}. Add them to the "
+            "adapter (paths inside a block): ii.Adapter(..., attn_norm='<norm before "
+            "attention>', mlp_norm='<norm before the MLP>', qkv=('<q proj>', '<k proj>', "
+            "'<v proj>')) or qkv=('<fused proj>',) with qkv_layout='blocks' or 'per_head' "
+            "(see help(ii.Adapter))")
+    layout = adapter.qkv_layout
+    if layout not in QKV_LAYOUTS or (len(adapter.qkv) == 3) != (layout == "separate") \
+            or len(adapter.qkv) not in (1, 3):
+        raise SiteError(
+            f"the {adapter.name!r} map's qkv={adapter.qkv!r} with qkv_layout={layout!r} does "
+            "not say how the q/k/v columns split into heads: give three projections with "
+            "qkv_layout='separate', or one with qkv_layout='blocks' ([q heads | k kv heads | "
+            "v kv heads]) or 'per_head' (each head's [q | k | v])")
+    block = get_path(root, adapter.blocks)[0]
+    paths = {"attn_norm": adapter.attn_norm, "mlp_norm": mlp_norm, "head_proj": adapter.head_proj,
+             **{f"qkv[{i}]": p for i, p in enumerate(adapter.qkv)}}
+    for name, path in paths.items():
+        try:
+            get_path(block, path)
+        except AttributeError:
+            raise SiteError(f"the {adapter.name!r} map's {name}={path!r} is not a module of "
+                            f"{adapter.blocks}[0]") from None
+    n_heads = adapter.n_heads
+    d_in = _width(get_path(block, adapter.head_proj), adapter, "head_proj", out=False)
+    if d_in % n_heads:
+        raise SiteError(f"the {adapter.name!r} out-projection {adapter.head_proj} reads "
+                        f"{d_in} columns, not a multiple of its {n_heads} heads")
+    d = d_in // n_heads
+    widths = [_width(get_path(block, p), adapter, p) for p in adapter.qkv]
+    n_kv = _kv_heads(adapter, layout, widths, n_heads, d)
+    return AttentionLayout(adapter.attn_norm, mlp_norm, adapter.head_proj,
+                           adapter.mid_norm is None, n_heads, n_kv, d,
+                           _columns(adapter.qkv, layout, n_heads, n_kv, d))
+
+
+def _width(module: nn.Module, adapter: Adapter, path: str, out: bool = True) -> int:
+    """Output (or input) width of an nn.Linear or a Conv1D (GPT-2's, weight ``[in, out]``)."""
+    weight = getattr(module, "weight", None)
+    conv = type(module).__name__ == "Conv1D"
+    if weight is None or weight.dim() != 2 or not (conv or isinstance(module, nn.Linear)):
+        raise SiteError(f"the {adapter.name!r} map's {path} is a {type(module).__name__}; "
+                        "edge attribution computes each head's columns of an nn.Linear or "
+                        "Conv1D projection only")
+    rows, cols = weight.shape[::-1] if conv else weight.shape
+    return int(rows if out else cols)
+
+
+def _kv_heads(adapter: Adapter, layout: str, widths: list[int], n_heads: int, d: int) -> int:
+    """The kv heads the projections' widths imply; an error where they do not fit."""
+    fits, n_kv = False, 0
+    if layout == "separate":
+        q, k, v = widths
+        n_kv = k // d
+        fits = q == n_heads * d and k == v and k % d == 0
+    elif layout == "blocks":
+        rest = widths[0] - n_heads * d
+        n_kv = rest // (2 * d)
+        fits = rest > 0 and rest % (2 * d) == 0
+    else:
+        n_kv = n_heads
+        fits = widths[0] == 3 * n_heads * d
+    if not fits or n_kv < 1 or n_heads % n_kv:
+        raise SiteError(f"the {adapter.name!r} q/k/v projection widths {widths} do not fit "
+                        f"qkv_layout={layout!r} with {n_heads} heads of size {d} (the "
+                        "out-projection's input over n_heads); edge attribution does not "
+                        "guess another split")
+    return n_kv
+
+
+def _columns(paths: tuple[str, ...], layout: str, h: int, kv: int,
+             d: int) -> tuple[HeadColumns, ...]:
+    heads = [("q", i) for i in range(h)] + [(t, g) for t in "kv" for g in range(kv)]
+    out = []
+    for role, i in heads:
+        if layout == "separate":
+            path, start = paths["qkv".index(role)], i * d
+        elif layout == "blocks":
+            offset = {"q": 0, "k": h * d, "v": h * d + kv * d}[role]
+            path, start = paths[0], offset + i * d
+        else:
+            path, start = paths[0], 3 * d * i + "qkv".index(role) * d
+        out.append(HeadColumns(path, role, i, start, start + d))
+    return tuple(out)
+
