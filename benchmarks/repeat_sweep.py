@@ -23,7 +23,7 @@ import time
 import torch
 
 import ipy_intervene as ii
-from ipy_intervene.sweep import api, memo
+from ipy_intervene.sweep import api, memo, proof
 
 CLEAN = "When Mary and John went to the store , John gave a drink to"
 CORRUPT = "When Mary and John went to the store , Mary gave a drink to"
@@ -57,7 +57,7 @@ def measure(model: ii.Model, n: int, **kw) -> dict[str, float]:
         assert again.extra.get("reused") and torch.equal(again.raw, plain.raw)
         assert "reused" not in first.extra and torch.equal(first.raw, plain.raw)
         options = {"clean": pair[0], "corrupted": pair[1]}
-        times["proof"].append(timed(memo.Witness.of, model, options, METRIC)[0])
+        times["proof"].append(timed(proof.Witness.of, model, options, METRIC)[0])
     memo.forget()
     return {k: statistics.median(v) for k, v in times.items()}
 

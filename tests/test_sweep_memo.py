@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ipy_intervene as ii
-from ipy_intervene.sweep import api, memo, record as record_module
+from ipy_intervene.sweep import api, memo, proof, record as record_module
 from conftest import CORRUPT, PROMPT, tiny_model
 
 MARY_JOHN = ii.logit_diff("Mary", "John")
@@ -93,11 +93,11 @@ def test_what_no_checksum_sees_is_refuted_by_the_witness(model):
 
 def test_order_sensitive_checksum_sees_a_permutation():
     w = torch.randn(5, 7)
-    assert memo.checksum(w) == memo.checksum(w.clone())
-    assert memo.checksum(w) != memo.checksum(w[[1, 0, 2, 3, 4]])
-    assert memo.checksum(w) != memo.checksum(w.roll(3))
+    assert proof.checksum(w) == proof.checksum(w.clone())
+    assert proof.checksum(w) != proof.checksum(w[[1, 0, 2, 3, 4]])
+    assert proof.checksum(w) != proof.checksum(w.roll(3))
     half = w.half()
-    assert memo.checksum(half) != memo.checksum(half.flip(0))
+    assert proof.checksum(half) != proof.checksum(half.flip(0))
 
 
 def test_a_reused_result_says_so_in_its_repr_and_view(model):
@@ -217,8 +217,8 @@ def test_a_reused_result_has_values_of_its_own(model):
 def test_a_quick_sweep_is_not_kept_and_pays_for_no_proof(model, monkeypatch):
     monkeypatch.setattr(memo, "MIN_SECONDS", 1e9)
     proofs = []
-    original = memo.Witness.of
-    monkeypatch.setattr(memo.Witness, "of", lambda *a: proofs.append(1) or original(*a))
+    original = proof.Witness.of
+    monkeypatch.setattr(proof.Witness, "of", lambda *a: proofs.append(1) or original(*a))
     ii.patch_sweep(model, PROMPT, CORRUPT, MARY_JOHN)
     again = ii.patch_sweep(model, PROMPT, CORRUPT, MARY_JOHN)
     assert "reused" not in again.extra and memo.stats()["entries"] == 0 and proofs == []
