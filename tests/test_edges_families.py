@@ -388,3 +388,21 @@ def test_a_hand_map_naming_the_wrong_norm_is_refused(demo):
                                         r"in layer 0 its input is not that norm's output"):
         edge_attribution(model, PROMPT, CORRUPT, METRIC, adapter=wrong)
     assert hook_free(model.module)
+
+
+def test_a_wrong_fused_qkv_layout_is_refused_on_the_model_forward(demo):
+    """The stated q/k/v split is proven on a forward: NeoX's fused projection is each head's
+    [q | k | v]; declared as [q heads | k heads | v heads] its v columns are not the values
+    the attention reads, and edge attribution refuses the map instead of scoring it."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    model = ii.wrap(GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=len(demo.tokenizer), hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=64)).eval(), demo.tokenizer)
+    build_graph(model)                                    # the table's split: proven
+    wrong = by_hand(adapter_for(model), name="mine", qkv_layout="blocks")
+    with pytest.raises(SiteError, match=r"'mine' map's qkv=.*qkv_layout='blocks' does not "
+                                        r"give the model's values: kv head 0"):
+        build_graph(model, adapter=wrong)
+    assert hook_free(model.module)

@@ -21,6 +21,7 @@ HeadColumns(path='attn.c_attn', role='k', index=1, start=160, stop=192)
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from torch import nn
 
@@ -156,3 +157,64 @@ def _columns(paths: tuple[str, ...], layout: str, h: int, kv: int,
         out.append(HeadColumns(path, role, i, start, start + d))
     return tuple(out)
 
+
+
+_values_checked: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
+
+
+def check_values(root: nn.Module, adapter: Adapter, layout: AttentionLayout) -> None:
+    """Prove the stated split on one forward (once per model and map): each kv head's ``v``
+    columns of the projection at block 0 equal the value vectors the model's attention
+    reads (its ``v`` site). A wrong ``qkv_layout`` (``"blocks"`` for a per-head fused
+    projection) is a :class:`SiteError`, not silently wrong scores. q and k share the
+    layout's convention but go through rotary, so v is what is compared. A family whose
+    attention does not run through transformers' attention functions has no ``v`` site:
+    its split stays as stated."""
+    seen = _values_checked.setdefault(root, set())
+    if adapter in seen:
+        return
+    import torch
+
+    from ipy_intervene.arch import attention
+    from ipy_intervene.infra.hooks import HookSession, entry_point
+
+    block = get_path(root, adapter.blocks)[0]
+    attn = get_path(block, adapter.attn)
+    outputs: dict[str, torch.Tensor] = {}
+    values: list[torch.Tensor] = []
+    vocab = root.get_input_embeddings().num_embeddings
+
+    @entry_point
+    def run() -> None:
+        with torch.no_grad(), HookSession() as session:
+            attention.use_sites(session, root)
+            for path in adapter.qkv:
+                session.post(get_path(block, path),
+                             lambda m, a, out, path=path: outputs.setdefault(path, out.detach()))
+            point = attention.point(attn, "v")
+            if point is not None:
+                session.post(point, lambda m, a, out: values.append(out.detach()))
+            ids = torch.arange(6, device=next(root.parameters()).device).view(1, 6) % vocab
+            root.forward(input_ids=ids)
+
+    run()
+    if values:
+        _compare_values(adapter, layout, outputs, values[0])
+    seen.add(adapter)
+
+
+def _compare_values(adapter: Adapter, layout: AttentionLayout, outputs: dict,
+                    value: "torch.Tensor") -> None:
+    import torch
+
+    for col in (c for c in layout.columns if c.role == "v"):
+        mine = outputs[col.path][..., col.start:col.stop]            # [batch, pos, d_head]
+        theirs = value[:, col.index]                                   # [batch, pos, d_head]
+        if mine.shape != theirs.shape or not torch.allclose(mine, theirs, atol=1e-5,
+                                                            rtol=1e-4):
+            raise SiteError(
+                f"the {adapter.name!r} map's qkv={adapter.qkv!r} with "
+                f"qkv_layout={adapter.qkv_layout!r} does not give the model's values: kv head "
+                f"{col.index}'s v columns {col.start}:{col.stop} differ from what its "
+                "attention reads. Check qkv_layout ('blocks': [q heads | k kv heads | v kv "
+                "heads]; 'per_head': each head's [q | k | v]) and the projection paths")

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ipy_intervene.arch.qkv import AttentionLayout, attention_layout
+from ipy_intervene.arch.qkv import AttentionLayout, attention_layout, check_values
 from ipy_intervene.arch.sites import Adapter, adapter_for, family_names, get_path
 from ipy_intervene.errors import InputError
 
@@ -177,6 +177,7 @@ def build_graph(model: Any, adapter: Adapter | None = None) -> Graph:
                              "(see help(ii.Adapter))")
     adapter = adapter_for(model, adapter)
     layout = attention_layout(root, adapter)
+    check_values(root, adapter, layout)
     n_heads, n_kv = layout.n_heads, layout.n_kv
     senders, receivers = _nodes(adapter.n_layers, n_heads, n_kv)
     graph = Graph(adapter.name, adapter, adapter.n_layers, n_heads, n_kv, layout.head_dim,
