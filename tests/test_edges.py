@@ -5,7 +5,6 @@ GPT-2, GPT-NeoX (parallel and sequential residual) and Llama (GQA) shapes."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXFor
                           LlamaConfig, LlamaForCausalLM)
 
 from conftest import CORRUPT, PROMPT
+from edges_oracle import get, hook_free, plain, pre_add, receivers, scores_by_hand
 
 METRIC = ii.logit_diff("Mary", "John")
 CLEAN = [PROMPT, "Then , Mary and John had a drink"]
@@ -32,12 +32,6 @@ LAYOUT = {
               "mlp", "o_proj", "model.norm"),
 }
 LAYOUT["neox-serial"] = LAYOUT["neox"]
-
-
-def get(root, path):
-    for part in path.split("."):
-        root = getattr(root, part)
-    return root
 
 
 def build(arch, vocab, init=0.2):
@@ -102,21 +96,6 @@ class Hand:
         return METRIC.bind(self.model, logits.shape[0])(logits)
 
 
-@contextmanager
-def plain(*handles):
-    """Plain torch hook handles, removed on exit."""
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def pre_add(module, fn):
-    """A forward pre-hook: first argument -> fn(first argument)."""
-    return module.register_forward_pre_hook(lambda m, args: (fn(args[0]), *args[1:]))
-
-
 def writes(hand, texts, embed=None):
     """{sender name: write [B, P, D]} of one plain run (``embed``: block 0's input)."""
     out, handles = {}, []
@@ -138,17 +117,6 @@ def writes(hand, texts, embed=None):
     with plain(*handles), torch.no_grad():
         hand.root(**hand.kwargs(texts))
     return out
-
-
-def receivers(hand):
-    """[(name, kind, layer, index)] with the package's naming."""
-    names = []
-    kv = (lambda l, g: f"L{l}H{g}") if hand.KV == hand.H else (lambda l, g: f"L{l}KV{g}")
-    for l in range(hand.n):
-        names += [(f"L{l}H{h}.q", "q", l, h) for h in range(hand.H)]
-        names += [(f"{kv(l, g)}.{t}", t, l, g) for t in "kv" for g in range(hand.KV)]
-        names.append((f"MLP{l}", "mlp", l, -1))
-    return names + [("logits", "logits", hand.n, -1)]
 
 
 def grads_by_hand(hand, texts, embed=None):
@@ -200,17 +168,6 @@ def grads_by_hand(hand, texts, embed=None):
     return out
 
 
-def scores_by_hand(hand, grads, clean, corrupt, result):
-    g = result.graph
-    want = torch.full((len(g.senders), len(g.receivers)), float("nan"))
-    for s, send in enumerate(g.senders):
-        for r, recv in enumerate(g.receivers):
-            if bool(g.upstream[s, r]):
-                diff = clean[send.name] - corrupt[send.name]
-                want[s, r] = (diff * grads[recv.name]).sum((1, 2)).mean()
-    return want
-
-
 def expected_edges(hand, graph):
     """The edges as this file states the rule: a sender feeds what reads after it writes."""
     parallel = hand.arch == "neox"
@@ -244,7 +201,7 @@ def test_eap_equals_its_closed_form(arch_model):
     hand = Hand(arch, model)
     result = edge_attribution(model, CLEAN, CORRUPTED, METRIC)
     clean, corrupt = writes(hand, CLEAN), writes(hand, CORRUPTED)
-    want = scores_by_hand(hand, grads_by_hand(hand, CORRUPTED), clean, corrupt, result)
+    want = scores_by_hand(grads_by_hand(hand, CORRUPTED), clean, corrupt, result.graph)
     assert torch.equal(~result.scores.isnan(), expected_edges(hand, result.graph))
     assert torch.equal(want.isnan(), result.scores.isnan())
     assert float(want.nan_to_num().abs().max()) > 0.05      # far above the tolerance
@@ -278,7 +235,7 @@ def test_eap_ig_equals_its_closed_form(arch_model):
         g = grads_by_hand(hand, CORRUPTED, embed=point)
         grads = g if grads is None else {n: grads[n] + g[n] for n in g}
     grads = {n: v / steps for n, v in grads.items()}
-    want = scores_by_hand(hand, grads, clean, corrupt, result)
+    want = scores_by_hand(grads, clean, corrupt, result.graph)
     eap = edge_attribution(model, CLEAN, CORRUPTED, METRIC).scores.nan_to_num()
     assert float((eap - want.nan_to_num()).abs().max()) > 1e-3   # the steps do matter
     assert torch.allclose(result.scores.nan_to_num(), want.nan_to_num(), atol=1e-5, rtol=0)
@@ -431,11 +388,6 @@ def test_circuit_top_threshold_and_nodes(demo):
     assert len(r.circuit(threshold=cut)) == 5
     assert set(top.nodes) >= {top.edges[0][0], top.edges[0][1].split(".")[0]}
     assert r.score(*r.edges(1)[0][:2]) == r.edges(1)[0][2]
-
-
-def hook_free(root):
-    return all(not m._forward_hooks and not m._forward_pre_hooks
-               and "forward" not in m.__dict__ for m in root.modules())
 
 
 @pytest.mark.parametrize("call, words", [

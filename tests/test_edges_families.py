@@ -8,7 +8,6 @@ scores; maps that lack or misstate the q/k/v facts are refused."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import fields
 
 import pytest
@@ -21,6 +20,7 @@ from ipy_intervene.circuit import (Circuit, build_graph, edge_attribution, patch
 from ipy_intervene.errors import InputError, SiteError
 
 from conftest import CORRUPT, PROMPT
+from edges_oracle import get, hook_free, plain, pre_add, receivers, scores_by_hand
 
 METRIC = ii.logit_diff("Mary", "John")
 CLEAN = [PROMPT, "Then , Mary and John had a drink"]
@@ -42,12 +42,6 @@ FAMS = {
     "stablelm-parallel": (dict(use_parallel_residual=True),
                           {**LLAMA, "mn": "input_layernorm", "parallel": True}),
 }
-
-
-def get(root, path):
-    for part in path.split("."):
-        root = getattr(root, part)
-    return root
 
 
 def build(name, vocab):
@@ -97,19 +91,6 @@ class Hand:
         return METRIC.bind(self.model, logits.shape[0])(logits)
 
 
-@contextmanager
-def plain(*handles):
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def pre_add(module, fn):
-    return module.register_forward_pre_hook(lambda m, args: (fn(args[0]), *args[1:]))
-
-
 def first(out):
     return out[0] if isinstance(out, tuple) else out
 
@@ -142,16 +123,6 @@ def writes(hand, texts, embed=None):
     with plain(*handles), torch.no_grad():
         hand.root(**hand.kwargs(texts))
     return out
-
-
-def receivers(hand):
-    names = []
-    kv = (lambda l, g: f"L{l}H{g}") if hand.KV == hand.H else (lambda l, g: f"L{l}KV{g}")
-    for l in range(hand.n):
-        names += [(f"L{l}H{h}.q", "q", l, h) for h in range(hand.H)]
-        names += [(f"{kv(l, g)}.{t}", t, l, g) for t in "kv" for g in range(hand.KV)]
-        names.append((f"MLP{l}", "mlp", l, -1))
-    return names + [("logits", "logits", hand.n, -1)]
 
 
 def grads_by_hand(hand, texts, embed=None):
@@ -203,16 +174,6 @@ def grads_by_hand(hand, texts, embed=None):
     return out
 
 
-def scores_by_hand(hand, grads, clean, corrupt, graph):
-    want = torch.full((len(graph.senders), len(graph.receivers)), float("nan"))
-    for s, send in enumerate(graph.senders):
-        for r, recv in enumerate(graph.receivers):
-            if bool(graph.upstream[s, r]):
-                diff = clean[send.name] - corrupt[send.name]
-                want[s, r] = (diff * grads[recv.name]).sum((1, 2)).mean()
-    return want
-
-
 def expected_edges(hand, graph):
     def layer(name):
         if name in ("embed", "logits"):
@@ -260,11 +221,6 @@ def some_edges(graph, every=5):
     return picked
 
 
-def hook_free(root):
-    return all(not m._forward_hooks and not m._forward_pre_hooks
-               and "forward" not in m.__dict__ for m in root.modules())
-
-
 def test_eap_and_eap_ig_equal_their_closed_form(fam):
     name, model = fam
     hand = Hand(name, model)
@@ -272,7 +228,7 @@ def test_eap_and_eap_ig_equal_their_closed_form(fam):
     graph = result.graph
     assert (graph.n_kv, graph.parallel) == (hand.KV, hand.spec["parallel"])
     clean, corrupt = writes(hand, CLEAN), writes(hand, CORRUPTED)
-    want = scores_by_hand(hand, grads_by_hand(hand, CORRUPTED), clean, corrupt, graph)
+    want = scores_by_hand(grads_by_hand(hand, CORRUPTED), clean, corrupt, graph)
     assert torch.equal(~result.scores.isnan(), expected_edges(hand, graph))
     assert torch.equal(want.isnan(), result.scores.isnan())
     assert float(want.nan_to_num().abs().max()) > 0.05
@@ -284,7 +240,7 @@ def test_eap_and_eap_ig_equal_their_closed_form(fam):
         point = corrupt["embed"] + k / steps * (clean["embed"] - corrupt["embed"])
         g = grads_by_hand(hand, CORRUPTED, embed=point)
         grads = g if grads is None else {n: grads[n] + g[n] for n in g}
-    want = scores_by_hand(hand, {n: v / steps for n, v in grads.items()}, clean, corrupt, graph)
+    want = scores_by_hand({n: v / steps for n, v in grads.items()}, clean, corrupt, graph)
     assert torch.allclose(ig.scores.nan_to_num(), want.nan_to_num(), atol=1e-5, rtol=0)
     assert hook_free(model.module)
 
