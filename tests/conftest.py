@@ -127,3 +127,16 @@ def greedy_generate(model: ii.Model, prompt: torch.Tensor, steps: int) -> tuple:
                                     return_dict_in_generate=True,
                                     pad_token_id=model.tokenizer.pad_token_id)
     return out.sequences, torch.stack(out.logits, 1)
+
+
+def tiny_family(model_type: str, vocab: int, **config) -> torch.nn.Module:
+    """A seeded random model of ``model_type`` from ``AutoConfig.for_model(**config)``, in eval
+    mode; the test is skipped when this transformers lacks the family."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.for_model(model_type, vocab_size=vocab, **config)
+    except (KeyError, ValueError) as error:
+        pytest.skip(f"this transformers has no {model_type!r} ({error})")
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()

@@ -19,7 +19,7 @@ from ipy_intervene.circuit import (Circuit, build_graph, edge_attribution, patch
                                    verify_circuit)
 from ipy_intervene.errors import InputError, SiteError
 
-from conftest import CORRUPT, PROMPT
+from conftest import CORRUPT, PROMPT, tiny_family
 from edges_oracle import get, hook_free, plain, pre_add, receivers, scores_by_hand
 
 METRIC = ii.logit_diff("Mary", "John")
@@ -45,15 +45,7 @@ FAMS = {
 
 
 def build(name, vocab):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    extra = FAMS[name][0]
-    try:
-        config = AutoConfig.for_model(name.split("-")[0], vocab_size=vocab, **{**SHAPE, **extra})
-    except (KeyError, ValueError) as error:
-        pytest.skip(f"this transformers has no {name!r} ({error})")
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return tiny_family(name.split("-")[0], vocab, **{**SHAPE, **FAMS[name][0]})
 
 
 @pytest.fixture(scope="module", params=list(FAMS))

@@ -14,6 +14,8 @@ from ipy_intervene.arch.check import adapter_line
 from ipy_intervene.arch.sites import adapter_for, get_path
 from ipy_intervene.errors import SiteError
 
+from conftest import tiny_family
+
 SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=64, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
              pad_token_id=1)
@@ -42,16 +44,8 @@ def ids(prompts):
 
 
 def build(model_type: str, vocab: int, **extra) -> torch.nn.Module:
-    """A seeded 2-layer, 32-wide random model of ``model_type``; skipped when this
-    transformers lacks it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.for_model(model_type, vocab_size=vocab, **{**SHAPE, **extra})
-    except (KeyError, ValueError) as error:
-        pytest.skip(f"this transformers has no {model_type!r} ({error})")
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
+    """A seeded 2-layer, 32-wide random model of ``model_type`` (skipped when absent)."""
+    return tiny_family(model_type, vocab, **{**SHAPE, **extra})
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
