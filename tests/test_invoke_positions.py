@@ -8,7 +8,6 @@ a value's layout cannot be known, the read is a clear error naming the line."""
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import ipy_intervene as ii
 from ipy_intervene.errors import InterventionError, SiteError
-from ipy_intervene.arch.sites import get_path
+from alone_oracle import ids, module, run_alone
 from attention_oracle import logits_by_hand
 from conftest import PROMPT, SHORT, greedy_generate, hook_count, tiny_model
 
@@ -38,14 +37,6 @@ def paths(model) -> dict[str, str]:
     return {"B": f"model.{ad.blocks}", "U": f"model.{ad.unembed}", "A": ad.attn, "M": ad.mlp}
 
 
-def module(model, path: str) -> nn.Module:
-    return get_path(model.module, path.removeprefix("model."))
-
-
-def ids(model, text):
-    return model.tokenizer(text, return_tensors="pt").input_ids
-
-
 def width(model) -> int:
     return getattr(model.config, "hidden_size", None) or model.config.n_embd
 
@@ -55,17 +46,6 @@ def vec(model) -> torch.Tensor:
 
 
 # -- the oracle: one prompt, no padding, plain hooks ---------------------------------------
-
-def run_alone(model, text, post=(), pre=(), grad=False):
-    """Logits of ``text`` alone with (module path, fn) forward hooks and pre-hooks."""
-    with ExitStack() as stack:
-        for path, fn in post:
-            stack.callback(module(model, path).register_forward_hook(fn).remove)
-        for path, fn in pre:
-            stack.callback(module(model, path).register_forward_pre_hook(fn).remove)
-        with torch.set_grad_enabled(grad):
-            return model.module(ids(model, text)).logits
-
 
 def seen_alone(model, text, path, pre=False):
     """The value ``path`` outputs (or takes, ``pre``) for ``text`` alone."""

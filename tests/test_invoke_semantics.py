@@ -5,7 +5,6 @@ demo model."""
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 import ipy_intervene as ii
-from ipy_intervene.arch.sites import get_path
+from alone_oracle import ids, module, run_alone
 from attention_oracle import logits_by_hand
 from conftest import PROMPT, SHORT, greedy_generate, hook_count, tiny_model
 
@@ -34,14 +33,6 @@ def paths(model) -> dict[str, str]:
             "U": f"model.{ad.unembed}", "A": ad.attn, "M": ad.mlp}
 
 
-def module(model, path: str):
-    return get_path(model.module, path.removeprefix("model."))
-
-
-def ids(model, text):
-    return model.tokenizer(text, return_tensors="pt").input_ids
-
-
 def extras(model) -> dict:
     width = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
     gen = torch.Generator().manual_seed(1)
@@ -50,17 +41,6 @@ def extras(model) -> dict:
 
 
 # -- the oracle: one prompt, no padding, plain hooks ---------------------------------------
-
-def run_hooked(model, text, post=(), pre=(), grad_at=None):
-    """Logits of ``text`` alone with (module path, fn) forward hooks / pre-hooks."""
-    with ExitStack() as stack:
-        for path, fn in post:
-            stack.callback(module(model, path).register_forward_hook(fn).remove)
-        for path, fn in pre:
-            stack.callback(module(model, path).register_forward_pre_hook(fn).remove)
-        with torch.set_grad_enabled(grad_at is not None):
-            return model.module(ids(model, text)).logits
-
 
 def edit(fn):
     """A forward hook that edits a clone of the output with ``fn(out)``."""
@@ -89,42 +69,42 @@ class Method:
 
 def lens_oracle(model, p, text, i, x):
     seen = {}
-    run_hooked(model, text, post=[(block(p, 1), capture(seen, "h"))])
+    run_alone(model, text, post=[(block(p, 1), capture(seen, "h"))])
     return module(model, p["U"])(module(model, p["N"])(seen["h"]))
 
 
 def steer_oracle(model, p, text, i, x):
     def f(o): o[:, -1] += (i + 1) * x["vec"]
-    return run_hooked(model, text, post=[(block(p, 1), edit(f))])
+    return run_alone(model, text, post=[(block(p, 1), edit(f))])
 
 
 def patch_oracle(model, p, text, i, x):
     seen = {}
-    run_hooked(model, SOURCE, post=[(block(p, 1), capture(seen, "h"))])
+    run_alone(model, SOURCE, post=[(block(p, 1), capture(seen, "h"))])
     def f(o): o[:, -1] = seen["h"][:, -1]
-    return run_hooked(model, text, post=[(block(p, 1), edit(f))])
+    return run_alone(model, text, post=[(block(p, 1), edit(f))])
 
 
 def zero_oracle(model, p, text, i, x):
-    return run_hooked(model, text, post=[(block(p, 1) + "." + p["M"], lambda m, a, o: o * 0)])
+    return run_alone(model, text, post=[(block(p, 1) + "." + p["M"], lambda m, a, o: o * 0)])
 
 
 def mean_oracle(model, p, text, i, x):
     def f(o): o[:, -2:] = x["mu"]
-    return run_hooked(model, text, post=[(block(p, 1) + "." + p["M"], edit(f))])
+    return run_alone(model, text, post=[(block(p, 1) + "." + p["M"], edit(f))])
 
 
 def replace_oracle(model, p, text, i, x):
-    return run_hooked(model, text, post=[(block(p, 1), lambda m, a, o: o * (0.5 + i))])
+    return run_alone(model, text, post=[(block(p, 1), lambda m, a, o: o * (0.5 + i))])
 
 
 def skip_oracle(model, p, text, i, x):
-    return run_hooked(model, text, post=[(block(p, 2), lambda m, a, o: a[0])])
+    return run_alone(model, text, post=[(block(p, 2), lambda m, a, o: a[0])])
 
 
 def stop_oracle(model, p, text, i, x):
     seen = {}
-    run_hooked(model, text, post=[(block(p, 1), capture(seen, "h"))])
+    run_alone(model, text, post=[(block(p, 1), capture(seen, "h"))])
     return seen["h"]
 
 
@@ -136,14 +116,14 @@ def path_oracle(model, p, text, i, x):
         h[:, -1] = seen[0][:, -1] * 0.5 + seen[1][:, -1]
         return (h, *args[1:])
 
-    return run_hooked(model, text, post=[(block(p, 0), capture(seen, 0)),
+    return run_alone(model, text, post=[(block(p, 0), capture(seen, 0)),
                                          (block(p, 1), capture(seen, 1))],
                       pre=[(block(p, 2), rewire)])
 
 
 def grad_oracle(model, p, text, i, x):
     seen = {}
-    logits = run_hooked(model, text, post=[(block(p, 1), capture(seen, "h"))], grad_at=True)
+    logits = run_alone(model, text, post=[(block(p, 1), capture(seen, "h"))], grad=True)
     (grad,) = torch.autograd.grad(logits[0, -1, x["tok"]], seen["h"])  # no .grad left on weights
     return grad
 
