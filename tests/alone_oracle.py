@@ -29,3 +29,12 @@ def run_alone(model, text, post=(), pre=(), grad=False):
             stack.callback(module(model, path).register_forward_pre_hook(fn).remove)
         with torch.set_grad_enabled(grad):
             return model.module(ids(model, text)).logits
+
+
+def edit(fn):
+    """A forward hook that edits a clone of the output with ``fn(out)``."""
+    def hook(mod, args, out):
+        out = out.clone()
+        fn(out)
+        return out
+    return hook

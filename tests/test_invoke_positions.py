@@ -17,7 +17,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import ipy_intervene as ii
 from ipy_intervene.errors import InterventionError, SiteError
-from alone_oracle import ids, module, run_alone
+from alone_oracle import edit, ids, module, run_alone
 from attention_oracle import logits_by_hand
 from conftest import PROMPT, SHORT, greedy_generate, hook_count, tiny_model
 
@@ -55,14 +55,6 @@ def seen_alone(model, text, path, pre=False):
     else:
         run_alone(model, text, post=[(path, lambda m, a, o: seen.setdefault("v", o))])
     return seen["v"]
-
-
-def edit(fn):
-    def hook(mod, args, out):
-        out = out.clone()
-        fn(out)
-        return out
-    return hook
 
 
 def block(p, layer: int, child: str = "") -> str:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ipy_intervene as ii
-from alone_oracle import ids, module, run_alone
+from alone_oracle import edit, ids, module, run_alone
 from attention_oracle import logits_by_hand
 from conftest import PROMPT, SHORT, greedy_generate, hook_count, tiny_model
 
@@ -41,15 +41,6 @@ def extras(model) -> dict:
 
 
 # -- the oracle: one prompt, no padding, plain hooks ---------------------------------------
-
-def edit(fn):
-    """A forward hook that edits a clone of the output with ``fn(out)``."""
-    def hook(mod, args, out):
-        out = out.clone()
-        fn(out)
-        return out
-    return hook
-
 
 def capture(store, key):
     def hook(mod, args, out):
