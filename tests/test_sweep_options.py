@@ -16,8 +16,8 @@ from conftest import CORRUPT, PROMPT, checksum, hook_count
 from ipy_intervene.errors import InputError
 from ipy_intervene.sweep import atp_star
 from test_atp_star import loud_model  # noqa: F401 - the fixture: effects well above 1e-5
-from test_edges import (ARCHS4, CLEAN, CORRUPTED, METRIC, Hand, build, grads_by_hand,
-                        scores_by_hand, writes)
+from edges_oracle import scores_by_hand
+from test_edges import ARCHS4, CLEAN, CORRUPTED, METRIC, Hand, build, grads_by_hand, writes
 
 GOOD, BAD = 5, 7
 
@@ -32,7 +32,7 @@ def test_noising_eap_equals_its_closed_form(demo, arch):
     hand = Hand(arch, model)
     result = ii.edge_attribution(model, CLEAN, CORRUPTED, METRIC, direction="noising")
     clean, corrupt = writes(hand, CLEAN), writes(hand, CORRUPTED)
-    want = scores_by_hand(hand, grads_by_hand(hand, CLEAN), corrupt, clean, result)
+    want = scores_by_hand(grads_by_hand(hand, CLEAN), corrupt, clean, result.graph)
     assert float(want.nan_to_num().abs().max()) > 0.05
     assert torch.allclose(result.scores.nan_to_num(), want.nan_to_num(), atol=1e-5, rtol=0)
     denoising = ii.edge_attribution(model, CLEAN, CORRUPTED, METRIC)
