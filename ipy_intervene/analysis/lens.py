@@ -1,5 +1,7 @@
-"""Logit lens: the residual stream after each layer, decoded through the final norm and the
-unembedding.
+"""Logit lens: the residual stream after each layer, decoded through the family's final norm,
+unembedding and logit transform (:meth:`Adapter.logits <ipy_intervene.arch.sites.Adapter.logits>`:
+Cohere's logit scale, Granite's logits scaling, Gemma 2/3's final soft-cap), so the lens of the
+last layer is the model's own next-token distribution.
 
 >>> import ipy_intervene as ii
 >>> model = ii.load_model("demo")
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 
 from ipy_intervene.analysis.inputs import first_prompt_tokens, numbered
-from ipy_intervene.arch.sites import adapter_for, get_path
+from ipy_intervene.arch.sites import adapter_for
 from ipy_intervene.errors import InputError
 from ipy_intervene.infra.hooks import entry_point, site_hooks
 from ipy_intervene.model.batch import Batch
@@ -149,6 +151,5 @@ def _streams(model: Model, adapter: Any, prompt: Any) -> tuple[list[torch.Tensor
 def _decode(model: Model, adapter: Any, hidden: torch.Tensor, prompt: int) -> torch.Tensor:
     if hidden.dim() == 2:
         hidden = hidden[None]
-    normed = get_path(model.module, adapter.final_norm)(hidden[prompt: prompt + 1])
-    logits = get_path(model.module, adapter.unembed)(normed)[0]
+    logits = adapter.logits(model.module, hidden[prompt: prompt + 1])[0]
     return logits.float().softmax(-1).cpu()

@@ -4,16 +4,21 @@ any analysis reads them.
 
 On a forward of two rows of four tokens (no padding), to float tolerance:
 
-- in every block ``l``: ``resid_pre + attn_out + mlp_out == resid_post``, and with a
-  ``mid_norm``, ``resid_pre + attn_out == resid_mid`` (the input of ``mid_norm``) and
-  ``resid_mid + mlp_out == resid_post``: ``attn_out`` and ``mlp_out`` are what the block adds
-  to the residual stream (a residual multiplier or a norm after a sublayer breaks this);
-- ``head_proj``'s output is ``attn_out`` (the heads' writes, summed, are what attention
-  adds) and its input splits into ``n_heads`` equal heads;
-- what the model adds to the token embeddings (``embed``) before block 0 does not depend on
-  the tokens (GPT-2's position embeddings pass; an embedding scale does not);
-- ``resid_post`` of the last block through ``final_norm`` and ``unembed`` is the model's logits
-  (a logit scale or soft-cap breaks this).
+- in every block ``l``, with ``r`` the map's ``residual_multiplier`` and ``attn_out`` /
+  ``mlp_out`` the outputs of the post-norms where the map names them (else of ``attn`` /
+  ``mlp``): ``resid_pre + r * (attn_out + mlp_out) == resid_post``, and with a ``mid_norm``,
+  ``resid_pre + r * attn_out == resid_mid`` (the input of ``mid_norm``) and
+  ``resid_mid + r * mlp_out == resid_post``: they are what the block adds to the residual
+  stream (an unnamed multiplier or a norm after a sublayer breaks this);
+- ``head_proj``'s output is attention's output (the heads' writes, summed, before any
+  post-norm) and its input splits into ``n_heads`` equal heads;
+- what the model adds to ``embed_scale`` times the token embeddings (``embed``) before block
+  0 does not depend on the tokens (GPT-2's position embeddings pass; an unnamed embedding
+  scale does not);
+- ``resid_post`` of the last block through ``final_norm``, ``unembed`` and the map's logit
+  transform (``logit_scale``, then ``logit_softcap``) is the model's logits;
+- no site's tensor is changed in place after its module returns it (Falcon's parallel blocks
+  add attention's output into the MLP's): such a site must be in the map's ``refused``.
 
 A map that fails is refused with a :class:`~ipy_intervene.errors.SiteError` naming the family,
 the identity, the layer and the largest difference, and the ``ii.Adapter(...)`` line to edit.
@@ -31,7 +36,7 @@ without autograd, and through ``model.forward`` (hooks on the model's top module
 from __future__ import annotations
 
 import weakref
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from typing import Any
 
 import torch
@@ -77,8 +82,10 @@ def refusal(adapter: Adapter, problem: str) -> str:
 
 def adapter_line(adapter: Adapter) -> str:
     """The ``ii.Adapter(...)`` call that builds ``adapter``."""
-    parts = [repr(adapter.name)] + [f"{f.name}={getattr(adapter, f.name)!r}"
-                                    for f in fields(adapter) if f.name not in ("name", "n_layers")]
+    parts = [repr(adapter.name)] + [
+        f"{f.name}={getattr(adapter, f.name)!r}" for f in fields(adapter)
+        if f.name not in ("name", "n_layers") and not (f.default is not MISSING
+                                                         and getattr(adapter, f.name) == f.default)]
     return f"ii.Adapter({', '.join(parts)})"
 
 
@@ -96,6 +103,8 @@ def _problem(module: nn.Module, adapter: Adapter) -> str | None:
         n = len(blocks)
         parts = {name: [_get(blocks[l], path) for l in range(n)]
                  for name, path in (("attn", adapter.attn), ("mlp", adapter.mlp),
+                                    ("attn_w", adapter.writer("attn")),
+                                    ("mlp_w", adapter.writer("mlp")),
                                     ("mid_norm", adapter.mid_norm),
                                     ("head_proj", adapter.head_proj)) if path is not None}
         embed = _get(module, adapter.embed)
@@ -106,7 +115,8 @@ def _problem(module: nn.Module, adapter: Adapter) -> str | None:
     if n == 0:
         return f"{adapter.blocks} holds no blocks"
     seen = _forward(module, adapter, blocks, parts, embed)
-    return (_identities(adapter, seen, n) or _readout(adapter, seen, final_norm, unembed)
+    return (_identities(adapter, seen, n) or _in_place(adapter, seen)
+            or _readout(adapter, seen, final_norm, unembed)
             or (_parallel(module, adapter, blocks, parts, seen) if adapter.mid_norm is None
                 else None))
 
@@ -116,11 +126,13 @@ def _forward(module: nn.Module, adapter: Adapter, blocks: Any, parts: dict[str, 
              embed: nn.Module) -> dict[str, Any]:
     """One forward of ``ROWS`` x ``LENGTH`` tokens: the values of every site, per layer."""
     seen: dict[str, Any] = {"pre": {}, "post": {}, "attn": {}, "mlp": {}, "mid": {},
-                            "heads_in": {}, "heads_out": {}, "embed": {}}
+                            "attn_w": {}, "mlp_w": {}, "heads_in": {}, "heads_out": {},
+                            "embed": {}, "same": []}
 
     def keep(name: str, layer: int) -> Any:
         def fn(x: torch.Tensor) -> None:
             seen[name].setdefault(layer, []).append(x.detach().clone())
+            seen["same"].append((name, layer, x, seen[name][layer][-1]))
         return fn
 
     hooks = [(embed, "module_out", keep("embed", 0))]
@@ -129,6 +141,8 @@ def _forward(module: nn.Module, adapter: Adapter, blocks: Any, parts: dict[str, 
                   (blocks[l], "block_out", keep("post", l)),
                   (parts["attn"][l], "module_out", keep("attn", l)),
                   (parts["mlp"][l], "module_out", keep("mlp", l)),
+                  (parts["attn_w"][l], "module_out", keep("attn_w", l)),
+                  (parts["mlp_w"][l], "module_out", keep("mlp_w", l)),
                   (parts["head_proj"][l], "module_in", keep("heads_in", l)),
                   (parts["head_proj"][l], "module_out", keep("heads_out", l))]
         if "mid_norm" in parts:
@@ -234,44 +248,70 @@ def _mismatch(got: torch.Tensor, want: torch.Tensor, *scale: torch.Tensor) -> fl
 
 
 def _identities(adapter: Adapter, seen: dict, n: int) -> str | None:
-    where = lambda attr, l: f"{adapter.blocks}[{l}].{getattr(adapter, attr)}"  # noqa: E731
+    where = lambda path, l: f"{adapter.blocks}[{l}].{path}"  # noqa: E731
+    r = adapter.residual_multiplier
+    times = "" if r == 1 else f"{r:g} * "
     for l in range(n):
         names = {"pre": "resid_pre (the block's input)", "post": "resid_post (the block's output)",
-                 "attn": f"attn_out ({where('attn', l)})", "mlp": f"mlp_out ({where('mlp', l)})",
-                 "heads_in": f"head_proj ({where('head_proj', l)})",
-                 "heads_out": f"head_proj ({where('head_proj', l)})"}
+                 "attn_w": f"attn_out ({where(adapter.writer('attn'), l)})",
+                 "mlp_w": f"mlp_out ({where(adapter.writer('mlp'), l)})",
+                 "attn": f"attention's output ({where(adapter.attn, l)})",
+                 "heads_in": f"head_proj ({where(adapter.head_proj, l)})",
+                 "heads_out": f"head_proj ({where(adapter.head_proj, l)})"}
         if adapter.mid_norm is not None:
-            names["mid"] = f"resid_mid (the input of {where('mid_norm', l)})"
+            names["mid"] = f"resid_mid (the input of {where(adapter.mid_norm, l)})"
         values = {}
         for key, what in names.items():
             value = _one(seen, key, l, what)
             if isinstance(value, str):
                 return value
             values[key] = value
-        pre, post, attn, mlp = values["pre"], values["post"], values["attn"], values["mlp"]
+        pre, post = values["pre"], values["post"]
+        attn, mlp = _scaled(values["attn_w"], r), _scaled(values["mlp_w"], r)
         if "mid" in values:
             mid = values["mid"]
-            checks = [(pre + attn, mid, (pre, attn), "resid_pre + attn_out == resid_mid",
-                       "`attn` or `mid_norm`"),
-                      (mid + mlp, post, (mid, mlp), "resid_mid + mlp_out == resid_post",
-                       "`mlp`")]
+            checks = [(pre + attn, mid, (pre, attn), f"resid_pre + {times}attn_out == resid_mid",
+                       "`attn`, `post_attn_norm` or `mid_norm`"),
+                      (mid + mlp, post, (mid, mlp), f"resid_mid + {times}mlp_out == resid_post",
+                       "`mlp` or `post_mlp_norm`")]
         else:
             checks = [(pre + attn + mlp, post, (pre, attn, mlp),
-                       "resid_pre + attn_out + mlp_out == resid_post (the parallel form: "
-                       "mid_norm=None)", "`attn` or `mlp`")]
-        checks.append((values["heads_out"], attn, (), "head_proj's output == attn_out",
-                       "`head_proj`"))
+                       f"resid_pre + {times}(attn_out + mlp_out) == resid_post (the parallel "
+                       "form: mid_norm=None)", "`attn` or `mlp`")]
+        checks.append((values["heads_out"], values["attn"], (),
+                       "head_proj's output == attention's output", "`head_proj`"))
         for got, want, terms, identity, fix in checks:
             diff = _mismatch(got, want, *terms)
             if diff is not None:
                 return (f"layer {l}: {identity} does not hold (max difference {diff:.3g}); the "
                         f"modules the map names are not what the block adds to its residual "
                         f"stream (check {fix}; a residual multiplier or a norm after the "
-                        f"sublayer also does this)")
+                        f"sublayer the map does not name also does this)")
         width = values["heads_in"].shape[-1]
         if width % adapter.n_heads:
             return (f"layer {l}: the input of head_proj is {width} wide, not a multiple of "
                     f"n_heads={adapter.n_heads}")
+    return None
+
+
+def _scaled(x: torch.Tensor, r: float) -> torch.Tensor:
+    """``x * r`` as the model computes it (a Python float times the tensor); ``x`` for 1."""
+    return x if r == 1 else x * r
+
+
+def _in_place(adapter: Adapter, seen: dict) -> str | None:
+    """A site whose tensor changed after its module returned it (and the map does not refuse)."""
+    refused = {name for name, _ in adapter.refused}
+    sites = {"attn_w": "attn_out", "mlp_w": "mlp_out", "pre": "resid_pre", "post": "resid_post",
+             "mid": "resid_mid", "heads_in": "head_out", "embed": "embed"}
+    for key, layer, live, copy in seen["same"]:
+        site = sites.get(key)
+        if site is None or site in refused or torch.equal(live, copy):
+            continue
+        return (f"layer {layer}: the tensor of {site} is changed in place after its module "
+                f"returns it (by the block, e.g. an in-place add), so a read taken there is "
+                f"not the value and a written one would be changed; name it in the map's "
+                f"refused=(({site!r}, '<why>'),)")
     return None
 
 
@@ -280,20 +320,24 @@ def _readout(adapter: Adapter, seen: dict, final_norm: nn.Module,
     embed, start = _one(seen, "embed", 0, f"embed ({adapter.embed})"), seen["pre"][0][0]
     if isinstance(embed, str):
         return embed
+    embed = _scaled(embed, adapter.embed_scale)
     added = start - embed
     diff = _mismatch(added[0], added[1], start[0], start[1], embed[0], embed[1])
     if diff is not None:
-        return (f"what the model adds to the token embeddings ({adapter.embed}'s output) "
+        scale = "" if adapter.embed_scale == 1 else f"{adapter.embed_scale:g} times "
+        return (f"what the model adds to {scale}the token embeddings ({adapter.embed}'s output) "
                 f"before block 0 depends on the tokens (max difference {diff:.3g}): the "
-                "embeddings are changed on their way in (an embedding scale?), so `embed` is "
-                "not what block 0 reads")
+                "embeddings are changed on their way in (an embedding scale the map's "
+                "embed_scale does not state?), so `embed` is not what block 0 reads")
     last = seen["post"][len(seen["post"]) - 1][0]
     with torch.no_grad():
-        logits = unembed(final_norm(last))
+        logits = adapter.transform_logits(unembed(final_norm(last)))
     model_logits = seen["logits"]
     diff = _mismatch(logits, model_logits) if isinstance(model_logits, torch.Tensor) else None
     if diff is not None:
-        return (f"the last block's resid_post through {adapter.final_norm} and "
-                f"{adapter.unembed} is not the model's logits (max difference {diff:.3g}; a "
-                "logit scale or soft-cap after the unembedding also does this)")
+        return (f"the last block's resid_post through {adapter.final_norm}, {adapter.unembed} "
+                f"and the map's logit transform (logit_scale={adapter.logit_scale:g}, "
+                f"logit_softcap={adapter.logit_softcap}) is not the model's logits (max "
+                f"difference {diff:.3g}; a logit scale or soft-cap the map does not state "
+                "also does this)")
     return None

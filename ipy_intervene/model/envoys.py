@@ -295,6 +295,25 @@ class Model(Envoy):
     def config(self) -> Any:
         return getattr(self._module, "config", None)
 
+    @property
+    def adapter(self) -> Any:
+        """The site map (an ``ii.Adapter``) every analysis reads for this model: one set by
+        hand, else the family's from the table, else one discovered from the module tree;
+        checked on one small forward before first use (:mod:`ipy_intervene.arch.check`).
+
+        >>> model.adapter = ii.Adapter("mine", blocks="net.blocks", ...)   # doctest: +SKIP
+        >>> model.adapter = None          # back to the family's map       # doctest: +SKIP
+        """
+        from ipy_intervene.arch.sites import adapter_for
+
+        return adapter_for(self)
+
+    @adapter.setter
+    def adapter(self, value: Any) -> None:
+        from ipy_intervene.arch.sites import declare
+
+        declare(self._module, value)
+
     def __repr__(self) -> str:
         return repr(self._module)
 

@@ -41,7 +41,7 @@ def load_model(name_or_path: str | Path = "demo", *,
                tokenizer: str | Path | PreTrainedTokenizerBase | None = None,
                device_map: Any = None, dtype: torch.dtype | str | None = None,
                trust_remote_code: bool = False, allow_missing_weights: bool = False,
-               **kwargs: Any) -> Model:
+               adapter: Any = None, **kwargs: Any) -> Model:
     """Load a causal LM and its tokenizer as an :class:`ii.Model`.
 
     ``"demo"`` is the embedded model; otherwise a local folder or a hub id, loaded with
@@ -49,7 +49,8 @@ def load_model(name_or_path: str | Path = "demo", *,
     tokenizer from elsewhere (a hub id, a folder) or takes a tokenizer object. Weights that
     the checkpoint lacks (or has in another shape, or has and the model does not use) are an
     error unless ``allow_missing_weights=True``, which warns instead. Other keywords go to
-    ``from_pretrained`` (``attn_implementation``, ``offload_folder``, ``max_memory``, ...).
+    ``from_pretrained`` (``attn_implementation``, ``offload_folder``, ``max_memory``, ...);
+    ``adapter=ii.Adapter(...)``: the site map every analysis reads (see :func:`wrap`).
 
     >>> model = load_model("demo")
     >>> model.config.n_layer
@@ -66,7 +67,7 @@ def load_model(name_or_path: str | Path = "demo", *,
                           trust_remote_code=trust_remote_code, **kwargs)
     if isinstance(tok, (str, Path)):
         tok = _load_tokenizer(tok, trust_remote_code, own=tokenizer is None)
-    return Model(module.eval(), tok)
+    return wrap(Model(module.eval(), tok), adapter=adapter)
 
 
 # -- where the files are ------------------------------------------------------------------------
@@ -370,16 +371,19 @@ def _no_tokenizer(source: Path | str, problem: str, own: bool) -> str:
 
 # -- wrapping -----------------------------------------------------------------------------------
 
-def wrap(module: nn.Module, tokenizer: Any = None) -> Model:
-    """Wrap a model already in memory: ``ii.wrap(hf_model, tokenizer)``."""
+def wrap(module: nn.Module, tokenizer: Any = None, *, adapter: Any = None) -> Model:
+    """Wrap a model already in memory: ``ii.wrap(hf_model, tokenizer)``; ``adapter``: an
+    ``ii.Adapter`` every analysis then reads (checked now), as ``model.adapter = ...``."""
     if isinstance(module, Model):
+        if adapter is not None:
+            module.adapter = adapter     # checked now (arch.sites.declare)
         return module
     if not isinstance(module, nn.Module):
         raise InterventionError(f"ii.wrap expects a torch.nn.Module, got {type(module).__name__}")
     if module.training:
         module.eval()
         warnings.warn(TRAIN_MODE_NOTE, stacklevel=2)
-    return Model(module, tokenizer)
+    return wrap(Model(module, tokenizer), adapter=adapter)
 
 
 TRAIN_MODE_NOTE = ("ii.wrap put the model in eval mode (dropout off), so that the same cell "
