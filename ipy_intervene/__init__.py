@@ -41,6 +41,8 @@ from ipy_intervene.model.loading import load_model, wrap
 from ipy_intervene.model.positions import Positions, positions
 from ipy_intervene.sweep import SweepResult, patch_sweep
 from ipy_intervene.sweep.cluster import RayCluster
+from ipy_intervene.sweep.experts import (ExpertSweepResult, RoutingResult, ablate_experts,
+                                         expert_sweep, routing)
 from ipy_intervene.sweep.paths import path_patch
 from ipy_intervene.sweep.screen import ScreenResult, screen_and_verify
 from ipy_intervene.tracing.trace import TraceResult, trace
@@ -56,6 +58,7 @@ __all__ += ["DecomposeResult", "PatternResult", "RayCluster", "ScreenResult",
             "attention_patterns", "decompose", "debug", "path_patch", "screen_and_verify"]
 __all__ += ["Custom", "Direction", "Neurons", "SAE", "Splice", "Subspace", "attach", "attached",
             "detach", "feature_activations", "load_sae", "traced"]
+__all__ += ["ExpertSweepResult", "RoutingResult", "ablate_experts", "expert_sweep", "routing"]
 
 
 def debug(on: bool = True) -> None:
