@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("ipy_intervene", "magics", "report", "demo"),   # the notebook's surface and the demo
     ("circuit",),                                    # EAP, edge graphs, circuit runs
     ("sweep",),                                      # patching engines
+    ("edits",),                                      # edits that last (%%trace --edit)
     ("features",),                                   # dictionaries spliced as sites
     ("analysis",),                                   # cache, lens, patterns, decompose, metrics
     ("tracing",),                                    # the %%trace pipeline

@@ -10,6 +10,8 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import display
 
 from ipy_intervene.compiler.compile import compile_cell
+from ipy_intervene.edits.api import NO_INPUT as EDIT_NO_INPUT
+from ipy_intervene.edits.api import edit, edits
 from ipy_intervene.magics.command import TraceCommand, generate_values
 from ipy_intervene.magics.evaluate import evaluate
 from ipy_intervene.magics.trace_def import (
@@ -39,6 +41,12 @@ class TraceMagics(Magics):
               "checked, nothing computed or published")
     @argument("--out", metavar="NAME", help="also store the TraceResult in NAME")
     @argument("--quiet", action="store_true", help="display nothing")
+    @argument("--edit", metavar="NAME", help="the cell becomes an edit: NAME is MODEL (the "
+              "same weights, no copy; MODEL itself unchanged) with the cell's interventions "
+              "applied at every later forward, generation step, sweep and pipeline; values "
+              "the cell reads are captured now; INPUT, if given, is run once to check it")
+    @argument("--inplace", action="store_true", help="with --edit: edit MODEL itself "
+              "(ii.clear_edits(MODEL) removes its edits)")
     @argument("--def", dest="define", metavar="NAME(ARGS)", help="define NAME(ARGS) in the "
               "notebook, a function that runs this cell with ARGS bound and returns its "
               "TraceResult (nothing runs now)")
@@ -80,6 +88,9 @@ class TraceMagics(Magics):
            ...: model.transformer.h[2].sae.latents.output[:, -1, latent] *= coef
            ...: logits = model.lm_head.output
         In [8]: [steer(c).names["logits"][0, -1].argmax() for c in (0.0, 1.0, 4.0)]
+        In [9]: %%trace model --edit no_head
+           ...: model.transformer.h[3].attn.c_proj.input[:, :, 96:128] = 0
+        In [10]: ii.edits(no_head), ii.clear_edits(no_head)
 
         Sampling options (with --generate): --do-sample, --temperature T, --top-p P,
         --top-k K, --seed N (draws what torch.manual_seed(N); model.generate(...) draws),
@@ -99,6 +110,9 @@ class TraceMagics(Magics):
         input_ = NO_INPUT
         if command.input is not None:
             input_ = evaluate(shell, command.input, "INPUT", "%%trace")
+        if args.edit is not None or args.inplace:
+            self._edit(model, command, line, cell, input_, args)
+            return
         if args.generate is not None and args.generate < 1:
             raise UsageError("%%trace: --generate N needs N >= 1 new tokens")
         if args.ignore_eos and args.generate is None:
@@ -145,6 +159,40 @@ class TraceMagics(Magics):
             raise
         shell.user_ns[name] = TracedCell(name, signature, shell, command, compiled, filename,
                                          title_of(shell), options)
+
+    def _edit(self, model: Model, command: TraceCommand, line: str, cell: str, input_: Any,
+              args: Any) -> None:
+        """``--edit NAME``: the cell becomes a lasting edit (``ii.edit``); NAME is bound to
+        the edited model only if making it succeeds."""
+        name = args.edit
+        if name is None:
+            raise UsageError("%%trace: --inplace goes with --edit NAME")
+        given = [flag for flag, on in (("--generate", args.generate is not None),
+                                       ("--grad", args.grad), ("--graph", args.graph),
+                                       ("--dry-run", args.dry_run), ("--out", args.out),
+                                       ("--ignore-eos", args.ignore_eos),
+                                       ("sampling options", bool(args.generate_options)))
+                 if on]
+        if given:
+            raise UsageError(f"%%trace --edit: {', '.join(given)} do not go with --edit (an "
+                             "edit applies at every later forward; generate with NAME)")
+        if not command.model.isidentifier() or not name.isidentifier():
+            raise UsageError("%%trace --edit NAME: MODEL and NAME must be plain names, e.g. "
+                             "%%trace model --edit steered")
+        source, filename = self._cache(f"%%trace {line}", cell)
+        shell = self.shell
+        try:
+            edited = edit(model, source, name=name, inplace=args.inplace,
+                          namespace=shell.user_ns, model_name=command.model,
+                          input=EDIT_NO_INPUT if input_ is NO_INPUT else input_,
+                          filename=filename, where=title_of(shell))
+        except Exception as exc:
+            shorten(exc, filename, title_of(shell))
+            raise
+        shell.user_ns[name] = edited
+        if not args.quiet:
+            how = "edited in place" if args.inplace else f"a new model on {command.model}'s weights"
+            print(f"{name}: {how}, with {len(edits(edited))} edit(s)")
 
     def _run(self, model: Model, command: TraceCommand, source: str, filename: str,
              input_: Any, args: Any) -> TraceResult:

@@ -10,8 +10,9 @@ matches the one recorded when the result was computed, bit for bit:
 - cheap checks: the same model object, every option and INPUT equal by value, a built-in
   metric (``ii.logit_diff``/``ii.prob``/``ii.logprob``, compared by its answers; a user's
   callable may read anything, so a sweep with one always runs), no ``cluster``/``dictionary``,
-  the model in eval mode with no hooks, an order-sensitive checksum of the bits of every
-  parameter and buffer, the module tree (each module's class and forward), the attention
+  the model in eval mode with no hooks but its edits' (``ii.edit``: each edit set is keyed
+  as another model, and the proof's forward runs the edits), an order-sensitive checksum of
+  the bits of every parameter and buffer, the module tree (each module's class and forward), the attention
   implementation, the default dtype and matmul precision, the result's tensors unchanged;
 - the proof (``sweep/proof.py``'s ``Witness``): one forward of the clean and corrupted
   prompts in which the bits of every module's output are fingerprinted, with the prompts'

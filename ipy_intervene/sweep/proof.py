@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ipy_intervene.edits.api import edit_keys, is_edit_hook
 from ipy_intervene.infra.hooks import HookSession, first_tensor
 
 # -- the proof ------------------------------------------------------------------------------
@@ -117,19 +118,26 @@ def fingerprint(x: torch.Tensor) -> torch.Tensor:
 
 def reusable(module: nn.Module) -> bool:
     """No autograd-free guarantee can cover a hook, a training-mode module or a forward
-    replaced on an instance: such a model always runs."""
+    replaced on an instance: such a model always runs. An edit's hooks (``ii.edit``) are
+    part of the model: :func:`model_state` keys the edit set, and the witness's forward
+    runs them."""
     from torch.nn.modules import module as torch_module
 
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return False
-    return not any(m.training or m._forward_hooks or m._forward_pre_hooks
+    return not any(m.training or _foreign(m._forward_hooks) or _foreign(m._forward_pre_hooks)
                    or "forward" in m.__dict__ for m in module.modules())
+
+
+def _foreign(hooks: dict[int, Any]) -> bool:
+    return any(not is_edit_hook(fn) for fn in hooks.values())
 
 
 def model_state(module: nn.Module) -> tuple:
     """Storage, shape, dtype, device, version and an order-sensitive checksum of the bits of
     each parameter and buffer; the module tree with each module's class and forward; the
-    attention implementation of each config."""
+    attention implementation of each config; the model's edits (each edit set is another
+    model)."""
     tensors = [*module.named_parameters(remove_duplicate=False),
                *module.named_buffers(remove_duplicate=False)]
     weights = tuple((name, t.data_ptr(), tuple(t.shape), t.dtype, str(t.device), t._version,
@@ -138,7 +146,7 @@ def model_state(module: nn.Module) -> tuple:
     configs = tuple(sorted({(n, getattr(m.config, "_attn_implementation", None))
                             for n, m in module.named_modules() if hasattr(m, "config")},
                            key=str))
-    return weights, tree, configs
+    return weights, tree, configs, edit_keys(module)
 
 
 def torch_settings() -> tuple:
