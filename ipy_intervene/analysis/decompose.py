@@ -8,6 +8,15 @@ out-projection weight), each out-projection bias, each MLP output. The final nor
 frozen from the real run, so every part's share is linear and the shares, plus the final
 norm's bias and the unembedding's bias, add up to the model's own logit difference.
 
+Every part is what the family's block adds (with Granite's multipliers, through Cohere's and
+Granite's logit scales: see ``ii.Adapter``). Two cases are stated in the result's ``note``:
+
+- a norm after attention (Gemma 2/3, OLMo 2/3): a head's write is not linear in its ``z``
+  (the norm comes after the out-projection), so attention is one part per layer (``attn
+  L``, its ``attn_out``) and ``heads`` is NaN;
+- a final logit soft-cap (Gemma 2/3: ``tanh(x / c) * c``): not linear, so everything here
+  (shares, ``total``, ``actual``) is the logit BEFORE the cap.
+
 >>> import ipy_intervene as ii
 >>> model = ii.load_model("demo")
 >>> d = ii.decompose(model, "When Mary and John went to the store , John gave a drink to",
@@ -28,6 +37,7 @@ from torch import nn
 
 from ipy_intervene.analysis.metrics import LogitDiff, Metric
 from ipy_intervene.arch.attention import head_results
+from ipy_intervene.arch.norms import NormForm, norm_form
 from ipy_intervene.arch.sites import Adapter, adapter_for, get_path, split_heads
 from ipy_intervene.errors import InputError, SiteError
 from ipy_intervene.infra.hooks import entry_point, site_hooks
@@ -57,6 +67,7 @@ class DecomposeResult:
     position: int
     token: str
     labels: list[str] = field(default_factory=list)   # of `accumulated`: embed, L0, L1, ...
+    note: str = ""                      # what the shares mean on this family, where it differs
 
     def top(self, k: int = 5) -> list[tuple[str, float]]:
         """The ``k`` components with the largest share by absolute value.
@@ -89,7 +100,8 @@ class DecomposeResult:
         """A few lines: the metric, the total against the model's value, the top ``k``."""
         width = max((len(name) for name, _ in self.top(k)), default=0)
         rows = [f"  {name:<{width}}  {value:+.4f}" for name, value in self.top(k)]
-        return "\n".join([self._headline(), f"top {k}:", *rows])
+        return "\n".join([self._headline(), *([self.note] if self.note else []), f"top {k}:",
+                          *rows])
 
     def _headline(self) -> str:
         return (f"DecomposeResult({self.metric} at position {self.position} {self.token!r}: "
@@ -137,7 +149,21 @@ def decompose(model: Any, prompt: Any, readout: Any, *, position: int = -1,
         result = _attribute(model, adapter, seen, spec)
     token = model.to_str_tokens(ids[pos:pos + 1])[0] if model.tokenizer is not None \
         else str(int(ids[pos]))
-    return DecomposeResult(**result, metric=spec.name, position=pos, token=token)
+    return DecomposeResult(**result, metric=spec.name, position=pos, token=token,
+                           note=_note(adapter))
+
+
+def _note(adapter: Adapter) -> str:
+    notes = []
+    if adapter.nonlinear_heads("decompose"):
+        notes.append(f"{adapter.name} puts a norm after attention ({adapter.post_attn_norm}): a "
+                     "head's write is not linear in its z, so attention is one part per layer "
+                     "(attn L) and heads are NaN")
+    if adapter.logit_softcap is not None:
+        notes.append(f"{adapter.name} soft-caps its logits (tanh(x / {adapter.logit_softcap:g}) "
+                     f"* {adapter.logit_softcap:g}), which is not linear: every value here is "
+                     "before the cap")
+    return "; ".join(notes)
 
 
 def _from_cache(model: Model, adapter: Adapter, cache: Any, row: int, pos: int) -> dict:
@@ -145,14 +171,23 @@ def _from_cache(model: Model, adapter: Adapter, cache: Any, row: int, pos: int) 
     the cached stream (the same modules, the same input)."""
     n = adapter.n_layers
     at = lambda key: cache.at(key, row, pos).to(model.device)  # noqa: E731
+    attn = [at(("attn_out", l)) if adapter.post_attn_norm else at(("head_out", l)).flatten()
+            for l in range(n)]
     seen: dict[str, Any] = {"embed": at("embed"), "resid_pre": at(("resid_pre", 0)),
-                            "z": [at(("head_out", l)).flatten() for l in range(n)],
+                            "attn" if adapter.post_attn_norm else "z": attn,
                             "mlp": [at(("mlp_out", l)) for l in range(n)],
                             "norm_in": at(("resid_post", n - 1))}
     seen["norm_out"] = get_path(model.module, adapter.final_norm)(seen["norm_in"][None])[0]
-    logits = get_path(model.module, adapter.unembed)(seen["norm_out"][None])[0]
-    seen["logits"] = logits.detach().double().cpu()
+    seen["logits"] = _before_cap(model, adapter, seen["norm_out"])
     return seen
+
+
+def _before_cap(model: Model, adapter: Adapter, normed: torch.Tensor) -> torch.Tensor:
+    """The logits from the final norm's output, with the logit scale, before any soft-cap."""
+    logits = get_path(model.module, adapter.unembed)(normed[None])[0]
+    if adapter.logit_scale != 1:
+        logits = logits * adapter.logit_scale
+    return logits.detach().double().cpu()
 
 
 def _position(position: int, length: int) -> int:
@@ -192,8 +227,9 @@ def _readout(model: Model, adapter: Adapter, readout: Any, d_model: int) -> _Rea
                          f"[{d_model}]; got {what}")
     unembed = get_path(model.module, adapter.unembed)
     weight, bias = _weights(unembed, "unembedding")
-    direction = sum(c * weight[t].double().cpu() for t, c in tokens)
-    offset = sum(c * float(bias[t]) for t, c in tokens) if bias is not None else None
+    scale = adapter.logit_scale            # Cohere, Granite: logits scaled after the unembedding
+    direction = sum(c * weight[t].double().cpu() for t, c in tokens) * scale
+    offset = sum(c * float(bias[t]) for t, c in tokens) * scale if bias is not None else None
     return _Readout(name, direction, offset, tokens)
 
 
@@ -216,7 +252,7 @@ def _capture(model: Model, adapter: Adapter, kwargs: dict, pos: int) -> dict[str
     """The token embedding, block 0's input, each head-projection input and MLP output, and
     the final norm's input and output, at ``pos``; and the logits there."""
     root, n = model.module, adapter.n_layers
-    seen: dict[str, Any] = {"z": [None] * n, "mlp": [None] * n}
+    seen: dict[str, Any] = {"z": [None] * n, "attn": [None] * n, "mlp": [None] * n}
 
     def keep(key: str, layer: int | None = None) -> Any:
         def fn(x: torch.Tensor) -> None:
@@ -232,12 +268,16 @@ def _capture(model: Model, adapter: Adapter, kwargs: dict, pos: int) -> dict[str
              (get_path(root, adapter.final_norm), "module_in", keep("norm_in")),
              (get_path(root, adapter.final_norm), "module_out", keep("norm_out"))]
     for layer in range(n):
+        block = adapter.block(root, layer)
         hooks.append((adapter.module(root, "head_out", layer), "module_in", keep("z", layer)))
-        hooks.append((adapter.module(root, "mlp_out", layer), "module_out", keep("mlp", layer)))
+        hooks.append((get_path(block, adapter.writer("attn")), "module_out", keep("attn", layer)))
+        hooks.append((get_path(block, adapter.writer("mlp")), "module_out", keep("mlp", layer)))
     with site_hooks(hooks):
         out = root(**kwargs)
     logits = getattr(out, "logits", None)
     seen["logits"] = (logits if logits is not None else out[0])[0, pos].detach().double().cpu()
+    if adapter.logit_softcap is not None:
+        seen["logits"] = _before_cap(model, adapter, seen["norm_out"])
     return seen
 
 
@@ -249,21 +289,26 @@ def _parts(model: Model, adapter: Adapter, seen: dict[str, Any]) -> tuple[list[s
                                                                            list[int]]:
     """Names, residual vectors ``[n, d_model]`` (float64) and each vector's group: 0 for
     the embeddings, ``l + 1`` for layer ``l``."""
-    embed = seen["embed"].double().cpu()
+    embed = seen["embed"].double().cpu() * adapter.embed_scale
     names, vectors, groups = ["embed"], [embed], [0]
     extra = seen["resid_pre"].double().cpu() - embed
     if bool(extra.abs().max() > 0):
         names, vectors, groups = names + ["pos embed"], vectors + [extra], groups + [0]
+    r = adapter.residual_multiplier                 # Granite: the block adds r * output
     for layer in range(adapter.n_layers):
-        proj = adapter.module(model.module, "head_out", layer)
-        heads, bias = _head_vectors(proj, seen["z"][layer], adapter.n_heads)
-        names += [f"L{layer}H{h}" for h in range(adapter.n_heads)]
-        vectors += list(heads)
-        if bias is not None:
-            names.append(f"attn bias {layer}")
-            vectors.append(bias)
+        if adapter.post_attn_norm is not None:      # not linear in the heads: one part
+            names.append(f"attn {layer}")
+            vectors.append(seen["attn"][layer].double().cpu() * r)
+        else:
+            proj = adapter.module(model.module, "head_out", layer)
+            heads, bias = _head_vectors(proj, seen["z"][layer], adapter.n_heads)
+            names += [f"L{layer}H{h}" for h in range(adapter.n_heads)]
+            vectors += list(heads * r)
+            if bias is not None:
+                names.append(f"attn bias {layer}")
+                vectors.append(bias * r)
         names.append(f"mlp {layer}")
-        vectors.append(seen["mlp"][layer].double().cpu())
+        vectors.append(seen["mlp"][layer].double().cpu() * r)
         groups += [layer + 1] * (len(names) - len(groups))
     stack = torch.stack(vectors)
     _check_close(stack.sum(0), seen["norm_in"], "the components do not add up to the "
@@ -284,50 +329,20 @@ def _head_vectors(proj: nn.Module, z: torch.Tensor,
     return heads.detach().double().cpu(), None if bias is None else bias.double().cpu()
 
 
-def _final_norm(norm: nn.Module) -> tuple[bool, float, Any, Any]:
-    """(centres, eps, weight, bias) of a LayerNorm or an RMSNorm."""
-    centres = isinstance(norm, nn.LayerNorm)
-    eps = getattr(norm, "eps", None) if centres else \
-        getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
-    if eps is None:
-        raise InputError(f"the final norm is a {type(norm).__name__}; decompose knows "
-                         "LayerNorm and RMSNorm (a module with `variance_epsilon` or `eps`)")
-    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
-    as64 = lambda t: None if t is None else t.detach().double().cpu()  # noqa: E731
-    return centres, float(eps), as64(weight), as64(bias)
-
-
-def _normalize(x: torch.Tensor, norm: tuple, scale: torch.Tensor) -> torch.Tensor:
-    """``x`` through the final norm with ``scale`` given (no bias): linear in ``x``."""
-    centres, _, weight, _ = norm
-    if centres:
-        x = x - x.mean(-1, keepdim=True)
-    x = x / scale
-    return x * weight if weight is not None else x
-
-
-def _scale(x: torch.Tensor, norm: tuple) -> torch.Tensor:
-    centres, eps = norm[0], norm[1]
-    spread = x.var(-1, unbiased=False, keepdim=True) if centres else \
-        x.pow(2).mean(-1, keepdim=True)
-    return (spread + eps).sqrt()
-
-
 def _attribute(model: Model, adapter: Adapter, seen: dict[str, Any],
                spec: _Readout) -> dict[str, Any]:
     names, vectors, groups = _parts(model, adapter, seen)
-    norm = _final_norm(get_path(model.module, adapter.final_norm))
     stream = seen["norm_in"].double().cpu()
-    scale = _scale(stream, norm)
-    bias = norm[3] if norm[3] is not None else torch.zeros_like(stream)
-    _check_close(_normalize(stream, norm, scale) + bias, seen["norm_out"],
-                 "the final norm does not compute a LayerNorm or an RMSNorm as decompose "
-                 "does, so its frozen scale would be wrong")
-    shares = _normalize(vectors, norm, scale) @ spec.direction
+    try:
+        norm = norm_form(get_path(model.module, adapter.final_norm), stream, seen["norm_out"])
+    except SiteError as e:
+        raise InputError(f"decompose: {e.detail}") from None
+    scale = norm.scale(stream)
+    shares = norm.linear(vectors, scale) @ spec.direction
     components = dict(zip(names, shares.tolist()))
     constant = 0.0
-    if norm[3] is not None:
-        components["final norm bias"] = float(norm[3] @ spec.direction)
+    if norm.bias is not None:
+        components["final norm bias"] = float(norm.bias @ spec.direction)
         constant += components["final norm bias"]
     if spec.bias is not None:
         components["unembed bias"] = spec.bias
@@ -342,6 +357,8 @@ def _per_layer(adapter: Adapter, names: list[str], shares: torch.Tensor,
     n, h = adapter.n_layers, adapter.n_heads
     f32 = torch.float32
     heads, attn, mlp = torch.zeros(n, h, dtype=f32), torch.zeros(n, dtype=f32), torch.zeros(n, dtype=f32)
+    if adapter.post_attn_norm is not None:
+        heads.fill_(float("nan"))                   # not linear in the heads (see _note)
     for name, share, group in zip(names, shares.tolist(), groups):
         if group == 0:
             continue
@@ -354,15 +371,15 @@ def _per_layer(adapter: Adapter, names: list[str], shares: torch.Tensor,
     return dict(heads=heads, layers={"attn": attn, "mlp": mlp})
 
 
-def _accumulated(vectors: torch.Tensor, shares: torch.Tensor, groups: list[int], norm: tuple,
+def _accumulated(vectors: torch.Tensor, shares: torch.Tensor, groups: list[int], norm: NormForm,
                  spec: _Readout, constant: float) -> dict[str, Any]:
     index = torch.tensor(groups)
     n = int(index.max()) + 1
     summed = torch.zeros(n, vectors.shape[1], dtype=vectors.dtype).index_add_(0, index, vectors)
     streams = summed.cumsum(0)                                  # after embed, L0, L1, ...
     frozen = torch.zeros(n, dtype=shares.dtype).index_add_(0, index, shares).cumsum(0)
-    bias = norm[3] if norm[3] is not None else 0.0
-    lens = (_normalize(streams, norm, _scale(streams, norm)) + bias) @ spec.direction
+    bias = norm.bias if norm.bias is not None else 0.0
+    lens = (norm.linear(streams, norm.scale(streams)) + bias) @ spec.direction
     lens = lens + (spec.bias or 0.0)
     return dict(accumulated=(frozen + constant).float(), logit_lens=lens.float(),
                 labels=["embed"] + [f"L{l}" for l in range(n - 1)])

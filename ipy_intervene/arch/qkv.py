@@ -65,7 +65,9 @@ class AttentionLayout:
 
 def attention_layout(root: nn.Module, adapter: Adapter) -> AttentionLayout:
     """The layout of ``root``'s attention under ``adapter`` (see the module docstring); a
-    :class:`SiteError` naming what is missing or does not fit."""
+    :class:`SiteError` naming what is missing or does not fit, or why edge attribution has no
+    meaning on the map (a post-norm; a residual or embedding multiplier)."""
+    _linear(adapter)
     missing = [name for name in ("attn_norm", "qkv") if getattr(adapter, name) is None]
     mlp_norm = adapter.mlp_norm or adapter.mid_norm
     if mlp_norm is None:
@@ -106,6 +108,19 @@ def attention_layout(root: nn.Module, adapter: Adapter) -> AttentionLayout:
     return AttentionLayout(adapter.attn_norm, mlp_norm, adapter.head_proj,
                            adapter.mid_norm is None, n_heads, n_kv, d,
                            _columns(adapter.qkv, layout, n_heads, n_kv, d))
+
+
+def _linear(adapter: Adapter) -> None:
+    """Edge attribution sums each sender's write (its z through its out-projection slice) into
+    each receiver's input: a post-norm or an unnamed factor on the way makes that wrong."""
+    reason = adapter.nonlinear_heads("edge attribution")
+    if reason is None and (adapter.residual_multiplier != 1 or adapter.embed_scale != 1):
+        reason = (f"edge attribution reads each sender's write into the residual stream as its "
+                  f"module's output, but {adapter.name} scales what it adds "
+                  f"(residual_multiplier={adapter.residual_multiplier:g}, embed_scale="
+                  f"{adapter.embed_scale:g}), so every edge score would be off by that factor")
+    if reason is not None:
+        raise SiteError(reason)
 
 
 def _width(module: nn.Module, adapter: Adapter, path: str, out: bool = True) -> int:
