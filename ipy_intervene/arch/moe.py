@@ -302,6 +302,14 @@ def expert_point(module: nn.Module, expert: Any) -> MoePoint | None:
     return _table(module).setdefault(e, MoePoint("expert_out", e))
 
 
+def owner(p: nn.Module) -> nn.Module | None:
+    """The MoE block or fused experts module a hook point belongs to."""
+    for module, table in _points.items():
+        if any(q is p for q in table.values()):
+            return module
+    return None
+
+
 def _table(module: nn.Module) -> dict[Any, MoePoint]:
     table = _points.get(module)
     if table is None:

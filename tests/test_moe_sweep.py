@@ -1,0 +1,106 @@
+"""ii.expert_sweep against a per-prompt loop of plain hooks: each (layer, expert[, position])
+cell, one prompt at a time, with each expert's feed-forward written by hand from the fused
+weights (tests/test_moe_oracle.py): patching puts the source prompt's contribution in place
+of the base prompt's, ablating removes it (the other weights not renormalised)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ipy_intervene as ii
+from ipy_intervene.arch import moe
+from ipy_intervene.errors import InputError
+from tests.conftest import hook_count
+from tests.test_moe_oracle import CLEAN, CORRUPT, FAMILIES, ffn, moe_model, run_alone
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def projection(model: ii.Model) -> tuple[torch.Tensor, object]:
+    """A metric that sees every logit of the last position: a fixed random projection."""
+    r = torch.randn(len(model.tokenizer), generator=torch.Generator().manual_seed(3))
+    return r, lambda logits: logits[:, -1] @ r
+
+
+def term(layer: moe.MoeLayer, seen: dict, e: int) -> torch.Tensor:
+    w = (seen["weights"] * (seen["index"] == e)).sum(-1, keepdim=True).to(seen["x"].dtype)
+    return w * ffn(layer, seen["x"], e)
+
+
+def oracle(model: ii.Model, base: str, source: str | None, l: int, e: int,
+           local: int | None, r: torch.Tensor) -> float:
+    """One prompt: the base run with expert ``e``'s contribution at layer ``l`` (at the
+    prompt's position ``local``, or all) replaced by the source's (removed: source None)."""
+    layer = moe.moe_layer(model.module, l)
+    given = None
+    if source is not None:
+        seen, _ = run_alone(model, source, [l])
+        given = term(layer, seen[l], e)
+
+    def edit(at, seen, out):
+        new = -term(layer, seen, e) + (0 if given is None else given)
+        if local is not None:
+            keep = torch.zeros_like(new)
+            keep[local] = new[local]
+            new = keep
+        return out + new
+
+    _, logits = run_alone(model, base, [l], edit=edit)
+    return float(logits[-1] @ r)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_expert_sweep_equals_a_per_prompt_loop(demo, family):
+    model = moe_model(family, demo)
+    r, metric = projection(model)
+    result = ii.expert_sweep(model, CLEAN, CORRUPT, metric, batch_size=5)
+    layers = moe.moe_layers(model.module)
+    n = moe.moe_layer(model.module, layers[0]).n_experts
+    assert result.dims == ("layer", "expert") and result.values.shape == (len(layers), n)
+    assert result.layers == layers and result.experts == list(range(n))
+    for li, l in enumerate(layers):
+        for e in range(n):
+            want = [oracle(model, c, s, l, e, None, r) for s, c in zip(CLEAN, CORRUPT)]
+            torch.testing.assert_close(result.per_prompt[li, e], torch.tensor(want), **TOL)
+    clean = [float(run_alone(model, t, [])[1][-1] @ r) for t in CLEAN]
+    assert result.clean == pytest.approx(sum(clean) / 3, rel=1e-5, abs=1e-5)
+    assert result.extra["renormalised"] is False
+    assert hook_count(model.module) == 0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v3"])
+@torch.no_grad()
+def test_per_position_noising_and_ablation_equal_the_loop(demo, family):
+    model = moe_model(family, demo)
+    r, metric = projection(model)
+    length = model.prepare([CLEAN]).length
+    l = moe.moe_layers(model.module)[-1]
+    n = moe.moe_layer(model.module, l).n_experts
+    pos = ii.expert_sweep(model, CLEAN, CORRUPT, metric, site="expert_out_pos",
+                          direction="noising", layers=[l], positions=[-1, -3])
+    assert pos.dims == ("layer", "pos", "expert") and pos.positions == [length - 1, length - 3]
+    ablated = ii.expert_sweep(model, CLEAN, None, metric, method="ablation", layers=[l])
+    assert ablated.direction == "ablation"
+    for e in range(n):
+        for pi, p in enumerate((-1, -3)):
+            want = [oracle(model, c, s, l, e, p, r) for c, s in zip(CLEAN, CORRUPT)]
+            torch.testing.assert_close(pos.per_prompt[0, pi, e], torch.tensor(want), **TOL)
+        want = [oracle(model, c, None, l, e, None, r) for c in CLEAN]
+        torch.testing.assert_close(ablated.per_prompt[0, e], torch.tensor(want), **TOL)
+    torch.testing.assert_close(ablated.values, ablated.raw - ablated.clean)
+    assert "E" in repr(ablated) and ablated.top(1)[0]["expert"] in range(n)
+
+
+def test_sweep_options_are_checked(demo):
+    model = moe_model("mixtral", demo)
+    _, metric = projection(model)
+    with pytest.raises(InputError, match="unknown expert site 'experts'"):
+        ii.expert_sweep(model, CLEAN, CORRUPT, metric, site="experts")
+    with pytest.raises(InputError, match="method='activation' needs corrupted prompts"):
+        ii.expert_sweep(model, CLEAN, None, metric)
+    with pytest.raises(InputError, match="positions= needs site='expert_out_pos'"):
+        ii.expert_sweep(model, CLEAN, CORRUPT, metric, positions=[-1])
+    with pytest.raises(InputError, match="method='attribution'"):
+        ii.expert_sweep(model, CLEAN, CORRUPT, metric, method="attribution")
