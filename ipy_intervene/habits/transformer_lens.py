@@ -17,19 +17,19 @@ from typing import Any
 
 from ipy_intervene.errors import SiteError
 
-# per architecture family: (first norm, MLP input projection, MLP output projection)
-_PARTS = {"gpt2": ("ln_1", "c_fc", "c_proj"),
-          "gpt_neox": ("input_layernorm", "dense_h_to_4h", "dense_4h_to_h")}
-_LLAMA_PARTS = ("input_layernorm", "gate_proj", "down_proj")
+# (MLP input projection, MLP output projection) as transformers names them, first match wins;
+# read off the model's own MLP (a mixture of experts has none of these: no hook_pre/hook_post)
+_MLP_PROJECTIONS = (("gate_proj", "down_proj"), ("c_fc", "c_proj"),
+                    ("dense_h_to_4h", "dense_4h_to_h"), ("fc1", "fc2"), ("fc_in", "fc_out"),
+                    ("up_proj", "down_proj"), ("w1", "w2"))
 
 # TransformerLens hook name -> (site relative to block {b}, what it is)
 _BLOCK = {
     "hook_resid_pre": ("{b}.input", "the residual stream entering block {l}"),
     "hook_resid_post": ("{b}.output", "the residual stream leaving block {l}"),
     "hook_resid_mid": ("{b}.{mid_norm}.input", "the residual stream between attention and MLP"),
-    "hook_attn_out": ("{b}.{attn}.output[0]",
-                      "the attention output: the module returns (output, weights)"),
-    "hook_mlp_out": ("{b}.{mlp}.output", "the MLP output"),
+    "hook_attn_out": ("{b}.{attn_out}", "what attention adds to the residual stream"),
+    "hook_mlp_out": ("{b}.{mlp_out_site}", "what the MLP adds to the residual stream"),
 }
 _ATTN = {"hook_pattern": "pattern", "hook_z": "z", "hook_q": "q", "hook_k": "k", "hook_v": "v",
          "hook_result": "result"}
@@ -51,11 +51,14 @@ class _Paths:
     final_norm: str
     embed: str
     unembed: str
-    ln1: str
-    mlp_in: str
-    mlp_out: str
+    ln1: str | None
+    ln2: str | None
+    mlp_in: str | None
+    mlp_out: str | None
     pos_embed: str | None
     n_layers: int
+    attn_out: str | None       # site text of what attention adds (None: no such module)
+    mlp_out_site: str | None
 
     def block(self, layer: Any) -> str:
         return f"{self.blocks}[{layer}]"
@@ -64,21 +67,54 @@ class _Paths:
 def _paths(root: Any) -> _Paths | None:
     from ipy_intervene.arch.sites import adapter_for
 
+    from ipy_intervene.arch.sites import get_path
+
     try:
         ad = adapter_for(root)
-    except (SiteError, AttributeError, TypeError):
+        block = ad.block(getattr(root, "module", root), 0)
+    except (SiteError, AttributeError, TypeError, IndexError):
         return None
-    ln1, mlp_in, mlp_out = _PARTS.get(ad.name, _LLAMA_PARTS)
+    mlp = getattr(block, ad.mlp, None)
+    mlp_in, mlp_out = next(((a, b) for a, b in _MLP_PROJECTIONS
+                            if hasattr(mlp, a) and hasattr(mlp, b)), (None, None))
+    parent = ad.embed.rsplit(".", 1)[0] if "." in ad.embed else ""
+    pos = next((f"{parent}.{n}".lstrip(".") for n in ("wpe", "embed_positions")
+                if _has(root, f"{parent}.{n}".lstrip("."), get_path)), None)
     return _Paths(ad.blocks, ad.attn, ad.mlp, ad.mid_norm, ad.final_norm, ad.embed, ad.unembed,
-                  ln1, mlp_in, mlp_out, "transformer.wpe" if ad.name == "gpt2" else None,
-                  ad.n_layers)
+                  ad.attn_norm, ad.mlp_norm or ad.mid_norm, mlp_in, mlp_out, pos, ad.n_layers,
+                  _writes(ad, block, "attn"), _writes(ad, block, "mlp"))
+
+
+def _has(root: Any, path: str, get_path: Any) -> bool:
+    try:
+        get_path(getattr(root, "module", root), path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _writes(ad: Any, block: Any, part: str) -> str | None:
+    """The site (after the block's path) of what ``part`` adds: the post-norm's output, or the
+    module's (its first element when it returns a tuple, as attention does); None where no
+    module outputs it (a residual multiplier, an in-place add)."""
+    try:
+        path = ad.site_path(f"{part}_out", 0).split("]", 1)[1].lstrip(".")
+    except SiteError:
+        return None
+    tuple_out = part == "attn" and path == ad.attn
+    return f"{path}.output[0]" if tuple_out else f"{path}.output"
 
 
 def _site(name: str, p: _Paths, layer: Any) -> tuple[str, str] | None:
     """(``model.…`` site, what it is) of TransformerLens hook ``name`` in block ``layer``."""
     fields = dict(b=p.block(layer), l=layer, attn=p.attn, mlp=p.mlp, mid_norm=p.mid_norm,
-                  mlp_in=p.mlp_in, mlp_out=p.mlp_out)
+                  mlp_in=p.mlp_in, mlp_out=p.mlp_out, attn_out=p.attn_out,
+                  mlp_out_site=p.mlp_out_site)
     if name == "hook_resid_mid" and p.mid_norm is None:
+        return None
+    needs = {"hook_attn_out": p.attn_out, "hook_mlp_out": p.mlp_out_site,
+             "hook_pre": p.mlp_in, "hook_post": p.mlp_out}
+    if name in needs and needs[name] is None:
         return None
     if name in _BLOCK or name in _MLP:
         template, what = _BLOCK.get(name) or _MLP[name]
@@ -122,8 +158,8 @@ def _root_name(name: str, p: _Paths) -> str | None:
         "blocks": f"the blocks are `model.{p.blocks}`; TransformerLens's hook points are "
                   f"sites of its modules: `blocks[l].hook_resid_pre` -> `model.{block('l')}"
                   f".input`, `hook_resid_post` -> `.output`, `hook_attn_out` -> "
-                  f"`model.{block('l')}.{p.attn}.output[0]`, `hook_mlp_out` -> "
-                  f"`model.{block('l')}.{p.mlp}.output`, `attn.hook_pattern` -> "
+                  f"`model.{block('l')}.{p.attn_out}`, `hook_mlp_out` -> "
+                  f"`model.{block('l')}.{p.mlp_out_site}`, `attn.hook_pattern` -> "
                   f"`model.{block('l')}.{p.attn}.pattern.output` (also q, k, v, z, result)",
         "cfg": "the config is `model.config` (Hugging Face names: `num_hidden_layers` for "
                "n_layers, `hidden_size` for d_model, `num_attention_heads` for n_heads, "
@@ -164,7 +200,7 @@ def _block_child(name: str, path: str, p: _Paths) -> str | None:
     """TransformerLens's names for a block's children (``attn``, ``mlp``, ``ln1``, ``ln2``)."""
     if not re.fullmatch(re.escape(p.blocks) + r"\[\d+\]", path):
         return None
-    ours = {"attn": p.attn, "mlp": p.mlp, "ln1": p.ln1, "ln2": p.mid_norm}.get(name)
+    ours = {"attn": p.attn, "mlp": p.mlp, "ln1": p.ln1, "ln2": p.ln2}.get(name)
     if ours is None or ours == name:
         return None
     return f"`{name}` is TransformerLens's name: here it is `model.{path}.{ours}`"
