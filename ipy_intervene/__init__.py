@@ -22,6 +22,8 @@ from ipy_intervene.circuit import (
     edge_attribution,
     verify_circuit,
 )
+from ipy_intervene.circuit.attribution_graph import attribution_graph
+from ipy_intervene.circuit.graph_result import AttributionGraph
 from ipy_intervene.errors import InterventionError
 from ipy_intervene.features import (
     SAE,
@@ -36,6 +38,7 @@ from ipy_intervene.features import (
     feature_activations,
     load_sae,
 )
+from ipy_intervene.features.transcoders import load_transcoders
 from ipy_intervene.model.envoys import Envoy, Model
 from ipy_intervene.model.loading import load_model, wrap
 from ipy_intervene.model.positions import Positions, positions
@@ -56,6 +59,7 @@ __all__ += ["Circuit", "EdgeResult", "VerifyResult", "edge_attribution", "verify
 __all__ += ["ActivationCache", "PatternBatch", "Positions", "cache", "positions"]
 __all__ += ["DecomposeResult", "PatternResult", "RayCluster", "ScreenResult",
             "attention_patterns", "decompose", "debug", "path_patch", "screen_and_verify"]
+__all__ += ["AttributionGraph", "attribution_graph", "load_transcoders"]
 __all__ += ["Custom", "Direction", "Neurons", "SAE", "Splice", "Subspace", "attach", "attached",
             "detach", "feature_activations", "load_sae", "traced"]
 __all__ += ["ExpertSweepResult", "RoutingResult", "ablate_experts", "expert_sweep", "routing"]
