@@ -104,3 +104,37 @@ def test_sweep_options_are_checked(demo):
         ii.expert_sweep(model, CLEAN, CORRUPT, metric, positions=[-1])
     with pytest.raises(InputError, match="method='attribution'"):
         ii.expert_sweep(model, CLEAN, CORRUPT, metric, method="attribution")
+
+
+@torch.no_grad()
+def test_bf16_sweeps_do_not_depend_on_the_chunking(demo):
+    from tests.test_moe_oracle import BASE, CONFIGS, tiny_family
+    module = tiny_family("deepseek_v3", len(demo.tokenizer),
+                         **{**BASE, **CONFIGS["deepseek_v3"]}).to(torch.bfloat16)
+    model = ii.wrap(module, demo.tokenizer)
+    r, _ = projection(model)
+    metric = lambda logits: logits[:, -1].float() @ r                         # noqa: E731
+    small, large = (ii.expert_sweep(model, CLEAN, CORRUPT, metric, batch_size=b)
+                    for b in (3, 64))
+    assert torch.equal(small.per_prompt, large.per_prompt)
+    assert small.values.dtype == torch.float32 and small.values.isfinite().all()
+
+
+def test_the_patch_sweep_runner_reads_heads_as_experts(demo):
+    """``from_spec``: what sweep/api.py's RUNNERS would call for site='expert_out'."""
+    import inspect
+
+    from ipy_intervene.sweep.api import SweepSpec
+    from ipy_intervene.sweep.experts import from_spec
+
+    model = moe_model("mixtral", demo)
+    _, metric = projection(model)
+    names = inspect.signature(SweepSpec).parameters
+    options = {n: p.default for n, p in names.items() if p.default is not inspect._empty}
+    options.update(model=model, clean=CLEAN, corrupted=CORRUPT, metric=metric,
+                   site="expert_out", method="activation", direction="denoising",
+                   layers=[2], heads=[1, 3], batch_size=None)
+    options.update({n: None for n in names if n not in options})
+    got = from_spec(SweepSpec(**options), 0.0)
+    want = ii.expert_sweep(model, CLEAN, CORRUPT, metric, layers=[2], experts=[1, 3])
+    assert got.experts == [1, 3] and torch.equal(got.per_prompt, want.per_prompt)

@@ -328,3 +328,13 @@ class ExpertSweepResult(SweepResult):
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         return {"text/plain": repr(self)}
+
+
+def from_spec(spec: Any, start: float) -> ExpertSweepResult:
+    """The runner of ``ii.patch_sweep(..., site="expert_out" | "expert_out_pos")`` (method
+    ``activation``; ``heads=`` are the experts), for ``sweep/api.py``'s ``RUNNERS``."""
+    result = expert_sweep(*spec.pair, site=spec.site, direction=spec.direction,
+                          layers=spec.layers, experts=spec.heads, positions=spec.positions,
+                          batch_size=spec.batch_size or 16)
+    result.seconds = time.perf_counter() - start
+    return result
