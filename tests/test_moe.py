@@ -141,3 +141,14 @@ def test_a_dense_layer_of_a_mixed_model_is_an_error(demo, family, field):
         moe.moe_layer(model.module, 3)
     r = ii.routing(model, CLEAN)                     # default: the MoE layers only
     assert r.layers == [1, 2]
+
+
+def test_an_moe_family_not_in_the_table_is_named_as_such(demo):
+    from tests.conftest import tiny_family
+
+    module = tiny_family("phimoe", len(demo.tokenizer), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=32,
+                         num_local_experts=4)
+    with pytest.raises(SiteError, match="'phimoe' has fused experts, but ipy_intervene does "
+                                        "not know where its router and experts are"):
+        ii.routing(ii.wrap(module, demo.tokenizer), CLEAN)

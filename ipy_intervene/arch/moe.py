@@ -84,9 +84,14 @@ def family_of(model: nn.Module) -> tuple[str, MoeFamily]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     family = FAMILIES.get(model_type)
     if family is None:
-        raise SiteError(f"{model_type or type(model).__name__!r} is not a mixture-of-experts "
-                        f"family ipy_intervene knows (expert sites exist in: "
-                        f"{', '.join(FAMILIES)}); its MLP is dense: use the site mlp_out")
+        name = repr(model_type or type(model).__name__)
+        known = f"expert sites exist in: {', '.join(FAMILIES)}"
+        if any(_is_fused_experts(m) for m in model.modules()):
+            raise SiteError(f"{name} has fused experts, but ipy_intervene does not know where "
+                            f"its router and experts are ({known}); its MoE block's output "
+                            "is the site mlp_out")
+        raise SiteError(f"{name} is not a mixture-of-experts family ipy_intervene knows "
+                        f"({known}); its MLP is dense: use the site mlp_out")
     return model_type, family
 
 
