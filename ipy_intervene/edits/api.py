@@ -131,7 +131,7 @@ def edit(model: Any, cell: str | Callable[..., Any], *, name: str | None = None,
     source, filename, where, name, model_name, namespace = _cell_of(
         cell, name, filename, where, model_name, namespace)
     compiled = _compile(source, model_name, filename)
-    target = model if inplace else Model(shallow_clone(model.module), model.tokenizer)
+    target = model if inplace else _clone(model)
     _check_map(target)
     if not inplace:
         for earlier in edits(model):   # the clone carries the model's edits, in order
@@ -143,6 +143,18 @@ def edit(model: Any, cell: str | Callable[..., Any], *, name: str | None = None,
                     compile_=compiled)
     if input is not NO_INPUT:
         _try(target, made, input)
+    return target
+
+
+def _clone(model: Model) -> Model:
+    """The edited model: a shallow clone, its splices (``ii.attach``) routed through its own
+    copies of them, as the original's are through theirs."""
+    from ipy_intervene.features.splice import _route, attached, module_at
+
+    target = Model(shallow_clone(model.module), model.tokenizer)
+    for splice in attached(target).values():
+        parent = module_at(target.module, splice.target_path)
+        splice._handle = parent.register_forward_hook(_route(splice), with_kwargs=True)
     return target
 
 

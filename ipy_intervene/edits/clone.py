@@ -87,6 +87,7 @@ def _clone(module: nn.Module, memo: dict[int, nn.Module], pairs: Pairs,
             state[table] = OrderedDict()
     state["_modules"] = {k: None if c is None else _clone(c, memo, pairs, configs)
                          for k, c in module._modules.items()}
+    state.pop("_output_capturing_hooks_installed", None)   # transformers': its hooks are not here
     config = state.get("config")
     if config is not None and hasattr(config, "to_dict"):   # its own attention setting
         state["config"] = configs.setdefault(id(config), copy.deepcopy(config))
