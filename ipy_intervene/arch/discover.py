@@ -6,7 +6,9 @@ embedding and unembedding (``get_input_embeddings`` / ``get_output_embeddings``)
 norm (a norm beside the blocks), in block 0 the attention (a child whose class says
 ``Attention``), the MLP (``mlp``/``feed_forward``/``ffn``, or a class saying ``MLP``/``MoE``),
 the out-projection inside attention (``o_proj``/``out_proj``/``dense``/``c_proj``) and the
-block's norms. The norms' roles are not guessed from their names alone: each candidate
+block's norms; from the config, the multipliers and logit transforms transformers' families
+name there (``embedding_multiplier``, ``residual_multiplier``, ``logit_scale``,
+``logits_scaling``, ``final_logit_softcapping``). The norms' roles are not guessed from their names alone: each candidate
 arrangement (a pre-MLP norm, a parallel residual, post-norms) is checked on a forward, and
 the first one that passes is the map. None passes: a SiteError with what was found and the
 ``ii.Adapter(...)`` line to complete by hand.
@@ -22,7 +24,7 @@ from typing import Any, Iterator
 
 from torch import nn
 
-from ipy_intervene.arch.adapter import Adapter
+from ipy_intervene.arch.adapter import Adapter, finite
 from ipy_intervene.arch.check import adapter_line, checked
 from ipy_intervene.arch.families import FAMILIES, n_heads
 from ipy_intervene.errors import SiteError
@@ -70,9 +72,10 @@ def _candidates(module: nn.Module) -> Iterator[Adapter]:
         return
     base, norms, block = parts
     later = norms[1:]
+    mlp_like = lambda n: any(k in n for k in ("feed", "ff", "mlp"))  # noqa: E731
     post_attn = [n for n in norms if "post" in n and "att" in n]
-    post_mlp = [n for n in norms if "post" in n and ("ff" in n or "mlp" in n)]
-    pre_mlp = [n for n in norms if "pre" in n and ("ff" in n or "mlp" in n)]
+    post_mlp = [n for n in norms if "post" in n and mlp_like(n)]
+    pre_mlp = [n for n in norms if "pre" in n and mlp_like(n)]
     if post_attn and post_mlp:                           # post-norms (Gemma 2, OLMo 2)
         mid = pre_mlp[0] if pre_mlp else base["mlp"]
         first = [n for n in norms if n not in (post_attn[0], post_mlp[0], *pre_mlp)]
@@ -103,22 +106,43 @@ def _parts(module: nn.Module) -> tuple[dict[str, Any], list[str], nn.Module] | N
     final = _final_norm(module, blocks_path)
     if attn is None or mlp is None or final is None:
         return None
-    proj = next((n for n in _OUT_NAMES if isinstance(getattr(block.get_submodule(attn), n, None),
-                                                     nn.Module)), None)
+    inner = [n for n, _ in block.get_submodule(attn).named_modules()]
+    proj = next((n for n in inner if n.rsplit(".", 1)[-1] in _OUT_NAMES), None)
     if proj is None:
         return None
+    where = proj.rsplit(".", 1)[0] + "." if "." in proj else ""    # GPT-Neo: attn.attention
     try:
         heads = n_heads(config)
     except AttributeError:
         return None
     norms = [n for n, m in block.named_children() if _is_norm(m)]
-    qkv = tuple(f"{attn}.{p}_proj" for p in "qkv")
-    has_qkv = all(hasattr(block.get_submodule(attn), f"{p}_proj") for p in "qkv")
+    qkv = tuple(f"{attn}.{where}{p}_proj" for p in "qkv")
+    has_qkv = all(n in inner for n in (f"{where}{p}_proj" for p in "qkv"))
     base = dict(name=getattr(config, "model_type", None) or type(module).__name__,
                 blocks=blocks_path, final_norm=final, unembed=unembed, embed=embed, attn=attn, mlp=mlp, head_proj=f"{attn}.{proj}",
                 n_heads=heads, n_layers=len(blocks),
-                qkv=qkv if has_qkv else None, qkv_layout="separate" if has_qkv else None)
+                qkv=qkv if has_qkv else None, qkv_layout="separate" if has_qkv else None,
+                **_from_config(config))
     return base, norms, block
+
+
+def _from_config(config: Any) -> dict[str, Any]:
+    """The multipliers and logit transforms a config states (the self-check proves them)."""
+    number = lambda name: getattr(config, name, None) if isinstance(  # noqa: E731
+        getattr(config, name, None), (int, float)) and not isinstance(
+        getattr(config, name, None), bool) else None
+    fields: dict[str, Any] = {}
+    if number("embedding_multiplier") is not None:
+        fields["embed_scale"] = finite(number("embedding_multiplier"))
+    if number("residual_multiplier") is not None:
+        fields["residual_multiplier"] = finite(number("residual_multiplier"))
+    if number("logit_scale") is not None:
+        fields["logit_scale"] = finite(number("logit_scale"))
+    elif number("logits_scaling") is not None:
+        fields["logit_scale"] = 1.0 / finite(number("logits_scaling"))
+    if number("final_logit_softcapping") is not None:
+        fields["logit_softcap"] = float(number("final_logit_softcapping"))
+    return fields
 
 
 def _blocks(module: nn.Module, config: Any) -> str | None:
