@@ -11,15 +11,12 @@ of several lengths:
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import ipy_intervene as ii
-from ipy_intervene.circuit import graph_intervene as gi
 from ipy_intervene.features.sae import SAE
 from tests.conftest import tiny_model
 
@@ -49,16 +46,24 @@ def _frozen_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 def parts(hf):
-    """(blocks, [(norm, kind)] per block and final, MLPs, lm_head) by family, by hand."""
+    """(blocks, [(norm, kind)], MLP modules (input read at the first, output replaced at the
+    second), lm_head) by family, by hand. Kinds: ln (LayerNorm), rms (x * s * w), rms1
+    (Gemma: x * s * (1 + w)). Gemma 2's post-MLP norm is inside what a transcoder replaces."""
     if hasattr(hf, "transformer"):
         blocks = list(hf.transformer.h)
         norms = [(b.ln_1, "ln") for b in blocks] + [(b.ln_2, "ln") for b in blocks] + \
             [(hf.transformer.ln_f, "ln")]
-    else:
-        blocks = list(hf.model.layers)
-        norms = [(b.input_layernorm, "rms") for b in blocks] + \
-            [(b.post_attention_layernorm, "rms") for b in blocks] + [(hf.model.norm, "rms")]
-    return blocks, norms, [b.mlp for b in blocks], hf.lm_head
+        return blocks, norms, [(b.mlp, b.mlp) for b in blocks], hf.lm_head
+    blocks = list(hf.model.layers)
+    if hf.config.model_type == "gemma2":
+        norms = [(getattr(b, n), "rms1") for b in blocks for n in
+                 ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm")]
+        norms.append((hf.model.norm, "rms1"))
+        return blocks, norms, [(b.mlp, b.post_feedforward_layernorm) for b in blocks], \
+            hf.lm_head
+    norms = [(b.input_layernorm, "rms") for b in blocks] + \
+        [(b.post_attention_layernorm, "rms") for b in blocks] + [(hf.model.norm, "rms")]
+    return blocks, norms, [(b.mlp, b.mlp) for b in blocks], hf.lm_head
 
 
 class Oracle:
@@ -71,9 +76,13 @@ class Oracle:
         seen: dict = {}
         handles = [n.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, a[0]))
                    for n, _ in self.norms]
-        handles += [m.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(("mlp", i),
-                                                                                (a[0], o)))
-                    for i, m in enumerate(self.mlps)]
+        for i, (inner, outer) in enumerate(self.mlps):
+            handles.append(inner.register_forward_hook(
+                lambda m, a, o, i=i: seen.__setitem__(("in", i), a[0])))
+            handles.append(outer.register_forward_hook(
+                lambda m, a, o, i=i: seen.__setitem__(("out", i), o)))
+        handles.append(self.head.register_forward_hook(
+            lambda m, a, o: seen.__setitem__("head", o[0, -1])))
         handles.append(self.blocks[0].register_forward_pre_hook(
             lambda m, a, k: seen.__setitem__("emb", (a[0] if a else k["hidden_states"])),
             with_kwargs=True))
@@ -87,15 +96,16 @@ class Oracle:
             for h in handles:
                 h.remove()
         self.patterns = [a.detach() for a in out.attentions]
-        self.logits = out.logits[0, -1]
+        self.logits = out.logits[0, -1]              # the model's (after any soft-cap)
+        self.unembedded = seen["head"].detach()     # the unembedding's output
         self.scales = {}
         for norm, kind in self.norms:
             x = seen[norm].double()
             if kind == "ln":
                 x = x - x.mean(-1, keepdim=True)
             self.scales[norm] = (x.pow(2).mean(-1, keepdim=True) + _eps(norm)).rsqrt()
-        self.mlp_in = [seen[("mlp", i)][0][0].detach() for i in range(len(self.mlps))]
-        self.mlp_out = [seen[("mlp", i)][1][0].detach() for i in range(len(self.mlps))]
+        self.mlp_in = [seen[("in", i)][0].detach() for i in range(len(self.mlps))]
+        self.mlp_out = [seen[("out", i)][0].detach() for i in range(len(self.mlps))]
         self.emb = seen["emb"][0].detach()
         # the features read the MLP inputs of the frozen model at the prompt (each MLP
         # giving its recorded output): the model's own up to its norms' float rounding
@@ -121,9 +131,14 @@ class Oracle:
         if frozen:
             for norm, kind in self.norms:
                 handles.append(norm.register_forward_hook(self._norm_hook(kind)))
-        for i, mlp in enumerate(self.mlps):
-            handles.append(mlp.register_forward_hook(self._mlp_hook(i, acts, linear, drop,
-                                                                    pre, inputs, outputs)))
+        for i, (inner, outer) in enumerate(self.mlps):
+            box: list = []
+            handles.append(inner.register_forward_hook(lambda m, a, o, box=box: box.append(a[0])))
+            handles.append(outer.register_forward_hook(self._mlp_hook(i, acts, linear, drop,
+                                                                      pre, inputs, outputs,
+                                                                      box)))
+        seen_logits: list = []
+        handles.append(self.head.register_forward_hook(lambda m, a, o: seen_logits.append(o)))
         handles.append(self.blocks[0].register_forward_pre_hook(self._emb_hook(drop),
                                                                 with_kwargs=True))
         impl = self.hf.config._attn_implementation
@@ -136,7 +151,8 @@ class Oracle:
                 if hasattr(m, "config"):
                     m.config._attn_implementation = ORACLE_KEY
         try:
-            logits = self.hf(input_ids=self.ids).logits[0, -1]
+            self.hf(input_ids=self.ids)
+            logits = seen_logits[0][0, -1]  # the unembedding's output (before any soft-cap)
         finally:
             for m in self.hf.modules():
                 if hasattr(m, "config"):
@@ -150,17 +166,18 @@ class Oracle:
             x = args[0].double()
             if kind == "ln":
                 x = x - x.mean(-1, keepdim=True)
-            y = x * self.scales[norm] * norm.weight.double()
+            w = norm.weight.double()
+            y = x * self.scales[norm] * (1 + w if kind == "rms1" else w)
             if kind == "ln":
                 y = y + norm.bias.double()
             return y.to(output.dtype)
         return hook
 
-    def _mlp_hook(self, layer, acts, linear, drop, pre, inputs, outputs):
+    def _mlp_hook(self, layer, acts, linear, drop, pre, inputs, outputs, box):
         tc = self.tcs[layer]
 
         def hook(mlp, args, output):
-            x = args[0][0]
+            x = box.pop()[0]
             inputs[layer] = x.detach().clone()
             if outputs is not None:
                 return outputs[layer][None]
@@ -230,11 +247,22 @@ def scrambled_norms(hf):
     return hf
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama", "demo"])
+def tiny_gemma2(vocab: int):
+    from tests.conftest import tiny_family
+
+    return tiny_family("gemma2", vocab, hidden_size=32, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                       intermediate_size=64, max_position_embeddings=64, sliding_window=4,
+                       bos_token_id=0, eos_token_id=0, pad_token_id=1)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama", "gemma2", "demo"])
 def setup(request, demo):
     if request.param == "demo":
         return "demo", demo, random_transcoders(4, 128, seed=3)
-    hf = scrambled_norms(tiny_model(request.param, len(demo.tokenizer))).double()
+    make = tiny_gemma2 if request.param == "gemma2" else \
+        lambda vocab: tiny_model(request.param, vocab)
+    hf = scrambled_norms(make(len(demo.tokenizer))).double()
     model = ii.wrap(hf, demo.tokenizer)
     return request.param, model, random_transcoders(3, 32, seed=3, dtype=torch.float64)
 
@@ -260,7 +288,7 @@ def test_inputs_are_bias_plus_incoming_edges(setup, prompt):
         edges = float(g.adjacency[node].double().sum())
         assert close(bias + edges, value, model), (name, g.ids[node])
     # the frozen model at the prompt is the model: its logits are the model's
-    assert torch.allclose(oracle.run()[1], oracle.logits, atol=1e-4)
+    assert torch.allclose(oracle.run()[1], oracle.unembedded, atol=1e-4)
 
 
 def _all_errors_and_tokens(g):
@@ -328,15 +356,16 @@ def _unfrozen_oracle(oracle: Oracle, key) -> torch.Tensor:
     """The model with each MLP replaced by relu(x W_enc + b_enc) W_dec + b_dec + recorded
     error, one latent zeroed; attention and norms live."""
     handles = []
-    for i, mlp in enumerate(oracle.mlps):
-        tc = oracle.tcs[i]
+    for i, (inner, outer) in enumerate(oracle.mlps):
+        tc, box = oracle.tcs[i], []
+        handles.append(inner.register_forward_hook(lambda m, a, o, box=box: box.append(a[0])))
 
-        def hook(m, args, output, i=i, tc=tc):
-            a = torch.relu(args[0][0] @ tc.W_enc + tc.b_enc)
+        def hook(m, args, output, i=i, tc=tc, box=box):
+            a = torch.relu(box.pop()[0] @ tc.W_enc + tc.b_enc)
             if key[1] == i:
                 a[key[2], key[3]] = 0
             return (a @ tc.W_dec + tc.b_dec + oracle.errors[i])[None]
-        handles.append(mlp.register_forward_hook(hook))
+        handles.append(outer.register_forward_hook(hook))
     try:
         return oracle.hf(input_ids=oracle.ids).logits[0, -1]
     finally:
@@ -394,13 +423,3 @@ def test_exact_transcoders_leave_no_error(demo):
     r = g.intervene({node: 0})
     live = g.intervene({node: 0}, errors="live")
     assert torch.allclose(r.after, live.after, atol=1e-4)
-
-
-def test_gi_edits_are_checked(demo):
-    tcs = random_transcoders(4, 128, seed=5)
-    g = ii.attribution_graph(demo, PROMPTS[2], tcs)
-    for bad, why in [({"f9.0.0": 0}, "layers 0 to 3"), ({"t99": ("scale", 0)}, "position"),
-                     ({"zz": 0}, "not a node id"), ({"e0.0": 1.0}, "takes ('scale', c)"),
-                     ({g.ids[-1]: 0}, "output node"), ({g.ids[0]: "x"}, "expected a number")]:
-        with pytest.raises(ii.InterventionError, match=re.escape(why)):
-            gi.parse_edits(g.nodes, bad)

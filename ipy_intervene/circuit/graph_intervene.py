@@ -25,9 +25,10 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ipy_intervene.arch.sites import Adapter, get_path
-from ipy_intervene.circuit.replacement import Recording, frozen, mlp_module, wide_dtype
+from ipy_intervene.circuit.replacement import (Recording, frozen, mlp_module, mlp_out_module,
+                                               replace_mlp, wide_dtype)
 from ipy_intervene.errors import InputError
-from ipy_intervene.infra.hooks import HookSession, input_key
+from ipy_intervene.infra.hooks import HookSession, input_key, replace_input
 
 Edits = dict[tuple, tuple[str, float]]   # ("f", layer, pos, latent) / ("e", layer, pos) / ("t", pos)
 
@@ -169,8 +170,7 @@ def unfrozen_logits(graph: Any, edits: Edits, errors: str = "frozen") -> torch.T
     with torch.no_grad(), HookSession() as session:
         for layer, tc in tcs.items():
             err = rec.mlp_out[layer] - tc.decode(ctx["acts"][layer])
-            session.replace_forward(mlp_module(module, adapter, layer),
-                                    _live_mlp(layer, tc, err, edits, errors))
+            _unfrozen_mlp(session, module, adapter, layer, tc, err, edits, errors)
         if any(key[0] == "t" for key in edits):
             session.pre(adapter.block(module, 0), _scale_tokens(edits))
         out = module(input_ids=rec.input_ids)
@@ -178,22 +178,31 @@ def unfrozen_logits(graph: Any, edits: Edits, errors: str = "frozen") -> torch.T
     return logits[0, -1].detach()
 
 
-def _live_mlp(layer: int, tc: Any, err: torch.Tensor, edits: Edits, errors: str) -> Callable:
-    def make(original: Callable) -> Callable:
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            key = input_key(args, kwargs)
-            x = args[0] if key == 0 else kwargs[key]
-            a = tc.encode(x[0].to(tc.W_enc.dtype))
-            a2 = _edit_features(a.clone(), a, layer, edits)
-            if errors == "frozen":
-                out = tc.decode(a2) + _edit_errors(err, layer, edits)
-                return out.to(x.dtype)[None]
-            real = original(*args, **kwargs)
-            first = real[0] if isinstance(real, tuple) else real
-            new = first + (tc.decode(a2) - tc.decode(a)).to(first.dtype)[None]
-            return (new, *real[1:]) if isinstance(real, tuple) else new
-        return forward
-    return make
+def _unfrozen_mlp(session: HookSession, module: Any, adapter: Adapter, layer: int, tc: Any,
+                  err: torch.Tensor, edits: Edits, errors: str) -> None:
+    """What the MLP adds: ``decode(edited latents) + err`` (``"frozen"``), or the model's own
+    output plus ``decode(edited) - decode(latents)`` (``"live"``); latents from its input."""
+    def latents(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = tc.encode(x[0].to(tc.W_enc.dtype))
+        return a, _edit_features(a.clone(), a, layer, edits)
+
+    if errors == "frozen":
+        def replaced(layer_: int, x: torch.Tensor) -> torch.Tensor:
+            a2 = latents(x)[1]
+            return (tc.decode(a2) + _edit_errors(err, layer, edits)).to(x.dtype)[None]
+        replace_mlp(session, module, adapter, layer, replaced, None)
+        return
+    box: list[torch.Tensor] = []
+    session.pre(mlp_module(module, adapter, layer),
+                lambda m, args, kwargs: box.append(args[0] if args else
+                                                   kwargs[input_key(args, kwargs)]))
+
+    def add_change(m: Any, args: tuple, output: Any) -> Any:
+        a, a2 = latents(box.pop())
+        first = output[0] if isinstance(output, tuple) else output
+        new = first + (tc.decode(a2) - tc.decode(a)).to(first.dtype)[None]
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+    session.post(mlp_out_module(module, adapter, layer), add_change)
 
 
 def _scale_tokens(edits: Edits) -> Callable:
@@ -203,5 +212,5 @@ def _scale_tokens(edits: Edits) -> Callable:
         for k, (_, c) in edits.items():
             if k[0] == "t":
                 x[:, k[1]] *= c
-        return (x, *args[1:]) if key == 0 else (args, {**kwargs, key: x})
+        return replace_input(args, kwargs, key, x)
     return hook

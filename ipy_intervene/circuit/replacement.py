@@ -63,19 +63,20 @@ class Recording:
 
 
 def norm_modules(module: nn.Module, adapter: Adapter) -> list[tuple[str, nn.Module]]:
-    """The norms the residual stream passes through: each block's attention and MLP norms
-    and the final norm, with their paths (a module shared by two roles appears once)."""
+    """The norms the residual stream passes through outside the MLPs: each block's attention
+    and MLP norms (where it has them) and post-attention norm, and the final norm, with their
+    paths (a module shared by two roles appears once). A post-MLP norm is part of what a
+    transcoder replaces (Gemma Scope's write the post-norm's output)."""
     found: dict[int, tuple[str, nn.Module]] = {}
+    mlp_norm = adapter.mlp_norm
+    if mlp_norm is None and adapter.mid_norm not in (None, adapter.mlp):
+        mlp_norm = adapter.mid_norm
     for layer in range(adapter.n_layers):
         block = adapter.block(module, layer)
-        for part in (adapter.attn_norm, adapter.mlp_norm or adapter.mid_norm):
-            if part is None:
-                raise SiteError(f"{adapter.name}: the attribution graph needs the adapter's "
-                                "attn_norm and mlp_norm (the norms attention and the MLP "
-                                "read); pass adapter=ii.Adapter(..., attn_norm=..., "
-                                "mlp_norm=...)")
-            norm = get_path(block, part)
-            found.setdefault(id(norm), (f"{adapter.blocks}[{layer}].{part}", norm))
+        for part in (adapter.attn_norm, mlp_norm, getattr(adapter, "post_attn_norm", None)):
+            if part is not None:
+                norm = get_path(block, part)
+                found.setdefault(id(norm), (f"{adapter.blocks}[{layer}].{part}", norm))
     final = get_path(module, adapter.final_norm)
     found.setdefault(id(final), (adapter.final_norm, final))
     return list(found.values())
@@ -95,6 +96,13 @@ def attention_modules(module: nn.Module, adapter: Adapter) -> list[nn.Module]:
 
 def mlp_module(module: nn.Module, adapter: Adapter, layer: int) -> nn.Module:
     return get_path(adapter.block(module, layer), adapter.mlp)
+
+
+def mlp_out_module(module: nn.Module, adapter: Adapter, layer: int) -> nn.Module:
+    """The module whose output is what the MLP adds (its post-norm where it has one)."""
+    post = getattr(adapter, "post_mlp_norm", None)
+    return mlp_module(module, adapter, layer) if post is None else \
+        get_path(adapter.block(module, layer), post)
 
 
 def frozen_norm(kind: str, norm: nn.Module, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -174,7 +182,8 @@ def record(module: nn.Module, adapter: Adapter, input_ids: torch.Tensor) -> Reco
         for attn in attns:
             session.post(attention.point(attn, "pattern"), _record_pattern(rec, attn))
         for layer in range(n):
-            session.post(mlp_module(module, adapter, layer), _record_mlp(rec, layer))
+            session.pre(mlp_module(module, adapter, layer), _record_mlp_in(rec, layer))
+            session.post(mlp_out_module(module, adapter, layer), _record_mlp(rec, layer))
         session.pre(adapter.block(module, 0), _record_embed(rec))
         session.pre(get_path(module, adapter.unembed), _record_final(rec))
         out = module(input_ids=input_ids)
@@ -221,9 +230,15 @@ def _record_pattern(rec: Recording, attn: nn.Module) -> Callable:
     return hook
 
 
+def _record_mlp_in(rec: Recording, layer: int) -> Callable:
+    def hook(mlp: nn.Module, args: tuple, kwargs: dict) -> None:
+        key = input_key(args, kwargs)
+        rec.mlp_in[layer] = (args[0] if key == 0 else kwargs[key])[0].detach().clone()
+    return hook
+
+
 def _record_mlp(rec: Recording, layer: int) -> Callable:
     def hook(mlp: nn.Module, args: tuple, output: Any) -> None:
-        rec.mlp_in[layer] = args[0][0].detach().clone()
         rec.mlp_out[layer] = first_tensor(output)[0].detach().clone()
         if isinstance(output, (tuple, list)):
             rec.mlp_rest[layer] = tuple(output[1:])
@@ -263,8 +278,7 @@ def frozen(module: nn.Module, adapter: Adapter, rec: Recording, *, mlp: MlpFn,
             pattern = rec.patterns[attn]
             session.post(attention.point(attn, "pattern"), lambda m, a, o, p=pattern: p.to(o.dtype))
         for layer in range(adapter.n_layers):
-            session.replace_forward(mlp_module(module, adapter, layer),
-                                    _mlp_forward(layer, mlp, rec.mlp_rest.get(layer)))
+            replace_mlp(session, module, adapter, layer, mlp, rec.mlp_rest.get(layer))
         if embed is not None:
             session.pre(adapter.block(module, 0), _replace_embed(embed))
         if seen is not None:
@@ -287,11 +301,24 @@ def _frozen_forward(norm: nn.Module, frozen_scale: FrozenNorm) -> Callable:
     return make
 
 
-def _mlp_forward(layer: int, mlp: MlpFn, rest: tuple | None) -> Callable:
+def replace_mlp(session: HookSession, module: nn.Module, adapter: Adapter, layer: int,
+                 mlp: MlpFn, rest: tuple | None) -> None:
+    """The MLP's output (its post-norm's, where it has one) becomes ``mlp(layer, input)``;
+    with a post-norm the MLP itself passes its input on (the norm then ignores it)."""
+    inner, outer = mlp_module(module, adapter, layer), mlp_out_module(module, adapter, layer)
+    if inner is outer:
+        session.replace_forward(inner, _mlp_forward(lambda x: mlp(layer, x), rest))
+        return
+    box: list[torch.Tensor] = []
+    session.replace_forward(inner, _mlp_forward(lambda x: box.append(x) or x, None))
+    session.replace_forward(outer, _mlp_forward(lambda _: mlp(layer, box.pop()), rest))
+
+
+def _mlp_forward(fn: Callable[[torch.Tensor], torch.Tensor], rest: tuple | None) -> Callable:
     def make(original: Callable) -> Callable:
         def forward(*args: Any, **kwargs: Any) -> Any:
             key = input_key(args, kwargs)
-            out = mlp(layer, args[0] if key == 0 else kwargs[key])
+            out = fn(args[0] if key == 0 else kwargs[key])
             return out if rest is None else (out, *rest)
         return forward
     return make

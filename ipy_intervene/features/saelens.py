@@ -151,13 +151,15 @@ def save_sae(sae: SAE, folder: str | Path, **meta: Any) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     arch = {"relu": "standard"}.get(sae.activation, sae.activation)
+    if not sae.apply_b_dec_to_input and sae.activation in ("relu", "jumprelu"):
+        arch = {"relu": "transcoder", "jumprelu": "jumprelu_transcoder"}[sae.activation]
     dtype = next(k for k, v in DTYPES.items() if v == sae.W_enc.dtype)
     cfg = {"architecture": arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": dtype,
            "apply_b_dec_to_input": sae.apply_b_dec_to_input, "normalize_activations": "none",
            "metadata": dict(meta)}
     if sae.activation == "topk":
         cfg["k"] = sae.k
-    if sae.d_out != sae.d_in:
+    if sae.d_out != sae.d_in or arch in TRANSCODERS:
         cfg["d_out"] = sae.d_out
     state = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
     save_file(state, str(folder / WEIGHTS))
