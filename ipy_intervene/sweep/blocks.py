@@ -4,9 +4,11 @@ A patch at position ``p`` cannot change positions before ``p`` (attention is cau
 patch at layer ``l`` cannot change layers before ``l``. So a patched run only needs blocks
 ``l..L-1`` on positions ``p..P-1``, attending to the keys and values of positions ``< p``
 from the recorded corrupted run. :class:`BlockCaller` does exactly that, for any number of
-copies of the batch, using the arguments the model itself passes to its blocks (captured
-once from a forward that stops at the first block), so masks, rotary embeddings and
-position ids are the model's own.
+copies of the batch, using the arguments the model itself passes to each block (captured
+once per block from one forward of the suffix), so masks, rotary embeddings and position
+ids are the model's own -- and each layer's own: where layers differ (sliding-window and
+full attention layers with their masks and rotary tables, as in Gemma 2/3, Cohere 2, OLMo 3
+or GPT-OSS), block ``k`` runs with the arguments the model gives block ``k``.
 """
 
 from __future__ import annotations
@@ -58,20 +60,20 @@ class BlockCaller:
         self.base, self.prefix = base, prefix
         self.names = [n for n, prm in inspect.signature(self.blocks[0].forward).parameters.items()
                       if prm.kind in (prm.POSITIONAL_ONLY, prm.POSITIONAL_OR_KEYWORD)]
-        one = self._capture(model, kwargs, 1)
-        two = self._capture(model, kwargs, 2)
-        self.template = one
-        self.batched = {name for name in one if _batched(one[name], two[name])}
+        self.hidden_arg = self.names[0]
+        self.templates = self._capture(model, kwargs, 1)
+        two = self._capture(model, kwargs, 2, every=False)[0]
+        one = self.templates[0]
+        self.batched = {name for name in one if name in two and _batched(one[name], two[name])}
         from transformers.cache_utils import Cache  # first use: `import ipy_intervene` stays light
 
         self.cache_arg = next((n for n, v in one.items() if isinstance(v, Cache)), None)
-        self.hidden_arg = self.names[0]
         self.kv = PrefixKV()
 
     def __call__(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         copies = hidden.shape[0] // self.rows
         arguments = {name: _repeat(value, copies) if name in self.batched else value
-                     for name, value in self.template.items()}
+                     for name, value in self.templates[layer].items()}
         arguments[self.hidden_arg] = hidden
         if self.cache_arg is not None:
             self.kv.keys = _repeat(self.base.keys[layer][:, :, : self.prefix], copies)
@@ -81,8 +83,11 @@ class BlockCaller:
         self.kv.keys = self.kv.values = None
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    def _capture(self, model: Any, kwargs: dict[str, Any], copies: int) -> dict[str, Any]:
-        """The arguments the model passes to block 0 for the suffix (``copies`` x the batch)."""
+    def _capture(self, model: Any, kwargs: dict[str, Any], copies: int,
+                 every: bool = True) -> list[dict[str, Any]]:
+        """The arguments the model passes to each block (``every``; else block 0 only) for
+        the suffix (``copies`` x the batch), the hidden states left out; the forward stops
+        at the last block it needs."""
         from transformers import DynamicCache
 
         p = self.prefix
@@ -94,16 +99,27 @@ class BlockCaller:
                 for k, v in zip(self.base.keys, self.base.values)])
         call["use_cache"] = bool(p)
 
-        def stop(module: Any, args: tuple, kw: dict) -> None:
-            raise _Captured(args, kw)
+        seen: list[dict[str, Any]] = []
+        blocks = self.blocks if every else self.blocks[:1]
+
+        def keep(layer: int):
+            def hook(module: Any, args: tuple, kw: dict) -> None:
+                got = {**dict(zip(self.names, args)), **kw}
+                got.pop(self.hidden_arg, None)
+                seen.append(got)
+                if layer == len(blocks) - 1:
+                    raise _Captured(args, kw)
+            return hook
 
         try:
             with HookSession() as hooks:
-                hooks.pre(self.blocks[0], stop)
+                for layer, block in enumerate(blocks):
+                    hooks.pre(block, keep(layer))
                 model.module.base_model(**call)
-        except _Captured as captured:
-            return {**dict(zip(self.names, captured.args)), **captured.kwargs}
-        raise RuntimeError("the model's forward never called its first block")
+        except _Captured:
+            if len(seen) == len(blocks):
+                return seen
+        raise RuntimeError("the model's forward did not call each of its blocks once")
 
 
 def _repeat(value: Any, copies: int) -> Any:

@@ -251,8 +251,7 @@ class Engine:
     def _logits(self, hidden: torch.Tensor, prefix: int, n_cells: int) -> torch.Tensor:
         module = self.model.module
         kept = [p - prefix for p in self.positions if p >= prefix]
-        normed = get_path(module, self.adapter.final_norm)(hidden[:, kept])
-        fresh = get_path(module, self.adapter.unembed)(normed)
+        fresh = self.adapter.logits(module, hidden[:, kept])   # the family's scale and cap too
         if len(kept) == len(self.positions):
             return fresh
         early = self.base.logits[:, [i for i, p in enumerate(self.positions) if p < prefix]]
