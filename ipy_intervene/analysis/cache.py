@@ -343,8 +343,10 @@ def _where(model: Model, adapter: Adapter, site: str, layer: int | None) -> tupl
         attn = get_path(adapter.block(root, layer), adapter.attn)
         point = attention.point(attn, site)
         if point is None:
-            raise SiteError(f"{type(attn).__name__} does not go through transformers' "
-                            f"attention interface, so its `{site}` cannot be read")
+            raise SiteError(f"the {adapter.name} family's attention ({type(attn).__name__}) "
+                            "does not go through transformers' attention interface, so its "
+                            f"`{site}` cannot be read; its heads' outputs can (`head_out`: "
+                            "the out-projection's input)")
         return point, False
     kind = MODULE_SITES[site]
     return adapter.module(root, site, layer), kind.where in ("block_in", "module_in")

@@ -225,6 +225,12 @@ def set_index(view: Any, index: Any, value: Any, where: str,
               positions: frozenset[int] | None = None) -> None:
     """``view[index] = value`` with a clear error when the shapes do not fit (``positions``:
     the dimensions that are positions, when known)."""
+    if isinstance(view, tuple):
+        raise ValueMismatchError(
+            f"`{where}` is {describe(view)}: this module returns a tuple, and a tuple's "
+            f"items cannot be assigned. Edit the tensor it holds instead: "
+            f"`{where}[0][{format_index(index)}] = ...` (the hidden states), or replace the "
+            f"whole output: `{where} = (new, *{where}[1:])`")
     if not isinstance(view, torch.Tensor):
         view[index] = value
         return

@@ -26,7 +26,7 @@ from ipy_intervene.analysis.metrics import as_metric
 from ipy_intervene.analysis.reads import OnLogits
 from ipy_intervene.arch import attention
 from ipy_intervene.arch.sites import Adapter, adapter_for, get_path
-from ipy_intervene.errors import InputError
+from ipy_intervene.errors import InputError, SiteError
 from ipy_intervene.infra.hooks import HookSession, entry_point, tap
 from ipy_intervene.infra.progress import progress_disabled
 from ipy_intervene.model.loading import warn_if_training, wrap
@@ -114,7 +114,10 @@ def attention_point(module: nn.Module, adapter: Adapter, layer: int, name: str) 
     attn = get_path(adapter.block(module, layer), adapter.attn)
     point = attention.point(attn, name)
     if point is None:
-        raise InputError(f"{type(attn).__name__} has no attention sites (q, k, v, pattern)")
+        raise SiteError(f"the {adapter.name} family's attention ({type(attn).__name__}) does "
+                        "not go through transformers' attention interface, so it has no "
+                        f"`{name}` site (q, k, v and pattern live there); sweep its heads' "
+                        "outputs instead: site='head_out'")
     return point
 
 
