@@ -24,6 +24,7 @@ from ipy_intervene.circuit import (
 )
 from ipy_intervene.circuit.attribution_graph import attribution_graph
 from ipy_intervene.circuit.graph_result import AttributionGraph
+from ipy_intervene.edits import Edit, clear_edits, edit, edits
 from ipy_intervene.errors import InterventionError
 from ipy_intervene.features import (
     SAE,
@@ -62,6 +63,7 @@ __all__ += ["DecomposeResult", "PatternResult", "RayCluster", "ScreenResult",
 __all__ += ["AttributionGraph", "attribution_graph", "load_transcoders"]
 __all__ += ["Custom", "Direction", "Neurons", "SAE", "Splice", "Subspace", "attach", "attached",
             "detach", "feature_activations", "load_sae", "traced"]
+__all__ += ["Edit", "clear_edits", "edit", "edits"]
 __all__ += ["ExpertSweepResult", "RoutingResult", "ablate_experts", "expert_sweep", "routing"]
 
 
