@@ -169,10 +169,12 @@ def _features_last(module: nn.Module) -> bool:
 
 def of_output(module: nn.Module) -> Layout:
     """The layout of ``module``'s output."""
-    from ipy_intervene.arch import attention
+    from ipy_intervene.arch import attention, moe
 
     if isinstance(module, attention.HookPoint):
         return SITE_LAYOUTS.get(module.name, GENERIC)
+    if isinstance(module, moe.MoePoint):
+        return FEATURES
     if attention.is_attention(module):
         return ATTENTION_OUTPUT
     if isinstance(module, nn.Embedding) or _features_last(module):
@@ -184,7 +186,7 @@ def of_input(module: nn.Module, key: int | str = 0) -> Layout:
     """The layout of ``module``'s input ``key`` (a positional argument's index, else a
     keyword's name): by the name of the forward's parameter where Hugging Face names it
     (``hidden_states``, ``attention_mask``, ...), else by the module."""
-    from ipy_intervene.arch import attention
+    from ipy_intervene.arch import attention, moe
 
     name = key if isinstance(key, str) else _parameter(module, key)
     if name in NAMED:
@@ -193,6 +195,8 @@ def of_input(module: nn.Module, key: int | str = 0) -> Layout:
         return GENERIC
     if isinstance(module, attention.HookPoint):
         return SITE_LAYOUTS.get(module.name, GENERIC)
+    if isinstance(module, moe.MoePoint):
+        return FEATURES
     if isinstance(module, nn.Embedding) or (
             hasattr(module, "get_input_embeddings") and hasattr(module, "config")):
         return IDS

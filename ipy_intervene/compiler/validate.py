@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ipy_intervene.arch import attention
+from ipy_intervene.arch import attention, moe
 from ipy_intervene.compiler.compile import CompiledCell, Part
 from ipy_intervene.compiler.graph import InterventionGraph, Site
 from ipy_intervene.errors import InterventionError, SiteError
@@ -30,6 +30,11 @@ class HookPlan:
     pre: dict[int, nn.Module] = field(default_factory=dict)
     out: dict[int, nn.Module] = field(default_factory=dict)
     skip: dict[int, nn.Module] = field(default_factory=dict)
+
+    def uses_moe_sites(self) -> bool:
+        """Whether the cell uses a router or expert site of an MoE block."""
+        return any(isinstance(m, moe.MoePoint)
+                   for table in (self.pre, self.out) for m in table.values())
 
     def uses_attention_sites(self) -> bool:
         """Whether the cell uses q, k, v, pattern or z of an attention module."""
@@ -94,7 +99,8 @@ def envoys_at(model: Model, parts: tuple[Part, ...], *, is_call: bool = False) -
         for envoy in envoys:
             if kind == "attr":
                 if (value not in envoy.module._modules
-                        and attention.point(envoy.module, value) is None):
+                        and attention.point(envoy.module, value) is None
+                        and moe.point(envoy.module, value) is None):
                     if is_call:
                         return []
                     if hasattr(envoy.module, value):

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ipy_intervene.arch import attention
+from ipy_intervene.arch import attention, moe
 from ipy_intervene.errors import InputError, MissingAttributeError, SiteError
 from ipy_intervene.habits.explain import nnsight_hint
 from ipy_intervene.habits.transformer_lens import tl_hint
@@ -82,7 +82,8 @@ class Envoy:
         module = self._module
         if name in module._modules:
             return self._child(name, f"{self._path}.{name}" if self._path else name)
-        inner = attention.point(module, name)  # q, k, v, pattern, z of an attention module
+        # q, k, v, pattern, z of an attention module; router_logits, ... of an MoE block
+        inner = attention.point(module, name) or moe.point(module, name)
         if inner is not None:
             return self._child(name, f"{self._path}.{name}", inner)
         try:
@@ -103,6 +104,9 @@ class Envoy:
                 f"({type(self._module).__name__}).{hint} Its child modules: {listing}")
 
     def __getitem__(self, index: int | str) -> "Envoy":
+        expert = moe.expert_point(self._module, index)    # experts[e] of fused MoE experts
+        if expert is not None:
+            return self._child(index, f"{self._path}[{index}]", expert)
         index = self._key(index)
         text = repr(index) if isinstance(index, str) else index
         return self._child(index, f"{self._path}[{text}]")
@@ -147,6 +151,7 @@ class Envoy:
 
     def __dir__(self) -> list[str]:
         inner = set(attention.ATTENTION_SITES) if attention.is_attention(self._module) else set()
+        inner |= {name for name in moe.MOE_SITES if moe.point(self._module, name) is not None}
         return sorted(set(self._module._modules) | inner | {"output", "input", "inputs", "skip",
                                                              "path"})
 
@@ -251,6 +256,8 @@ class Model(Envoy):
         """Whether ``module`` is one of this model's modules (or a site inside its attention)."""
         if isinstance(module, attention.HookPoint):
             module = attention.owner(module)
+        elif isinstance(module, moe.MoePoint):
+            module = moe.owner(module)
         return module is not None and self._name_of(module) is not None
 
     def _name_of(self, module: nn.Module) -> str | None:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 
 from torch import nn
 
-from ipy_intervene.arch import attention
+from ipy_intervene.arch import attention, moe
 from ipy_intervene.compiler.compile import CompiledCell, InvokeCode
 from ipy_intervene.compiler.graph import InterventionGraph, Visit
 from ipy_intervene.compiler.validate import HookPlan, check_called
@@ -266,6 +266,8 @@ def run_cell(model: Model, cell: CompiledCell, graph: InterventionGraph, plan: H
             session.keep_grads(model.module)
         if plan.uses_attention_sites():
             attention.use_sites(session, model.module)
+        if plan.uses_moe_sites():
+            moe.use_sites(session, model.module)
         run = TraceRun(model, cell, graph, ns, generate, session, ignore_eos, options)
         try:
             with active.tracing(run):
