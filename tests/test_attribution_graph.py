@@ -256,10 +256,12 @@ def tiny_gemma2(vocab: int):
                        bos_token_id=0, eos_token_id=0, pad_token_id=1)
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama", "gemma2", "demo"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "gemma2", "demo", "shipped"])
 def setup(request, demo):
     if request.param == "demo":
         return "demo", demo, random_transcoders(4, 128, seed=3)
+    if request.param == "shipped":  # the demo model with the transcoders it ships
+        return "shipped", demo, ii.load_transcoders("demo")
     make = tiny_gemma2 if request.param == "gemma2" else \
         lambda vocab: tiny_model(request.param, vocab)
     hf = scrambled_norms(make(len(demo.tokenizer))).double()

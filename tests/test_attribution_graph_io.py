@@ -140,3 +140,25 @@ def test_gemma_scope_files_it_does_not_understand_are_refused(tmp_path):
         load_transcoders(tmp_path / "none")
     with pytest.raises(ii.InterventionError, match="no transcoder folder"):
         load_transcoders(tmp_path / "missing")
+
+
+def test_the_view_is_one_static_svg_with_hover_text(graph):
+    from ipy_intervene.circuit.graph_examples import top_activations
+
+    p = graph.prune(node_threshold=0.9, edge_threshold=0.95)
+    feats = [i for i in p.kept if i.startswith("f")]
+    tops = top_activations(graph, PROMPTS, k=2, nodes=feats)
+    assert all(t.value > 0 and "[" in t.context for v in tops.values() for t in v)
+    view = graph.show(node_threshold=0.9, edge_threshold=0.95, groups={"mine": feats[:2]},
+                      top_tokens=tops, max_edges=40)
+    bundle = view._repr_mimebundle_()
+    svg = bundle["image/svg+xml"]
+    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>") and "<script" not in svg
+    assert svg.count("<line") == min(40, len(p.edges()))
+    assert "mine" in svg and "logits" in svg and "PrunedGraph" in bundle["text/plain"]
+    for token in graph.nodes.tokens:
+        assert __import__("html").escape(token.replace("\n", "\\n")[:9]) in svg
+    with pytest.raises(ii.InterventionError, match="not a node id"):
+        graph.show(groups={"bad": ["nope"]})
+    big = graph.show(prune=False, max_edges=100).svg()   # every node, 100 edges
+    assert big.count("<line") == 100

@@ -213,11 +213,17 @@ class AttributionGraph:
         return Intervention(self, dict(edits), pred, frozen_after - self.values[out_rows],
                             before, after.float())
 
-    def show(self, **kwargs: Any) -> Any:
-        """The graph view (pruned with the default thresholds unless ``prune=False``)."""
+    def show(self, prune: bool = True, node_threshold: float = 0.8,
+             edge_threshold: float = 0.98, **kwargs: Any) -> Any:
+        """The graph view, pruned with these thresholds unless ``prune=False``; ``groups=``
+        (supernodes by hand), ``top_tokens=`` (from :func:`top_activations`), ``max_edges=``.
+
+        >>> g.show(groups={"say Mary": ["f3.5.12", "f3.5.40"]})          # doctest: +SKIP
+        """
         from ipy_intervene.widgets.attribution_graph_view import AttributionGraphView
 
-        return AttributionGraphView(self, **kwargs)
+        pruned = self.prune(node_threshold, edge_threshold) if prune else None
+        return AttributionGraphView(self, pruned=pruned, **kwargs)
 
     def __repr__(self) -> str:
         n = self.nodes
