@@ -302,6 +302,7 @@ def cell_path_patch(model):
 METHODS = {
     "trace": cell_trace,
     "resid_pre": cell_module_sweep("resid_pre"),
+    "resid_mid": cell_module_sweep("resid_mid"),
     "attn_out": cell_module_sweep("attn_out"),
     "mlp_out": cell_module_sweep("mlp_out"),
     "head_out": cell_head_out,

@@ -112,6 +112,10 @@ def patched(module, adapter, site, layer, prompt, edit):
         x = x.clone()
         edit(x)
         return x
+    if site == "resid_mid":               # the residual stream itself: edit it in place,
+        def in_place(x):                  # so the residual add after the MLP sees it too
+            edit(x)
+        return metric(logits_alone(module, prompt, pre=[(target, in_place)]))[0]
     if site in INPUT_SITES:
         return metric(logits_alone(module, prompt, pre=[(target, change)]))[0]
     return metric(logits_alone(module, prompt, post=[
