@@ -158,3 +158,12 @@ def test_a_module_tree_discovery_cannot_read_is_refused_with_what_is_missing(dem
                                         r"recognisable \(no ModuleList as long as the config's "
                                         r"num_hidden_layers\)\. Pass the module paths by hand"):
         adapter_for(module)
+
+
+def test_a_hybrid_model_is_refused_because_its_blocks_differ(demo):
+    module = build("qwen3_5_text", len(demo.tokenizer), head_dim=8,
+                   layer_types=["linear_attention", "full_attention"])
+    with pytest.raises(SiteError, match=r"'qwen3_5_text' is not in the family table .*its "
+                                        r"blocks differ \(linear_attn, .* / self_attn, .*\): a "
+                                        r"hybrid model"):
+        adapter_for(module)

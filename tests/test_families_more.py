@@ -48,6 +48,11 @@ FAMILIES = {
     "deepseek_v3": ("deepseek_v3", dict(MOE, num_key_value_heads=4, first_k_dense_replace=1, kv_lora_rank=8,
                                         q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
                                         v_head_dim=8, n_group=1, topk_group=1), dict(qkv=None)),
+    # not in the table: discovered from the module tree and config, then self-checked
+    "gemma4_text": ("gemma4_text", dict(hidden_size_per_layer_input=0, num_kv_shared_layers=0,
+                                        head_dim=8, global_head_dim=8,
+                                        final_logit_softcapping=5.0),
+                    dict(post_attn_norm="post_attention_layernorm", logit_softcap=5.0)),
 }
 
 

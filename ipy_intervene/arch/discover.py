@@ -90,7 +90,8 @@ def _candidates(module: nn.Module) -> Iterator[Adapter]:
 
 def _parts(module: nn.Module) -> tuple[dict[str, Any], list[str], nn.Module] | None:
     """The common fields, the block's norm paths (in definition order) and block 0."""
-    config = getattr(module, "config", None)
+    top = getattr(module, "config", None)
+    config = _text_config(top)
     names = {id(m): n for n, m in module.named_modules()}
     blocks_path = _blocks(module, config)
     embed, unembed = _io(module, names)
@@ -118,12 +119,18 @@ def _parts(module: nn.Module) -> tuple[dict[str, Any], list[str], nn.Module] | N
     norms = [n for n, m in block.named_children() if _is_norm(m)]
     qkv = tuple(f"{attn}.{where}{p}_proj" for p in "qkv")
     has_qkv = all(n in inner for n in (f"{where}{p}_proj" for p in "qkv"))
-    base = dict(name=getattr(config, "model_type", None) or type(module).__name__,
+    base = dict(name=getattr(top, "model_type", None) or type(module).__name__,
                 blocks=blocks_path, final_norm=final, unembed=unembed, embed=embed, attn=attn, mlp=mlp, head_proj=f"{attn}.{proj}",
                 n_heads=heads, n_layers=len(blocks),
                 qkv=qkv if has_qkv else None, qkv_layout="separate" if has_qkv else None,
                 **_from_config(config))
     return base, norms, block
+
+
+def _text_config(config: Any) -> Any:
+    """The language model's config (a multimodal model keeps it in ``text_config``)."""
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
 
 
 def _from_config(config: Any) -> dict[str, Any]:
@@ -176,9 +183,15 @@ def _is_norm(m: nn.Module) -> bool:
 
 def _missing(module: nn.Module) -> str:
     """What discovery did not find, in words."""
-    config = getattr(module, "config", None)
-    if _blocks(module, config) is None:
+    config = _text_config(getattr(module, "config", None))
+    path = _blocks(module, config)
+    if path is None:
         return "no ModuleList as long as the config's num_hidden_layers"
+    kinds = {tuple(n for n, _ in b.named_children()) for b in module.get_submodule(path)}
+    if len(kinds) > 1:
+        return (f"its blocks differ ({' / '.join(', '.join(k) for k in sorted(kinds))}): a "
+                "hybrid model (linear-attention or recurrent layers beside attention layers) "
+                "has no single attention path, so attention and head sites cannot be mapped")
     embed, unembed = _io(module, {id(m): n for n, m in module.named_modules()})
     if embed is None or unembed is None:
         return "no input or output embedding module"
