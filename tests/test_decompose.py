@@ -207,20 +207,20 @@ def test_a_position_past_the_prompt_is_refused(demo):
         ii.decompose(demo, PROMPT, ii.logit_diff("Mary", "John"), position=99)
 
 
-class OnePlusRMSNorm(nn.Module):
-    """Gemma's norm: weight applied as (1 + w); decompose's RMSNorm algebra does not match."""
+class MaxNorm(nn.Module):
+    """A norm none of the final-norm forms describes (it divides by the largest entry)."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.full((width,), 0.5)), 1e-6
+        self.weight = nn.Parameter(torch.full((width,), 0.5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x / (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt() * (1 + self.weight)
+        return x / x.abs().amax(-1, keepdim=True) * self.weight
 
 
 def test_a_final_norm_it_cannot_freeze_is_refused_not_misread(demo):
     module = tiny_model("llama", len(demo.tokenizer))
-    module.model.norm = OnePlusRMSNorm(32)
+    module.model.norm = MaxNorm(32)
     with pytest.raises(InputError, match="final norm"):
         ii.decompose(ii.wrap(module, demo.tokenizer), PROMPT, ii.logit_diff("Mary", "John"))
 

@@ -44,13 +44,13 @@ def test_prompt_counts_must_match(unchanged):
         ii.patch_sweep(unchanged, [PROMPT, PROMPT], CORRUPT, METRIC)
 
 
-def test_unknown_architecture_lists_supported_and_takes_paths_by_hand(demo):
+def test_an_unknown_family_is_discovered_or_taken_by_hand_and_sweeps_as_its_twin(demo):
+    """A family the table lacks is mapped from its module tree (refusals of trees discovery
+    cannot read: tests/test_families_maps.py); a hand map gives the same sweep."""
     module = tiny_model("gpt2", len(demo.tokenizer))
     module.config.model_type = "mystery"
     model = ii.wrap(module, demo.tokenizer)
-    with pytest.raises(SiteError, match="do not know the architecture 'mystery'; supported: "
-                                        "gpt2, gpt_neox, llama.*adapter=ii.Adapter"):
-        ii.patch_sweep(model, PROMPT, CORRUPT, METRIC)
+    discovered = ii.patch_sweep(model, PROMPT, CORRUPT, METRIC, site="mlp_out")
     by_hand = ii.Adapter("mine", blocks="transformer.h", final_norm="transformer.ln_f",
                          unembed="lm_head", embed="transformer.wte", attn="attn", mlp="mlp",
                          mid_norm="ln_2", head_proj="attn.c_proj", n_heads=4)
@@ -58,6 +58,7 @@ def test_unknown_architecture_lists_supported_and_takes_paths_by_hand(demo):
     module.config.model_type = "gpt2"
     expected = ii.patch_sweep(model, PROMPT, CORRUPT, METRIC, site="mlp_out")
     torch.testing.assert_close(result.raw, expected.raw)
+    torch.testing.assert_close(discovered.raw, expected.raw)
 
 
 def test_resid_mid_on_a_parallel_residual_model(demo):
