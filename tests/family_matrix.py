@@ -240,10 +240,14 @@ def cell_decompose(model):
                 f"total and actual, prompt {i}")
 
 
+def _block0(model):
+    """(envoy path, module) of the first block, found without the architecture table."""
+    path = blocks_of(model.module)
+    return f"{path}[0]", nn.Module.get_submodule(model.module, path + ".0")
+
+
 def _attached(model, fn):
-    adapter = ii.adapter_for(model)
-    target = adapter.block(model.module, 0)
-    path = f"{adapter.blocks}[0]"
+    path, target = _block0(model)
     sae = o.TinySAE(model.module.config.hidden_size)
     ii.attach(model, path, sae)
     try:
@@ -259,8 +263,7 @@ def cell_latent_splice(model):
                           o.ids(o.CLEAN))
         return result.names["lat"], result.output
     lat, logits = _attached(model, run)
-    adapter = ii.adapter_for(model)
-    target = adapter.block(model.module, 0)
+    _, target = _block0(model)
     sae = o.TinySAE(model.module.config.hidden_size)
 
     def edit(x):
@@ -275,9 +278,8 @@ def cell_latent_splice(model):
 def cell_latent_sweep(model):
     picked = [1, 5, 11]
     got = _attached(model, lambda m, *_: _sweep(m, "sae", latents=picked)).per_prompt
-    adapter = ii.adapter_for(model)
     sae = o.TinySAE(model.module.config.hidden_size)
-    want = o.latent_sweep(model.module, adapter.block(model.module, 0), sae, picked)
+    want = o.latent_sweep(model.module, _block0(model)[1], sae, picked)
     o.close(got.reshape(want.shape), want, "latent sweep [latent, pos, prompt]")
     _nontrivial(want, "latent sweep")
 
