@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # The whole tour, in the README's order, as one offline page
 TOUR := quickstart ioi_activation_patching ioi_circuit attribution_patching causal_tracing \
-        generation_steering logit_lens circuit_discovery feature_circuits edits
+        generation_steering logit_lens circuit_discovery feature_circuits attribution_graph edits
 
 demo: $(STAMP)
 	@$(BIN)/python -m ipy_intervene.report $(TOUR:%=examples/%.ipynb) --out build/demo.html

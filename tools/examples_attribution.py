@@ -1,0 +1,85 @@
+"""The cells of examples/attribution_graph.ipynb: `python tools/examples_attribution.py
+[--execute]` writes it (and runs it in place, as tools/make_examples.py does its notebooks)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import nbformat as nbf
+
+md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
+CHECK = {"tags": ["nbval-check-output"]}
+PATH = Path(__file__).resolve().parent.parent / "examples" / "attribution_graph.ipynb"
+
+
+def attribution_graph() -> list:
+    return [
+        md("# Attribution graphs: from a prompt to the features that produce its answer\n\n"
+           "Circuit tracing (Ameisen et al. 2025): each MLP of the demo model is replaced by a "
+           "transcoder shipped with the package (`python -m ipy_intervene.demo.transcoder_train`"
+           ", 512 latents per layer), attention patterns and norm scales are frozen at their "
+           "values on the prompt, and the model becomes linear in its features. Every active "
+           "feature, every error node (what a transcoder misses) and every token then has an "
+           "exact direct effect on every later feature and on the answer."),
+        code('import torch\nimport ipy_intervene as ii\n\nmodel = ii.load_model("demo")\n'
+             'tcs = ii.load_transcoders("demo")\n'
+             'clean = "When Mary and John went to the store , John gave a drink to"\n'
+             'mary, john = model.token_id("Mary"), model.token_id("John")'),
+        md("## The IOI answer\n\nThe target is the logit difference Mary - John. The graph "
+           "adds up: each node's input is its bias plus its incoming edges, to float "
+           "rounding (`exactness`). The replacement score is the share of the influence that "
+           "reaches the tokens through features rather than error nodes."),
+        code('g = ii.attribution_graph(model, clean, tcs, target=ii.logit_diff("Mary", "John"))'
+             '\nprint(g)\nprint("exact to", g.exactness() < 1e-4)', metadata=CHECK),
+        md("Pruned by influence (80% of the nodes' influence, 98% of the edges'), the "
+           "strongest paths from the tokens to the answer, and the graph view: tokens along "
+           "the bottom, layers going up, the answer on top; hover a node for its top "
+           "activating tokens over a few prompts."),
+        code('from ipy_intervene.circuit.graph_examples import top_activations\n\n'
+             'pruned = g.prune()\nprint(pruned)\n'
+             'for score, path in pruned.top_paths(3):\n'
+             '    print(round(score, 3), " -> ".join(path))'),
+        code('prompts = [clean, "When Tom and Lucy went to the park , Lucy gave a book to",\n'
+             '           "The Thuzor Quenosk Fountain is in the city of"]\n'
+             'feats = [n for n in pruned.kept if n.startswith("f")]\n'
+             'tops = top_activations(g, prompts, k=3, nodes=feats)\n'
+             'g.show(top_tokens=tops, groups={"S2 \'John\' features": [n for n in feats '
+             'if n.split(".")[1] == "10"][:4]}, max_edges=200)'),
+        md("## An intervention that flips the answer\n\nZero the 40 features that push "
+           "Mary hardest and make the 5 that push John five times stronger. The graph's "
+           "prediction equals the frozen model's; the unfrozen model (attention and norms "
+           "live, each transcoder's real nonlinearity) is shown beside it: the difference is "
+           "the method's approximation."),
+        code('row = g.adjacency[g.nodes.index("logit:diff"), :len(g.nodes.features)]\n'
+             'edits = {g.ids[i]: 0 for i in row.argsort(descending=True)[:40].tolist()}\n'
+             'edits.update({g.ids[i]: ("scale", 5.0) for i in row.argsort()[:5].tolist()})\n'
+             'r = g.intervene(edits)\n'
+             'print(f"predicted {float(r.predicted[0]):+.2f}, frozen {float(r.frozen[0]):+.2f},'
+             ' unfrozen {float(r.unfrozen[0]):+.2f}")\n'
+             'print("before:", r.top_before[0][0], " after:", r.top_after[0][0])',
+             metadata=CHECK),
+        md("## A factual-recall answer\n\nWith no target, the output nodes are the logits "
+           "that cover 95% of the next-token probability."),
+        code('fact = ii.attribution_graph(model, "The Thuzor Quenosk Fountain is in the city '
+             'of", tcs)\nprint(fact)\nprint(fact.nodes.logits, fact.incoming(fact.ids[-1], 5))'),
+        code('fact.show(max_edges=150)'),
+    ]
+
+
+def main() -> None:
+    os.environ["IPY_INTERVENE_PLOTLYJS"] = "none"
+    nb = nbf.v4.new_notebook(cells=attribution_graph())
+    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python",
+                                 "name": "python3"}
+    nbf.write(nb, PATH)
+    if "--execute" in sys.argv:
+        from ipy_intervene.report import execute
+
+        nbf.write(execute(PATH), PATH)
+    print("wrote", PATH)
+
+
+if __name__ == "__main__":
+    main()
