@@ -338,6 +338,9 @@ def outcome(family: str, impl: str, method: str) -> Outcome:
         model.module.set_attn_implementation(impl)
     except (ValueError, ImportError) as error:
         return Outcome("skipped", f"no {impl} attention ({str(error)[:60]})")
+    if model.module.config._attn_implementation != impl:      # GPT-Neo keeps its own
+        return Outcome("skipped", f"no {impl} attention (the family keeps "
+                                  f"{model.module.config._attn_implementation!r})")
     try:
         METHODS[method](model)
     except AssertionError as error:
