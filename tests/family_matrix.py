@@ -301,6 +301,14 @@ def cell_path_patch(model):
     _nontrivial(want, "path patching")
 
 
+def cell_path_query(model):
+    got = ii.path_patch(model, o.ids(o.CLEAN), o.ids(o.CORRUPT), ii.logit_diff(o.GOOD, o.BAD),
+                        receivers=[(1, 0)], receiver_input="q").per_prompt
+    want = o.path_to_query(model.module, ii.adapter_for(model), (1, 0))
+    o.close(got, want, "path patching to L1H0's query [layer, head, prompt]")
+    _nontrivial(want, "path patching to a query")
+
+
 METHODS = {
     "trace": cell_trace,
     "resid_pre": cell_module_sweep("resid_pre"),
@@ -316,7 +324,8 @@ METHODS = {
     "latent splice": cell_latent_splice,
     "latent sweep": cell_latent_sweep,
     "EAP": cell_eap,
-    "path patching": cell_path_patch,
+    "path to logits": cell_path_patch,
+    "path to q": cell_path_query,
 }
 
 

@@ -369,3 +369,39 @@ def path_to_logits(module, adapter):
                 pre = [(p, lambda x, l=l: frozen(x, l)) for l, p in enumerate(projs)]
                 out[layer, h, i] = metric(logits_alone(module, clean, pre=pre))[0]
     return out
+
+
+@torch.no_grad()
+def path_to_query(module, adapter, receiver=(1, 0)):
+    """[layer, head, prompt]: path patching to one receiver head's query. Run 1: the clean
+    prompt, the sender's slice of the out-projection's input from the corrupted run, every
+    other head's frozen at the clean run; the receiver's ``q`` (as attention reads it) kept.
+    Run 2: the clean prompt with only that query replaced: the metric."""
+    heads, (r_layer, r_head) = adapter.n_heads, receiver
+    out = torch.zeros(adapter.n_layers, heads, len(CLEAN))
+    projs = [site_module(module, adapter, "head_out", l) for l in range(adapter.n_layers)]
+    for i, (clean, corrupt) in enumerate(zip(CLEAN, CORRUPT)):
+        z_clean = record(module, adapter, "head_out", clean)
+        z_corrupt = record(module, adapter, "head_out", corrupt)
+        for layer in range(adapter.n_layers):
+            d = z_clean[layer].shape[-1] // heads
+            for h in range(heads):
+                def frozen(x, l, layer=layer, h=h):
+                    x = z_clean[l].clone()
+                    if l == layer:
+                        x[..., h * d:(h + 1) * d] = z_corrupt[l][..., h * d:(h + 1) * d]
+                    return x
+                seen = {}
+                with hooked(pre=[(p, lambda x, l=l: frozen(x, l)) for l, p in enumerate(projs)]):
+                    with by_hand(module, seen):
+                        module(input_ids=torch.tensor([clean]))
+                query = seen[r_layer]["q"][:, r_head].clone()
+
+                def patch(l, what, x, query=query):
+                    if l != r_layer or what != "q":
+                        return x
+                    x = x.clone()
+                    x[:, r_head] = query
+                    return x
+                out[layer, h, i] = metric(logits_by_hand(module, clean, patch)[0])[0]
+    return out
