@@ -69,10 +69,15 @@ def checksum(module: torch.nn.Module) -> float:
 
 
 def hook_count(module: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-               + len(m._backward_pre_hooks)
-               + len(getattr(m, "_forward_hooks_with_kwargs", {}))
-               + ("forward" in m.__dict__)
+    """Hooks on ``module``'s tree and patched forwards, not counting transformers' own output
+    capturing hooks (transformers 5 installs them for good on the first forward asked for
+    hidden states or attentions, e.g. by a pipeline or ``generate``)."""
+    def ours(table: dict) -> int:
+        return sum(not getattr(fn, "__module__", "").startswith("transformers.")
+                   for fn in table.values())
+
+    return sum(ours(m._forward_hooks) + ours(m._forward_pre_hooks) + len(m._backward_hooks)
+               + len(m._backward_pre_hooks) + ("forward" in m.__dict__)
                for m in module.modules())
 
 

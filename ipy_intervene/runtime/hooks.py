@@ -54,6 +54,7 @@ class TraceHooks:
 
         def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
             __tracebackhide__ = True
+            sched.check_served()
             if is_root:
                 sched.new_step()
             sched.fired[(PRE, key)] = sched.step
@@ -63,6 +64,7 @@ class TraceHooks:
             if sched.wanted(PRE, key):
                 sched.serve(holder, PRE, key)
             holder.settle()
+            sched.settled()
             self._stop_if_asked()
             return (holder.args, holder.kwargs) if holder.changed else None
 
@@ -73,6 +75,7 @@ class TraceHooks:
 
         def out_hook(mod: nn.Module, args: tuple, output: Any) -> Any:
             __tracebackhide__ = True
+            sched.check_served()
             sched.fired[(OUT, key)] = sched.step
             holder = Output(output, is_root)
             if key in sched.skips:  # skipped through an alias: the module ran, its output goes
@@ -82,6 +85,7 @@ class TraceHooks:
             if sched.wanted(OUT, key) or (is_root and sched.wants_logits()):
                 sched.serve(holder, OUT, key)
             holder.settle()
+            sched.settled()
             self._stop_if_asked()
             return holder.value if holder.changed else None
 

@@ -316,6 +316,7 @@ def _interleave(run: TraceRun, cell: CompiledCell, ns: dict, line_input: Any, pl
     run.order_appends()
     for names in own:  # each invoke's own names, in invoke order: the last one's stay
         ns.update(names)
+    run.sched.check_published(ns)
     if cell.after is not None:
         exec(cell.after, ns)
     return run.sched.final_output, batch

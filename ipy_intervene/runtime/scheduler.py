@@ -90,6 +90,8 @@ class Scheduler:
         self.skips: dict[int, list] = {}
         self.stop_line: int | None = None
         self.enter: Callable[[Invoke], None] | None = None  # called before an invoke resumes
+        self.served: list[list[Any]] = []  # [tensor, its version after the cell's turn, req]
+        self.changed: list[tuple[torch.Tensor, Any]] = []  # served, then changed by the model
 
     # -- invokes ---------------------------------------------------------------------------
 
@@ -228,6 +230,9 @@ class Scheduler:
         except InterventionError as exc:  # raised where the cell asked
             inv.pending = self._resume(inv, None, exc.at_line(req.line))
             return
+        if (req.kind == "site" and req.access == "read" and isinstance(answer, torch.Tensor)
+                and not answer.is_inference()):
+            self.served.append([answer, answer._version, req])
         inv.last = req if req.kind == "site" else inv.last
         inv.waited = req if req.kind == "names" else None
         inv.pending = self._resume(inv, answer)
@@ -250,6 +255,37 @@ class Scheduler:
         result = inv.glet.throw(error) if error is not None else inv.glet.switch(value)
         return None if result is DONE or inv.glet.dead else result  # dead: GreenletExit
 
+    # -- values the model changes in place after a read ------------------------------------
+
+    def settled(self) -> None:
+        """After a hook's turns and their writes: what the cell holds now is what it read."""
+        for entry in self.served:
+            entry[1] = entry[0]._version
+
+    def check_served(self) -> None:
+        """Note each value the cell read that the model has since changed in place (Falcon's
+        parallel block adds attention's output into the MLP's output tensor)."""
+        if any(tensor._version != version for tensor, version, _ in self.served):
+            self.changed += [(t, req) for t, version, req in self.served if t._version != version]
+            self.served = [entry for entry in self.served if entry[0]._version == entry[1]]
+
+    def check_published(self, ns: dict[str, Any]) -> None:
+        """A name that holds a value the model changed in place after the cell read it
+        would be published wrong: an error at the line that read it (``.clone()`` there
+        keeps the value)."""
+        if not self.changed:
+            return
+        storages = {t.untyped_storage().data_ptr(): req for t, req in self.changed
+                    if t.untyped_storage().nbytes()}
+        for name, value in ns.items():
+            for tensor in _tensors(value):
+                req = storages.get(tensor.untyped_storage().data_ptr())
+                if req is not None:
+                    raise SiteError(
+                        f"`{name}` holds `{req.label}` as this line read it, but the model "
+                        "changed that tensor in place afterwards, so it no longer holds the "
+                        f"site's value. Read `{req.label}.clone()` to keep it", line=req.line)
+
     # -- after the forward -------------------------------------------------------------------
 
     def finish(self, output: Any) -> None:
@@ -259,6 +295,7 @@ class Scheduler:
         self.final_output = output if self.generate is not None else getattr(output, "logits",
                                                                              output)
         self.loss = getattr(output, "loss", None) if self.generate is None else None
+        self.check_served()
         self.serve(None, None, None)
         for inv in self.invokes:
             tries = 0
@@ -311,3 +348,14 @@ def _runner(body: Callable[[], Any]) -> Callable[..., Any]:
         return DONE
 
     return run
+
+
+def _tensors(value: Any, depth: int = 2) -> list[torch.Tensor]:
+    """The tensors ``value`` is or holds (in lists, tuples and dicts, ``depth`` levels)."""
+    if isinstance(value, torch.Tensor):
+        return [] if value.is_inference() or value.layout != torch.strided else [value]
+    if depth and isinstance(value, (list, tuple)):
+        return [t for item in value[:10_000] for t in _tensors(item, depth - 1)]
+    if depth and isinstance(value, dict):
+        return [t for item in list(value.values())[:10_000] for t in _tensors(item, depth - 1)]
+    return []
