@@ -382,7 +382,7 @@ def _short(reason: str, family: str) -> str:
         text = text.split(stop, 1)[0]
     text = re.sub(r"\s*\([^()]*\d[^()]*\)", "", text)
     text = re.sub(rf"'?\b{re.escape(FAMILIES[family][0])}\b'?", "⟨family⟩", text)
-    return text if len(text) <= 160 else text[:text.rfind(" ", 0, 160)] + " …"
+    return text if len(text) <= 200 else text[:text.rfind(" ", 0, 200)] + " …"
 
 
 def _mark(outcomes: dict[str, Outcome], family: str, notes: dict[str, int]) -> str:

@@ -344,9 +344,9 @@ def _where(model: Model, adapter: Adapter, site: str, layer: int | None) -> tupl
         point = attention.point(attn, site)
         if point is None:
             raise SiteError(f"the {adapter.name} family's attention ({type(attn).__name__}) "
-                            "does not go through transformers' attention interface, so its "
-                            f"`{site}` cannot be read; its heads' outputs can (`head_out`: "
-                            "the out-projection's input)")
+                            "does not go through transformers' attention interface, where the "
+                            f"q, k, v and pattern sites live; so `{site}` cannot be read here. "
+                            "Its heads' outputs can: `head_out` (the out-projection's input)")
         return point, False
     kind = MODULE_SITES[site]
     return adapter.module(root, site, layer), kind.where in ("block_in", "module_in")

@@ -115,9 +115,9 @@ def attention_point(module: nn.Module, adapter: Adapter, layer: int, name: str) 
     point = attention.point(attn, name)
     if point is None:
         raise SiteError(f"the {adapter.name} family's attention ({type(attn).__name__}) does "
-                        "not go through transformers' attention interface, so it has no "
-                        f"`{name}` site (q, k, v and pattern live there); sweep its heads' "
-                        "outputs instead: site='head_out'")
+                        "not go through transformers' attention interface, where the q, k, v "
+                        f"and pattern sites live; so `{name}` does not exist here. Its heads' "
+                        "outputs do: site='head_out'")
     return point
 
 
