@@ -1,6 +1,6 @@
 """The attribution graph, checked exactly against the frozen replacement model written by
-hand with plain PyTorch hooks (no ipy_intervene code in the oracle), on GPT-2- and
-Llama-shaped random models with random ReLU transcoders and on the demo model, for prompts
+hand with plain PyTorch hooks (no ipy_intervene code in the oracle), on GPT-2-, Llama-,
+Gemma-2- and Granite-shaped random models with random ReLU transcoders and on the demo model, for prompts
 of several lengths:
 
 (a) every target's input (pre-activation, logit) = its bias + the sum of its incoming edges;
@@ -97,7 +97,8 @@ class Oracle:
                 h.remove()
         self.patterns = [a.detach() for a in out.attentions]
         self.logits = out.logits[0, -1]              # the model's (after any soft-cap)
-        self.unembedded = seen["head"].detach()     # the unembedding's output
+        self.scale = logit_scale(hf)
+        self.unembedded = seen["head"].detach() * self.scale  # the logits before any cap
         self.scales = {}
         for norm, kind in self.norms:
             x = seen[norm].double()
@@ -152,7 +153,7 @@ class Oracle:
                     m.config._attn_implementation = ORACLE_KEY
         try:
             self.hf(input_ids=self.ids)
-            logits = seen_logits[0][0, -1]  # the unembedding's output (before any soft-cap)
+            logits = seen_logits[0][0, -1] * self.scale  # before any soft-cap
         finally:
             for m in self.hf.modules():
                 if hasattr(m, "config"):
@@ -214,6 +215,11 @@ class Oracle:
         return float(logits[good] - (logits.mean() if bad is None else logits[bad]))
 
 
+def logit_scale(hf) -> float:
+    """What the model multiplies the unembedding's output by, by hand (Granite divides)."""
+    return 1 / hf.config.logits_scaling if hf.config.model_type == "granite" else 1.0
+
+
 def _eps(norm) -> float:
     return norm.eps if hasattr(norm, "eps") else norm.variance_epsilon
 
@@ -256,14 +262,29 @@ def tiny_gemma2(vocab: int):
                        bos_token_id=0, eos_token_id=0, pad_token_id=1)
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama", "gemma2", "demo", "shipped"])
+def tiny_granite(vocab: int):
+    """Granite with every multiplier away from 1: the embedding's, the residual's, the
+    attention's and the logits' (divided by logits_scaling)."""
+    from tests.conftest import tiny_family
+
+    return tiny_family("granite", vocab, hidden_size=32, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                       max_position_embeddings=64, embedding_multiplier=2.0,
+                       residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=4.0,
+                       bos_token_id=0, eos_token_id=0, pad_token_id=1)
+
+
+TINY = {"gemma2": tiny_gemma2, "granite": tiny_granite}
+
+
+@pytest.fixture(scope="module",
+                params=["gpt2", "llama", "gemma2", "granite", "demo", "shipped"])
 def setup(request, demo):
     if request.param == "demo":
         return "demo", demo, random_transcoders(4, 128, seed=3)
     if request.param == "shipped":  # the demo model with the transcoders it ships
         return "shipped", demo, ii.load_transcoders("demo")
-    make = tiny_gemma2 if request.param == "gemma2" else \
-        lambda vocab: tiny_model(request.param, vocab)
+    make = TINY.get(request.param, lambda vocab: tiny_model(request.param, vocab))
     hf = scrambled_norms(make(len(demo.tokenizer))).double()
     model = ii.wrap(hf, demo.tokenizer)
     return request.param, model, random_transcoders(3, 32, seed=3, dtype=torch.float64)
@@ -347,17 +368,24 @@ def test_predicted_ablation_is_the_frozen_models_and_the_unfrozen_is_reported(se
             assert close(float(r.predicted[k]), frozen, model), (name, node)
             assert close(float(r.frozen[k]), frozen, model), (name, node)
         # the unfrozen replacement model (attention and norms live), by hand
-        live = _unfrozen_oracle(oracle, n.key(node))
+        live, raw = _unfrozen_oracle(oracle, n.key(node))
         assert torch.allclose(r.after.double(), live.double(), rtol=1e-5, atol=1e-4), node
         assert torch.allclose(r.before.double(), oracle.logits.double(), rtol=1e-5, atol=1e-4)
-        assert r.unfrozen.shape == r.predicted.shape and "unfrozen" in repr(r)
+        for k, (good, bad) in enumerate(n.vectors):  # in the output nodes' units (pre-cap)
+            def node_value(x):
+                return float(x[good] - (x.mean() if bad is None else x[bad]))
+            change = node_value(raw) - node_value(oracle.unembedded)
+            assert close(float(r.unfrozen[k]), change, model), (name, node)
+        assert "unfrozen" in repr(r)
 
 
 @torch.no_grad()
-def _unfrozen_oracle(oracle: Oracle, key) -> torch.Tensor:
+def _unfrozen_oracle(oracle: Oracle, key) -> tuple[torch.Tensor, torch.Tensor]:
     """The model with each MLP replaced by relu(x W_enc + b_enc) W_dec + b_dec + recorded
-    error, one latent zeroed; attention and norms live."""
-    handles = []
+    error, one latent zeroed; attention and norms live: its last-position logits and the
+    unembedding's output there times the logit scale (before any soft-cap)."""
+    head: list = []
+    handles = [oracle.head.register_forward_hook(lambda m, a, o: head.append(o[0, -1]))]
     for i, (inner, outer) in enumerate(oracle.mlps):
         tc, box = oracle.tcs[i], []
         handles.append(inner.register_forward_hook(lambda m, a, o, box=box: box.append(a[0])))
@@ -369,7 +397,7 @@ def _unfrozen_oracle(oracle: Oracle, key) -> torch.Tensor:
             return (a @ tc.W_dec + tc.b_dec + oracle.errors[i])[None]
         handles.append(outer.register_forward_hook(hook))
     try:
-        return oracle.hf(input_ids=oracle.ids).logits[0, -1]
+        return oracle.hf(input_ids=oracle.ids).logits[0, -1], head[0] * oracle.scale
     finally:
         for h in handles:
             h.remove()

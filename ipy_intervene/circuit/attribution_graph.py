@@ -14,7 +14,7 @@ Nodes, in this order: features ``f{layer}.{pos}.{latent}`` (sorted by layer, pos
 latent), errors ``e{layer}.{pos}`` (what the transcoder misses there), token embeddings
 ``t{pos}`` (the residual stream entering block 0: token and position embeddings), logits
 ``logit:{token id}`` (logit minus the mean logit over the vocabulary: softmax's invariant
-part removed, before any final soft-cap) or ``logit:diff`` for an ``ii.logit_diff`` target.
+part removed; the family's logit scale applied, before any final soft-cap) or ``logit:diff`` for an ``ii.logit_diff`` target.
 ``adjacency[t, s]`` is the direct effect of ``s`` on the input of ``t`` (a feature's encoder
 pre-activation, a logit's value): a feature's ``activation * (decoder row . gradient)``.
 
@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from ipy_intervene.arch.sites import Adapter, adapter_for, get_path
 from ipy_intervene.circuit.graph_prune import influence_from_rows
 from ipy_intervene.circuit.graph_result import AttributionGraph, Nodes
-from ipy_intervene.circuit.replacement import Recording, frozen, record, wide_dtype
+from ipy_intervene.circuit.replacement import (Recording, frozen, record, unembedded,
+                                               wide_dtype)
 from ipy_intervene.errors import InputError
 from ipy_intervene.features.transcoders import check_transcoders
 from ipy_intervene.infra.hooks import entry_point
@@ -292,9 +293,7 @@ class _RowsOf:
 
 
 def _logit_value(builder: _Builder, final: torch.Tensor, index: int) -> torch.Tensor:
-    unembed = get_path(builder.module, builder.adapter.unembed)
-    logits = unembed(final)
-    logits = logits.to(wide_dtype(logits))
+    logits = unembedded(builder.module, builder.adapter, final)
     good, bad = builder.nodes.vectors[index]
     return logits[good] - (logits.mean() if bad is None else logits[bad])
 

@@ -26,7 +26,7 @@ import torch
 
 from ipy_intervene.arch.sites import Adapter, get_path
 from ipy_intervene.circuit.replacement import (Recording, frozen, mlp_module, mlp_out_module,
-                                               replace_mlp, wide_dtype)
+                                               replace_mlp, unembedded)
 from ipy_intervene.errors import InputError
 from ipy_intervene.infra.hooks import HookSession, input_key, replace_input
 
@@ -97,7 +97,6 @@ def frozen_values(module: Any, adapter: Adapter, rec: Recording, tcs: dict, node
 @torch.no_grad()
 def _read(module: Any, adapter: Adapter, tcs: dict, nodes: Any, targets: list[tuple],
           inputs: dict[int, torch.Tensor], final: torch.Tensor) -> torch.Tensor:
-    unembed = get_path(module, adapter.unembed)
     out = []
     for kind, index in targets:
         if kind == "feature":
@@ -106,8 +105,7 @@ def _read(module: Any, adapter: Adapter, tcs: dict, nodes: Any, targets: list[tu
             out.append(float(inputs[layer][0, pos].to(tc.W_enc.dtype) @ tc.W_enc[:, latent]
                              + tc.b_enc[latent]))
         else:
-            logits = unembed(final[0, -1])
-            out.append(float(_logit(logits.to(wide_dtype(logits)), nodes, index)))
+            out.append(float(_logit(unembedded(module, adapter, final[0, -1]), nodes, index)))
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -157,40 +155,83 @@ def predicted(graph: Any, edits: Edits) -> torch.Tensor:
     return (adj @ x)[graph.target_rows]
 
 
-def unfrozen_logits(graph: Any, edits: Edits, errors: str = "frozen") -> torch.Tensor:
+def unfrozen_logits(graph: Any, edits: Edits, errors: str = "frozen"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The last-position logits of the model with attention and norms live, each MLP
     replaced by its transcoder (real nonlinearity) plus the recorded error (``"frozen"``),
-    or the model's own MLP plus the change the edits make to the decoder's output
-    (``"live"``)."""
-    if errors not in ("frozen", "live"):
-        raise InputError(f"errors={errors!r}: expected 'frozen' or 'live'")
+    or the model's own MLP plus the change the edits make to the decoder's output and to
+    the error (``"live"``): the model's logits, and the logits the output nodes read (before
+    any soft-cap, :func:`~ipy_intervene.circuit.replacement.unembedded`)."""
+    check_errors(errors)
     ctx = graph._context
     module, adapter, rec, tcs = ctx["model"].module, ctx["adapter"], ctx["rec"], \
         ctx["transcoders"]
+    at = lambda pos: (torch.tensor([0]), torch.tensor([pos]))  # noqa: E731 - one prompt
+    seen: dict[str, Any] = {}
     with torch.no_grad(), HookSession() as session:
         for layer, tc in tcs.items():
             err = rec.mlp_out[layer] - tc.decode(ctx["acts"][layer])
-            _unfrozen_mlp(session, module, adapter, layer, tc, err, edits, errors)
+            _unfrozen_mlp(session, module, adapter, layer, MlpEdit(tc, layer, err, edits, at,
+                                                                   errors))
         if any(key[0] == "t" for key in edits):
-            session.pre(adapter.block(module, 0), _scale_tokens(edits))
+            session.pre(adapter.block(module, 0), _scale_tokens(edits, at))
+        session.pre(get_path(module, adapter.unembed), _keep_final(seen))
         out = module(input_ids=rec.input_ids)
+        raw = unembedded(module, adapter, seen["final"][0, -1])
     logits = out.logits if hasattr(out, "logits") else out[0]
-    return logits[0, -1].detach()
+    return logits[0, -1].detach(), raw.detach()
 
 
-def _unfrozen_mlp(session: HookSession, module: Any, adapter: Adapter, layer: int, tc: Any,
-                  err: torch.Tensor, edits: Edits, errors: str) -> None:
-    """What the MLP adds: ``decode(edited latents) + err`` (``"frozen"``), or the model's own
-    output plus ``decode(edited) - decode(latents)`` (``"live"``); latents from its input."""
-    def latents(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a = tc.encode(x[0].to(tc.W_enc.dtype))
-        return a, _edit_features(a.clone(), a, layer, edits)
+def check_errors(errors: str) -> None:
+    if errors not in ("frozen", "live"):
+        raise InputError(f"errors={errors!r}: expected 'frozen' (each MLP replaced by its "
+                         "transcoder plus the error recorded on the graph's prompt) or 'live' "
+                         "(each MLP's own output plus the change the edits make)")
 
-    if errors == "frozen":
-        def replaced(layer_: int, x: torch.Tensor) -> torch.Tensor:
-            a2 = latents(x)[1]
-            return (tc.decode(a2) + _edit_errors(err, layer, edits)).to(x.dtype)[None]
-        replace_mlp(session, module, adapter, layer, replaced, None)
+
+class MlpEdit:
+    """What one MLP adds once the edits are made, for a batch ``[B, T, d]``: ``"frozen"``:
+    ``decode(edited latents) + edited recorded error`` (the rows are the graph's prompt);
+    ``"live"``: the MLP's own output ``out`` plus ``decode(edited) - decode(latents)`` plus
+    ``(c - 1) * (out - decode(latents))`` where an error node is scaled by ``c``. ``at(pos)``
+    gives the ``(rows, positions)`` of the graph's position ``pos`` in the batch."""
+
+    def __init__(self, tc: Any, layer: int, err: torch.Tensor, edits: Edits,
+                 at: Callable[[int], tuple[torch.Tensor, torch.Tensor]], errors: str) -> None:
+        self.tc, self.layer, self.err, self.at, self.errors = tc, layer, err, at, errors
+        self.edits = {k: v for k, v in edits.items() if k[0] in "fe" and k[1] == layer}
+
+    @property
+    def needed(self) -> bool:
+        """Whether the MLP's output changes (always under frozen errors)."""
+        return self.errors == "frozen" or bool(self.edits)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        tc = self.tc
+        a = tc.encode(x.to(tc.W_enc.dtype))
+        a2 = a.clone()
+        for key, (how, value) in self.edits.items():
+            if key[0] == "f":
+                rows, pos = self.at(key[2])
+                a2[rows, pos, key[3]] = value if how == "set" else a[rows, pos, key[3]] * value
+        if self.errors == "frozen":
+            return (tc.decode(a2) + _edit_errors(self.err, self.layer, self.edits)).to(x.dtype)
+        decoded = tc.decode(a)
+        change = tc.decode(a2) - decoded
+        for key, (_, c) in self.edits.items():
+            if key[0] == "e":
+                rows, pos = self.at(key[2])
+                change[rows, pos] += (c - 1) * (out[rows, pos].to(change.dtype)
+                                                - decoded[rows, pos])
+        return out + change.to(out.dtype)
+
+
+def _unfrozen_mlp(session: HookSession, module: Any, adapter: Adapter, layer: int,
+                  edit: MlpEdit) -> None:
+    if edit.errors == "frozen":
+        replace_mlp(session, module, adapter, layer, lambda _, x: edit(x, None), None)
+        return
+    if not edit.needed:
         return
     box: list[torch.Tensor] = []
     session.pre(mlp_module(module, adapter, layer),
@@ -198,19 +239,102 @@ def _unfrozen_mlp(session: HookSession, module: Any, adapter: Adapter, layer: in
                                                    kwargs[input_key(args, kwargs)]))
 
     def add_change(m: Any, args: tuple, output: Any) -> Any:
-        a, a2 = latents(box.pop())
         first = output[0] if isinstance(output, tuple) else output
-        new = first + (tc.decode(a2) - tc.decode(a)).to(first.dtype)[None]
+        new = edit(box.pop(), first)
         return (new, *output[1:]) if isinstance(output, tuple) else new
     session.post(mlp_out_module(module, adapter, layer), add_change)
 
 
-def _scale_tokens(edits: Edits) -> Callable:
+def scale_tokens(x: torch.Tensor, edits: Edits, at: Callable) -> torch.Tensor:
+    """Block 0's input ``x [B, T, d]`` with the edited token nodes scaled."""
+    x = x.clone()
+    for key, (_, c) in edits.items():
+        if key[0] == "t":
+            rows, pos = at(key[1])
+            x[rows, pos] *= c
+    return x
+
+
+def _scale_tokens(edits: Edits, at: Callable) -> Callable:
     def hook(block: Any, args: tuple, kwargs: dict) -> Any:
         key = input_key(args, kwargs)
-        x = (args[0] if key == 0 else kwargs[key]).clone()
-        for k, (_, c) in edits.items():
-            if k[0] == "t":
-                x[:, k[1]] *= c
-        return replace_input(args, kwargs, key, x)
+        x = args[0] if key == 0 else kwargs[key]
+        return replace_input(args, kwargs, key, scale_tokens(x, edits, at))
     return hook
+
+
+def _keep_final(seen: dict[str, Any]) -> Callable:
+    def hook(unembed: Any, args: tuple, kwargs: dict) -> None:
+        key = input_key(args, kwargs)
+        seen.setdefault("final", args[0] if key == 0 else kwargs[key])
+    return hook
+
+
+# -- in a %%trace cell ------------------------------------------------------------------------
+
+def apply_in_trace(graph: Any, model: Any, edits: Edits, errors: str, align: str) -> None:
+    """Make ``edits`` in the running trace through its envoys (``model``: the cell's model):
+    block 0's input for token nodes, then each MLP's input read and its output written, in
+    forward order. Rows of other prompts take the graph's positions counted from their first
+    token (``align="start"``) or from their last (``"end"``)."""
+    check_errors(errors)
+    if align not in ("start", "end"):
+        raise InputError(f"align={align!r}: expected 'start' (the graph's position p is token "
+                         "p of each prompt) or 'end' (counted from each prompt's last token)")
+    ctx = graph._context
+    adapter, rec, tcs = ctx["adapter"], ctx["rec"], ctx["transcoders"]
+    args, kwargs = model.inputs
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise InputError("apply reads the trace's token ids (input_ids [batch, positions]); "
+                         "this trace's model input has none (inputs_embeds?)")
+    mask = kwargs.get("attention_mask")
+    at = batch_positions(ids, mask, graph.nodes.n_pos, align)
+    if errors == "frozen":
+        _check_same_prompt(ids, mask, rec.input_ids)
+    if any(key[0] == "t" for key in edits):
+        block0 = adapter.block(model, 0)
+        block0.input = scale_tokens(block0.input, edits, at)
+    for layer, tc in tcs.items():
+        err = rec.mlp_out[layer] - tc.decode(ctx["acts"][layer])
+        edit = MlpEdit(tc, layer, err, edits, at, errors)
+        if not edit.needed:
+            continue
+        block = adapter.block(model, layer)
+        x = get_path(block, adapter.mlp).input
+        writer = get_path(block, adapter.writer("mlp"))
+        writer.output = edit(x, None if errors == "frozen" else writer.output)
+
+
+def batch_positions(ids: torch.Tensor, mask: torch.Tensor | None, n_pos: int, align: str
+                    ) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """``at(pos)``: the rows and padded positions of the graph's position ``pos`` in a
+    left-padded batch; a prompt too short for it is an InputError."""
+    width = ids.shape[1]
+    lengths = [width] * ids.shape[0] if mask is None else [int(n) for n in mask.sum(1)]
+    rows = torch.arange(len(lengths), device=ids.device)
+
+    def at(pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if align == "start":
+            index = [width - n + pos if pos < n else -1 for n in lengths]
+        else:
+            index = [width - (n_pos - pos) if n_pos - pos <= n else -1 for n in lengths]
+        if -1 in index:
+            row = index.index(-1)
+            raise InputError(f"the graph's position {pos} (of {n_pos}) is not in prompt "
+                             f"{row} of this trace ({lengths[row]} tokens) counted from its "
+                             f"{align}; edit positions every prompt has, or align="
+                             f"{'end' if align == 'start' else 'start'}")
+        return rows, torch.tensor(index, device=ids.device)
+    return at
+
+
+def _check_same_prompt(ids: torch.Tensor, mask: torch.Tensor | None, prompt: torch.Tensor
+                       ) -> None:
+    same = ids.shape[1] == prompt.shape[1] and bool((ids == prompt.to(ids.device)).all()) \
+        and (mask is None or bool(mask.bool().all()))
+    if not same:
+        raise InputError("errors='frozen' writes the error recorded on the graph's prompt, so "
+                         "every prompt of the trace must be the graph's prompt; for other "
+                         "prompts use errors='live' (each MLP's own output plus the change "
+                         "the edits make)")

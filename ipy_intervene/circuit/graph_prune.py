@@ -21,8 +21,9 @@ from ipy_intervene.errors import InputError
 
 
 def normalized(adjacency: torch.Tensor) -> torch.Tensor:
-    """``|A|`` with each row divided by its sum (rows that sum to 0 stay 0)."""
-    a = adjacency.abs()
+    """``|A|`` with each row divided by its sum (rows that sum to 0 stay 0), in float32
+    (the graphs of float64 models too)."""
+    a = adjacency.abs().float()
     return a / a.sum(1, keepdim=True).clamp(min=1e-30)
 
 

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 
 from ipy_intervene.circuit import graph_prune
+from ipy_intervene.circuit.replacement import unembedded
 from ipy_intervene.errors import InputError
 
 _ID = re.compile(r"^(?:f(\d+)\.(\d+)\.(\d+)|e(\d+)\.(\d+)|t(\d+)|logit:(\d+|diff))$")
@@ -208,10 +209,29 @@ class AttributionGraph:
         frozen_after = gi.frozen_values(model.module, ctx["adapter"], ctx["rec"],
                                         ctx["transcoders"], self.nodes, targets, linear=True,
                                         edits=parsed)
-        before = ctx["rec"].logits.float()
-        after = gi.unfrozen_logits(self, parsed, errors)
+        rec = ctx["rec"]
+        with torch.no_grad():
+            before_raw = unembedded(model.module, ctx["adapter"], rec.final)
+        after, after_raw = gi.unfrozen_logits(self, parsed, errors)
         return Intervention(self, dict(edits), pred, frozen_after - self.values[out_rows],
-                            before, after.float())
+                            rec.logits.float(), after.float(), before_raw, after_raw)
+
+    def apply(self, model: Any, edits: Mapping[str, Any], errors: str = "frozen",
+              align: str = "start") -> None:
+        """Inside a ``%%trace`` cell (``model``: the cell's model), set, scale or zero graph
+        nodes in the running forward, in one call: the cell's logits are then those of
+        :meth:`intervene`'s unfrozen model. ``errors="frozen"`` (as ``intervene``) needs the
+        graph's prompt; ``errors="live"`` (each MLP's own output plus the change the edits
+        make) works on any prompts, a node's position taken from each prompt's start
+        (``align="start"``) or end (``"end"``).
+
+        >>> %%trace model [prompt, other]                                   # doctest: +SKIP
+        ... g.apply(model, {"f2.14.305": 0.0, "e1.3": ("scale", 0)}, errors="live")
+        ... logits = model.lm_head.output
+        """
+        from ipy_intervene.circuit import graph_intervene as gi
+
+        gi.apply_in_trace(self, model, gi.parse_edits(self.nodes, edits), errors, align)
 
     def show(self, prune: bool = True, node_threshold: float = 0.8,
              edge_threshold: float = 0.98, **kwargs: Any) -> Any:
@@ -300,14 +320,19 @@ class Intervention:
     frozen: torch.Tensor
     before: torch.Tensor
     after: torch.Tensor
+    before_raw: torch.Tensor | None = None   # the logits the output nodes read (pre-cap)
+    after_raw: torch.Tensor | None = None
 
     @property
     def unfrozen(self) -> torch.Tensor:
-        """Each output node's change in the unfrozen model."""
+        """Each output node's change in the unfrozen model (in the output nodes' units:
+        before any soft-cap, like ``predicted``)."""
         from ipy_intervene.circuit.graph_intervene import _logit
 
         n = self.graph.nodes
-        return torch.stack([_logit(self.after, n, i) - _logit(self.before, n, i)
+        before = self.before if self.before_raw is None else self.before_raw
+        after = self.after if self.after_raw is None else self.after_raw
+        return torch.stack([_logit(after, n, i) - _logit(before, n, i)
                             for i in range(len(n.logits))]).double()
 
     def top(self, logits: torch.Tensor, k: int = 5) -> list[tuple[str, float]]:

@@ -9,8 +9,8 @@ them has an exact direct effect on every later feature's pre-activation and on t
 >>> with frozen(model.module, adapter, rec, mlp=lambda layer, x: rec.mlp_out[layer]):
 ...     model.module(input_ids)                          # doctest: +SKIP  (== the model's)
 
-Hooks only (no weight is changed): the norms' forwards are replaced by the same arithmetic with
-the recorded scale; the attention patterns come from the recorded forward, through the hook
+Hooks only (no weight is changed): the norms' forwards are replaced by their form (read off
+and proven by :mod:`ipy_intervene.arch.norms`) with the recorded divisor; the attention patterns come from the recorded forward, through the hook
 point of :mod:`ipy_intervene.arch.attention`; each MLP returns what ``mlp(layer, input)`` says.
 """
 
@@ -25,20 +25,20 @@ import torch
 from torch import nn
 
 from ipy_intervene.arch import attention
+from ipy_intervene.arch.norms import NormForm, norm_form
 from ipy_intervene.arch.sites import Adapter, get_path
 from ipy_intervene.errors import SiteError
 from ipy_intervene.infra.hooks import HookSession, first_tensor, input_key, replace_input
 
 MlpFn = Callable[[int, torch.Tensor], torch.Tensor]
-# a norm's arithmetic with its per-position scale frozen: (kind, x, scale, module) -> output
-NORM_KINDS = ("layer", "rms", "rms_offset")
 
 
 @dataclass
 class FrozenNorm:
-    """One norm call of the recorded forward: its arithmetic and its scale ``[1, T, 1]``."""
+    """One norm call of the recorded forward: its form (:mod:`ipy_intervene.arch.norms`) and
+    its divisor on the prompt ``[1, T, 1]``."""
 
-    kind: str
+    form: NormForm
     scale: torch.Tensor
 
 
@@ -73,7 +73,7 @@ def norm_modules(module: nn.Module, adapter: Adapter) -> list[tuple[str, nn.Modu
         mlp_norm = adapter.mid_norm
     for layer in range(adapter.n_layers):
         block = adapter.block(module, layer)
-        for part in (adapter.attn_norm, mlp_norm, getattr(adapter, "post_attn_norm", None)):
+        for part in (adapter.attn_norm, mlp_norm, adapter.post_attn_norm):
             if part is not None:
                 norm = get_path(block, part)
                 found.setdefault(id(norm), (f"{adapter.blocks}[{layer}].{part}", norm))
@@ -100,29 +100,7 @@ def mlp_module(module: nn.Module, adapter: Adapter, layer: int) -> nn.Module:
 
 def mlp_out_module(module: nn.Module, adapter: Adapter, layer: int) -> nn.Module:
     """The module whose output is what the MLP adds (its post-norm where it has one)."""
-    post = getattr(adapter, "post_mlp_norm", None)
-    return mlp_module(module, adapter, layer) if post is None else \
-        get_path(adapter.block(module, layer), post)
-
-
-def frozen_norm(kind: str, norm: nn.Module, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The norm's output for ``x`` with the per-position ``scale`` held fixed (linear in x).
-
-    ``layer``: ``(x - mean(x)) * scale * weight + bias`` (torch's LayerNorm); ``rms``:
-    ``x * scale * weight`` (Llama's RMSNorm); ``rms_offset``: ``x * scale * (1 + weight)``
-    (Gemma's)."""
-    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
-    wide = wide_dtype(x)
-    h = x.to(wide)
-    if kind == "layer":
-        h = h - h.mean(-1, keepdim=True)
-    h = h * scale
-    if weight is not None:
-        w = weight.to(wide)
-        h = h * (1 + w if kind == "rms_offset" else w)
-    if bias is not None and kind == "layer":
-        h = h + bias.to(wide)
-    return h.to(x.dtype)
+    return get_path(adapter.block(module, layer), adapter.writer("mlp"))
 
 
 def wide_dtype(x: torch.Tensor) -> torch.dtype:
@@ -130,40 +108,24 @@ def wide_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _scale(kind: str, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    eps = next((getattr(norm, a) for a in ("eps", "variance_epsilon", "epsilon")
-                if isinstance(getattr(norm, a, None), float)), None)
-    if eps is None:
-        raise SiteError(f"{type(norm).__name__}: no `eps` or `variance_epsilon` attribute; "
-                        "the attribution graph freezes LayerNorm and RMSNorm scales only")
-    h = x.detach().to(wide_dtype(x))
-    if kind == "layer":
-        h = h - h.mean(-1, keepdim=True)
-    return torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+def unembedded(module: nn.Module, adapter: Adapter, final: torch.Tensor) -> torch.Tensor:
+    """The logits before any soft-cap from the unembedding's input ``final [..., d]``: the
+    unembedding's output times the family's ``logit_scale`` (linear in ``final``), in
+    float64 for float64 models, else float32. What the graph's output nodes read."""
+    logits = get_path(module, adapter.unembed)(final)
+    logits = logits.to(wide_dtype(logits))
+    return logits * adapter.logit_scale if adapter.logit_scale != 1 else logits
 
 
 def identify_norm(name: str, norm: nn.Module, x: torch.Tensor, y: torch.Tensor) -> FrozenNorm:
-    """The arithmetic of ``norm`` (which of NORM_KINDS reproduces its output ``y`` on its
-    input ``x``), with the scale of ``x``; a norm none reproduces is a SiteError."""
-    size = float(y.detach().abs().max()) + 1.0
-    tol = 64 * torch.finfo(torch.float32 if y.dtype == torch.float64 else y.dtype).eps * size
-    tried = []
-    for kind in NORM_KINDS:
-        if kind == "layer" and getattr(norm, "bias", None) is None and \
-                not isinstance(norm, nn.LayerNorm) and "LayerNorm" not in type(norm).__name__:
-            continue
-        try:
-            scale = _scale(kind, norm, x)
-            diff = float((frozen_norm(kind, norm, x.detach(), scale) - y.detach()).abs().max())
-        except RuntimeError as exc:
-            tried.append(f"{kind}: {exc}")
-            continue
-        if diff <= tol:
-            return FrozenNorm(kind, scale)
-        tried.append(f"{kind}: off by {diff:.3g}")
-    raise SiteError(f"{name} ({type(norm).__name__}): none of the norm forms the attribution "
-                    f"graph can freeze reproduces its output ({'; '.join(tried)}); supported: "
-                    "LayerNorm, RMSNorm (weight or 1 + weight)")
+    """The form of ``norm`` (:func:`ipy_intervene.arch.norms.norm_form`: read off its
+    parameters, proven on its real input ``x`` and output ``y`` to within a few roundings of
+    ``y``'s dtype) and the divisor of ``x`` it froze; a SiteError naming ``name`` when no
+    known form reproduces the output."""
+    rounding = torch.finfo(torch.float32 if y.dtype == torch.float64 else y.dtype).eps
+    form = norm_form(norm, x, y, rtol=8 * rounding, name=name)
+    wide = torch.float32 if x.device.type == "mps" else torch.float64
+    return FrozenNorm(form, form.scale(x.detach().to(wide)))
 
 
 @torch.no_grad()
@@ -273,7 +235,7 @@ def frozen(module: nn.Module, adapter: Adapter, rec: Recording, *, mlp: MlpFn,
         for name, norm in norms:
             if norm not in rec.norms:
                 raise SiteError(f"{name} did not run in the recorded forward")
-            session.replace_forward(norm, _frozen_forward(norm, rec.norms[norm]))
+            session.replace_forward(norm, _frozen_forward(rec.norms[norm]))
         for attn in attns:
             pattern = rec.patterns[attn]
             session.post(attention.point(attn, "pattern"), lambda m, a, o, p=pattern: p.to(o.dtype))
@@ -293,10 +255,10 @@ def _run(module: nn.Module, ids: torch.Tensor, batch: int) -> Any:
     return module(**kwargs)
 
 
-def _frozen_forward(norm: nn.Module, frozen_scale: FrozenNorm) -> Callable:
+def _frozen_forward(held: FrozenNorm) -> Callable:
     def make(original: Callable) -> Callable:
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            return frozen_norm(frozen_scale.kind, norm, x, frozen_scale.scale.to(x.device))
+            return held.form.frozen(x, held.scale)
         return forward
     return make
 
