@@ -9,6 +9,8 @@ from contextlib import contextmanager
 
 import torch
 
+from conftest import hook_count
+
 
 def get(root, path):
     for part in path.split("."):
@@ -32,8 +34,7 @@ def pre_add(module, fn):
 
 
 def hook_free(root):
-    return all(not m._forward_hooks and not m._forward_pre_hooks
-               and "forward" not in m.__dict__ for m in root.modules())
+    return hook_count(root) == 0
 
 
 def receivers(hand):
