@@ -11,6 +11,7 @@ nodes, the adjacency, its exactness, scores, pruning, top paths and intervention
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Mapping
@@ -139,6 +140,7 @@ class AttributionGraph:
     bias: torch.Tensor
     dropped_in: torch.Tensor
     _context: dict = field(default_factory=dict, repr=False)
+    _shown_in: Any = field(default=None, repr=False, compare=False)   # mark_shown
 
     @property
     def ids(self) -> list[str]:
@@ -254,6 +256,27 @@ class AttributionGraph:
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict:
         return self.show()._repr_mimebundle_(include, exclude)
+
+    def mark_shown(self) -> None:
+        """Say the running cell has shown this graph (``%attribution_graph`` shows its view
+        itself), so that IPython's ``Out[]`` of the same cell does not show it again."""
+        cell = _running_cell()
+        self._shown_in = None if cell is None else weakref.ref(cell)
+
+    def _ipython_display_(self) -> None:
+        if self._shown_in is not None and self._shown_in() is _running_cell():
+            self._shown_in = None
+            return
+        from IPython.display import display
+
+        display(self._repr_mimebundle_(), raw=True)
+
+
+def _running_cell() -> Any:
+    """The ExecutionResult of the cell IPython is running; None outside a cell."""
+    from IPython import get_ipython
+
+    return getattr(getattr(get_ipython(), "displayhook", None), "exec_result", None)
 
 
 @dataclass
