@@ -23,7 +23,8 @@ def attribution_graph() -> list:
            "values on the prompt, and the model becomes linear in its features. Every active "
            "feature, every error node (what a transcoder misses) and every token then has an "
            "exact direct effect on every later feature and on the answer."),
-        code('import torch\nimport ipy_intervene as ii\n\nmodel = ii.load_model("demo")\n'
+        code('%load_ext ipy_intervene\nimport torch\nimport ipy_intervene as ii\n\n'
+             'model = ii.load_model("demo")\n'
              'tcs = ii.load_transcoders("demo")\n'
              'clean = "When Mary and John went to the store , John gave a drink to"\n'
              'mary, john = model.token_id("Mary"), model.token_id("John")'),
@@ -60,11 +61,23 @@ def attribution_graph() -> list:
              ' unfrozen {float(r.unfrozen[0]):+.2f}")\n'
              'print("before:", r.top_before[0][0], " after:", r.top_after[0][0])',
              metadata=CHECK),
-        md("## A factual-recall answer\n\nWith no target, the output nodes are the logits "
-           "that cover 95% of the next-token probability."),
-        code('fact = ii.attribution_graph(model, "The Thuzor Quenosk Fountain is in the city '
-             'of", tcs)\nprint(fact)\nprint(fact.nodes.logits, fact.incoming(fact.ids[-1], 5))'),
-        code('fact.show(max_edges=150)'),
+        md("The same edits inside a `%%trace` cell, in one call: `g.apply(model, edits)` "
+           "writes them into the running forward (each MLP its transcoder plus the error "
+           "recorded on the prompt, as `intervene` does), so the cell's logits are the "
+           "unfrozen model's above. With `errors=\"live\"` (each MLP's own output plus the "
+           "change the edits make) it applies to any prompts, a node's position counted from "
+           "each prompt's start or end (`align=`)."),
+        code('%%trace model clean\ng.apply(model, edits)\nlogits = tracer.output'),
+        code('print("the cell is the unfrozen model:", torch.allclose(logits[0, -1], r.after, '
+             'atol=1e-5))\nprint("answer:", model.tokenizer.decode(logits[0, -1].argmax()))',
+             metadata=CHECK),
+        md("## A factual-recall answer, from a magic line\n\n`%attribution_graph MODEL PROMPT "
+           "--transcoders T` builds the graph, shows it pruned and binds it (`_graph`, and "
+           "`--out NAME`). With no `--target`, the output nodes are the logits that cover 95% "
+           "of the next-token probability."),
+        code('%attribution_graph model "The Thuzor Quenosk Fountain is in the city of" '
+             '--transcoders tcs --max-edges 150 --out fact'),
+        code('print(fact)\nprint(fact.nodes.logits, fact.incoming(fact.ids[-1], 5))'),
     ]
 
 

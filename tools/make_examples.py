@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 import nbformat as nbf
+from examples_attribution import attribution_graph
+from examples_edits import edits
 from examples_features import feature_circuits
 
 md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
@@ -308,7 +310,8 @@ def circuit_discovery() -> list:
 
 NOTEBOOKS = {"feature_circuits": feature_circuits, "ioi_circuit": ioi_circuit, "ioi_activation_patching": ioi, "attribution_patching": attribution,
              "causal_tracing": causal_tracing, "generation_steering": generation_steering,
-             "logit_lens": logit_lens, "circuit_discovery": circuit_discovery}
+             "logit_lens": logit_lens, "circuit_discovery": circuit_discovery,
+             "attribution_graph": attribution_graph, "edits": edits}
 
 
 def main() -> None:
