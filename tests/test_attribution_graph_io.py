@@ -162,3 +162,28 @@ def test_the_view_is_one_static_svg_with_hover_text(graph):
         graph.show(groups={"bad": ["nope"]})
     big = graph.show(prune=False, max_edges=100).svg()   # every node, 100 edges
     assert big.count("<line") == 100
+
+
+def test_the_view_gives_every_node_room(graph):
+    """Nodes of a cell wrap into sub-rows and their position's column widens, so no two
+    overlap (a cell too full for that says how many nodes it holds); output boxes do not
+    overlap either."""
+    def centres(svg: str) -> list[tuple[float, float]]:
+        return [(float(x), float(y)) for x, y in
+                re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)" r="5"', svg)]
+
+    for view in (graph.show(node_threshold=0.95), graph.show(prune=False)):
+        svg = view.svg()
+        points = centres(svg)
+        assert len(points) == sum(i.startswith("f") for i in
+                                  (graph.ids[k] for k in view._kept()))
+        if not view._crowded:
+            gaps = [((x1 - x2) ** 2 + (y1 - y2) ** 2) ** 0.5 for k, (x1, y1) in
+                    enumerate(points) for x2, y2 in points[k + 1:]]
+            assert min(gaps) >= 10, min(gaps)
+        else:
+            assert svg.count(" nodes</text>") == len(view._crowded)
+        boxes = sorted(float(x) for x in re.findall(r'<rect x="([\d.]+)" y="[\d.]+" '
+                                                     r'width="60"', svg))
+        assert len(boxes) == len(graph.nodes.logits)
+        assert all(b - a >= 60 for a, b in zip(boxes, boxes[1:]))

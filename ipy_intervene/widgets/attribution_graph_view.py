@@ -19,7 +19,10 @@ import html
 from typing import Any, Mapping, Sequence
 
 POSITIVE, NEGATIVE = "#1f5fbf", "#c0392b"
-COL, ROW, PAD = 78, 64, 40
+COL, ROW, PAD = 78, 64, 40          # a position's least width, a layer's height, the margin
+STEP, SUBROWS, SUB_GAP = 13, 4, 12  # node spacing, sub-rows of a crowded cell, their gap
+MAX_COL, LOGIT_W = 300, 72          # a position's most width, each output's share of the top
+BOTTOM = 8                          # below the token row's band: the token texts
 
 
 class AttributionGraphView:
@@ -58,33 +61,55 @@ class AttributionGraphView:
         size = adj.shape[1]
         return [(i % size, i // size, float(adj.view(-1)[i])) for i in top]
 
-    def _layout(self, kept: list[int]) -> dict[int, tuple[float, float]]:
-        """Node centres: column = position (logits spread along the top), row = layer."""
+    def _cells(self, kept: list[int]) -> dict[tuple[int, int], list[int]]:
+        """Kept nodes by (row, position): row 0 the tokens, row l + 1 layer l's features and
+        error, the top row the outputs (position -1)."""
         n = self.graph.nodes
-        top = n.n_layers + 1
         cells: dict[tuple[int, int], list[int]] = {}
         for i in kept:
             key = n.key(n.ids[i])
-            if key[0] == "f":
-                cell = (key[1] + 1, key[2])
-            elif key[0] == "e":
-                cell = (key[1] + 1, key[2])
-            elif key[0] == "t":
-                cell = (0, key[1])
-            else:
-                cell = (top, -1)
+            cell = (key[1] + 1, key[2]) if key[0] in "fe" else \
+                (0, key[1]) if key[0] == "t" else (n.n_layers + 1, -1)
             cells.setdefault(cell, []).append(i)
-        width = PAD * 2 + COL * n.n_pos
-        height = PAD * 2 + ROW * (top + 1)
+        return cells
+
+    def _columns(self, cells: dict[tuple[int, int], list[int]]) -> tuple[list[float],
+                                                                          list[float]]:
+        """Each position's left edge and width: wide enough for its fullest cell in up to
+        SUBROWS rows of nodes STEP apart (at least COL, at most MAX_COL)."""
+        n = self.graph.nodes
+        widths = []
+        for pos in range(n.n_pos):
+            most = max((len(m) for (_, col), m in cells.items() if col == pos), default=0)
+            widths.append(float(min(MAX_COL, max(COL, STEP * -(-most // SUBROWS) + 16))))
+        lefts = [PAD + sum(widths[:pos]) for pos in range(n.n_pos)]
+        return lefts, widths
+
+    def _size(self, widths: list[float]) -> tuple[float, float]:
+        n = self.graph.nodes
+        width = max(sum(widths), LOGIT_W * len(n.logits))
+        return PAD * 2 + width, PAD + ROW * (n.n_layers + 2) + BOTTOM
+
+    def _layout(self, cells: dict[tuple[int, int], list[int]], lefts: list[float],
+                widths: list[float]) -> dict[int, tuple[float, float]]:
+        """Node centres: column = position (outputs spread along the top), row = layer; a
+        crowded cell wraps into sub-rows (and ``self._crowded`` notes its count)."""
+        width, height = self._size(widths)
         where: dict[int, tuple[float, float]] = {}
+        self._crowded: list[tuple[float, float, int]] = []
         for (row, col), members in cells.items():
-            y = height - PAD - ROW * row - ROW / 2
-            if col < 0:
-                left, span = PAD, width - 2 * PAD
-            else:
-                left, span = PAD + COL * col, COL
+            y = height - BOTTOM - ROW * row - ROW / 2
+            left, span = (PAD, width - 2 * PAD) if col < 0 else (lefts[col], widths[col])
+            per_row = len(members) if col < 0 else max(1, int((span - 8) // STEP))
+            rows = -(-len(members) // per_row)
+            if rows > SUBROWS:
+                per_row, rows = -(-len(members) // SUBROWS), SUBROWS
+                self._crowded.append((left + span / 2, y - ROW / 2 + 6, len(members)))
             for j, i in enumerate(members):
-                where[i] = (left + span * (j + 1) / (len(members) + 1), y)
+                sub, k = divmod(j, per_row)
+                in_row = min(per_row, len(members) - sub * per_row)
+                where[i] = (left + span * (k + 1) / (in_row + 1),
+                            y + (sub - (rows - 1) / 2) * SUB_GAP)
         return where
 
     # -- SVG -------------------------------------------------------------------------------
@@ -93,15 +118,17 @@ class AttributionGraphView:
         """The whole picture as one SVG document."""
         n = self.graph.nodes
         kept = self._kept()
-        where = self._layout(kept)
+        cells = self._cells(kept)
+        lefts, widths = self._columns(cells)
+        where = self._layout(cells, lefts, widths)
         edges = self._edges(kept)
-        width = PAD * 2 + COL * n.n_pos
-        height = PAD * 2 + ROW * (n.n_layers + 2) + 20
+        width, height = self._size(widths)
         biggest = max((abs(w) for *_, w in edges), default=1.0) or 1.0
-        out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-               f'viewBox="0 0 {width} {height}" font-family="Helvetica, Arial, sans-serif" '
-               'font-size="10">', '<rect width="100%" height="100%" fill="white"/>']
-        out += self._grid(width, height)
+        out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" '
+               f'height="{height:.0f}" viewBox="0 0 {width:.0f} {height:.0f}" '
+               'font-family="Helvetica, Arial, sans-serif" font-size="10">',
+               '<rect width="100%" height="100%" fill="white"/>']
+        out += self._grid(height, lefts, widths)
         out += self._groups(where)
         for s, t, w in edges:
             (x1, y1), (x2, y2) = where[s], where[t]
@@ -113,23 +140,32 @@ class AttributionGraphView:
                        f'<title>{_esc(tip)}</title></line>')
         for i in kept:
             out.append(self._node(i, *where[i]))
+        for x, y, count in self._crowded:
+            out.append(f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="middle" fill="#555" '
+                       f'font-size="9">{count} nodes</text>')
         out.append("</svg>")
         return "\n".join(out)
 
-    def _grid(self, width: int, height: int) -> list[str]:
+    def _grid(self, height: float, lefts: list[float], widths: list[float]) -> list[str]:
         n = self.graph.nodes
         out = []
         if self.title:
             out.append(f'<text x="{PAD}" y="16" font-size="13">{_esc(self.title)}</text>')
         for row in range(n.n_layers + 2):
-            y = height - 20 - PAD - ROW * row - ROW / 2
+            y = height - BOTTOM - ROW * row - ROW / 2
             label = "emb" if row == 0 else ("logits" if row == n.n_layers + 1 else
                                             f"L{row - 1}")
             out.append(f'<text x="4" y="{y + 3:.1f}" fill="#888">{label}</text>')
+            if 0 < row <= n.n_layers:  # a faint line between layers
+                line_y = y + ROW / 2
+                out.append(f'<path d="M{PAD} {line_y:.1f}H{PAD + sum(widths):.1f}" '
+                           'stroke="#eee"/>')
+        token_y = height - BOTTOM - ROW / 2 + 22
         for pos, token in enumerate(n.tokens):
-            x = PAD + COL * pos + COL / 2
-            out.append(f'<text x="{x:.1f}" y="{height - 8}" text-anchor="middle" '
-                       f'fill="#333">{_esc(_short(token, 10))}</text>')
+            x = lefts[pos] + widths[pos] / 2
+            out.append(f'<text x="{x:.1f}" y="{token_y:.1f}" text-anchor="middle" '
+                       f'fill="#333">{_esc(_short(token, max(6, int(widths[pos] // 7))))}'
+                       '</text>')
         return out
 
     def _node(self, i: int, x: float, y: float) -> str:
