@@ -51,7 +51,8 @@ def edits() -> list:
         code("%%trace model --edit ablated\n"
              "model.transformer.h[1].attn.c_proj.input[:, :, 96:128] = 0"),
         code('print("original:", ioi_accuracy(model))\nprint("L1H3 ablated:", '
-             'ioi_accuracy(ablated))\nii.edits(ablated), ii.edits(model)', metadata=CHECK),
+             'ioi_accuracy(ablated))\n[e.name for e in ii.edits(ablated)], ii.edits(model)',
+             metadata=CHECK),
         md("## Sweep the edited model\n\nThe edit is part of the model the sweep analyses: "
            "with the name mover gone, the clean logit difference drops, and the cells that carry "
            "the answer are compared with `model`'s sweep."),
