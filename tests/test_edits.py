@@ -101,7 +101,8 @@ def alone(model, hand, text):
 def assert_rows_match(model, batched, hand):
     for i, text in enumerate(PROMPTS):
         ref = alone(model, hand, text)
-        torch.testing.assert_close(batched[i, -ref.shape[0]:], ref, atol=TOL, rtol=0)
+        # a padded batch changes float order: 1e-5 relative (logits are ~20)
+        torch.testing.assert_close(batched[i, -ref.shape[0]:], ref, atol=TOL, rtol=TOL)
 
 
 @pytest.mark.parametrize("kind", ["block", "attention", "mlp", "head", "pattern"])
@@ -262,8 +263,15 @@ def test_edits_compose_in_order_and_a_trace_on_the_edited_model_runs_after_them(
     k = kinds(demo, vec)
     ref = alone(demo, k["block"][1] + k["mlp"][1], PROMPT)
     torch.testing.assert_close(ns["logits"][0], ref, atol=TOL, rtol=0)
-    with Hand(k["block"][1]), torch.no_grad():
-        h = demo.module(ids(demo, PROMPT), output_hidden_states=True).hidden_states[2]
+    seen = {}                  # block 2's input: block 1's output after the hand hook
+    grab = demo.module.transformer.h[2].register_forward_pre_hook(
+        lambda m, args: seen.__setitem__("h", args[0].clone()))
+    try:
+        with Hand(k["block"][1]), torch.no_grad():
+            demo.module(ids(demo, PROMPT))
+    finally:
+        grab.remove()
+    h = seen["h"]
     torch.testing.assert_close(ns["h"], h, atol=TOL, rtol=0)
     again = ii.edit(demo, "model.transformer.h[1].output[:, -1] += 3 * vec", name="steer",
                     namespace={"vec": vec})   # made after transformers hooked the original

@@ -33,7 +33,8 @@ def attribution_graph() -> list:
            "rounding (`exactness`). The replacement score is the share of the influence that "
            "reaches the tokens through features rather than error nodes."),
         code('g = ii.attribution_graph(model, clean, tcs, target=ii.logit_diff("Mary", "John"))'
-             '\nprint(g)\nprint("exact to", g.exactness() < 1e-4)', metadata=CHECK),
+             '\nprint(g)'),
+        code('print("exact to", g.exactness() < 1e-4)', metadata=CHECK),
         md("Pruned by influence (80% of the nodes' influence, 98% of the edges'), the "
            "strongest paths from the tokens to the answer, and the graph view: tokens along "
            "the bottom, layers going up, the answer on top; hover a node for its top "
