@@ -11,7 +11,7 @@ import torch
 
 import ipy_intervene as ii
 from ipy_intervene.circuit import Circuit, edge_attribution, patch_edges, verify_circuit
-from ipy_intervene.errors import InputError
+from ipy_intervene.errors import InputError, SiteError
 from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM,
                           LlamaConfig, LlamaForCausalLM)
 
@@ -457,7 +457,7 @@ def test_no_hook_left_after_a_failure_mid_forward(arch_model):
 
 
 def test_wrong_model_is_a_clear_error(demo):
-    with pytest.raises(InputError, match="edge attribution knows the architectures"):
+    with pytest.raises(SiteError, match="the architecture 'Linear' is not in the family table"):
         edge_attribution(ii.wrap(torch.nn.Linear(2, 2).eval()), PROMPT, CORRUPT, METRIC)
     other = ii.wrap(build("llama", len(demo.tokenizer)), demo.tokenizer)
     circuit = Circuit.empty(ii.circuit.build_graph(other))

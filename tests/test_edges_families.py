@@ -315,12 +315,13 @@ def test_maps_without_exact_qkv_facts_are_refused(demo):
     assert hook_free(model.module)
 
 
-def test_a_family_outside_the_table_is_refused_and_a_failing_hand_map_too(demo):
+def test_a_family_outside_the_table_says_what_its_map_lacks_and_a_failing_hand_map_too(demo):
     module = build("phi3", len(demo.tokenizer))
     module.config.model_type = "unknown_family"
-    model = ii.wrap(module, demo.tokenizer)
-    with pytest.raises(InputError, match="edge attribution knows the architectures .*phi3.*; "
-                                         "got 'unknown_family'"):
+    model = ii.wrap(module, demo.tokenizer)        # discovered, but without q/k/v paths
+    with pytest.raises(SiteError, match="edge attribution needs, for the 'unknown_family' map, "
+                                        "how attention and the MLP read the residual stream; "
+                                        "missing: qkv"):
         edge_attribution(model, PROMPT, CORRUPT, METRIC)
     table = adapter_for(ii.wrap(build("phi3", len(demo.tokenizer)), demo.tokenizer))
     assert build_graph(model, by_hand(table, name="mine")).n_kv == 2

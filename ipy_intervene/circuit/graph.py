@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ipy_intervene.arch.qkv import AttentionLayout, attention_layout, check_values
-from ipy_intervene.arch.sites import Adapter, adapter_for, family_names, get_path
+from ipy_intervene.arch.sites import Adapter, adapter_for, get_path
 from ipy_intervene.errors import InputError
 
 
@@ -167,15 +167,7 @@ def build_graph(model: Any, adapter: Adapter | None = None) -> Graph:
     >>> build_graph(model).n_edges                                  # doctest: +SKIP
     """
     root = getattr(model, "module", model)
-    if adapter is None:
-        model_type = getattr(getattr(root, "config", None), "model_type", None)
-        if model_type not in family_names():
-            raise InputError(f"edge attribution knows the architectures "
-                             f"{', '.join(family_names())}; got "
-                             f"{model_type or type(root).__name__!r}. For another one pass "
-                             "adapter=ii.Adapter(...) with attn_norm=, mlp_norm= and qkv= "
-                             "(see help(ii.Adapter))")
-    adapter = adapter_for(model, adapter)
+    adapter = adapter_for(model, adapter)   # the family's, the model's own, or discovered
     layout = attention_layout(root, adapter)
     check_values(root, adapter, layout)
     n_heads, n_kv = layout.n_heads, layout.n_kv
