@@ -5,6 +5,8 @@ of the base prompt's, ablating removes it (the other weights not renormalised)."
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -120,21 +122,16 @@ def test_bf16_sweeps_do_not_depend_on_the_chunking(demo):
     assert small.values.dtype == torch.float32 and small.values.isfinite().all()
 
 
-def test_the_patch_sweep_runner_reads_heads_as_experts(demo):
-    """``from_spec``: what sweep/api.py's RUNNERS would call for site='expert_out'."""
-    import inspect
-
-    from ipy_intervene.sweep.api import SweepSpec
-    from ipy_intervene.sweep.experts import from_spec
-
+def test_patch_sweep_serves_expert_sites_with_heads_as_experts(demo):
+    """``ii.patch_sweep(site="expert_out")`` runs the expert sweep (checked against a
+    per-prompt loop above); methods it has no runner for are refused by name."""
     model = moe_model("mixtral", demo)
     _, metric = projection(model)
-    names = inspect.signature(SweepSpec).parameters
-    options = {n: p.default for n, p in names.items() if p.default is not inspect._empty}
-    options.update(model=model, clean=CLEAN, corrupted=CORRUPT, metric=metric,
-                   site="expert_out", method="activation", direction="denoising",
-                   layers=[2], heads=[1, 3], batch_size=None)
-    options.update({n: None for n in names if n not in options})
-    got = from_spec(SweepSpec(**options), 0.0)
-    want = ii.expert_sweep(model, CLEAN, CORRUPT, metric, layers=[2], experts=[1, 3])
+    got = ii.patch_sweep(model, CLEAN, CORRUPT, metric, site="expert_out", layers=[1],
+                         heads=[1, 3])
+    want = ii.expert_sweep(model, CLEAN, CORRUPT, metric, layers=[1], experts=[1, 3])
     assert got.experts == [1, 3] and torch.equal(got.per_prompt, want.per_prompt)
+    for method in ("attribution", "atp*", "path"):
+        with pytest.raises(InputError, match=re.escape(f"method='{method}'") + " does not apply to site "
+                                             "'expert_out'; its methods: activation$"):
+            ii.patch_sweep(model, CLEAN, CORRUPT, metric, site="expert_out", method=method)

@@ -15,7 +15,8 @@ from ipy_intervene.errors import InputError
 from ipy_intervene.infra.hooks import entry_point
 from ipy_intervene.model.envoys import Model
 from ipy_intervene.model.loading import warn_if_training, wrap
-from ipy_intervene.sweep import atp_star, attribution, choices, custom, latent_atp, memory
+from ipy_intervene.sweep import (atp_star, attribution, choices, custom, experts, latent_atp,
+                                 memory)
 from ipy_intervene.sweep import cluster as clusters
 from ipy_intervene.sweep import latents as latent_sites
 from ipy_intervene.sweep.heads import HEAD_SITES, head_sweep
@@ -189,6 +190,9 @@ class SweepSpec:
         refused."""
         spec = replace(self, site=site, sites=[site])
         spec.atp = choices.atp_options(spec.method, spec.qk_fix, spec.grad_drop)
+        if site in experts.EXPERT_SITES:
+            spec.family = "expert"
+            return spec
         found = None if site in MODULE_SITES or site in HEAD_SITES else \
             latent_sites.find_splice(spec.model, site)
         if found is not None:
@@ -217,7 +221,13 @@ class SweepSpec:
 
 def _run(spec: SweepSpec, start: float) -> SweepResult:
     """The runner of the spec's (site family, method)."""
-    runner = RUNNERS.get((spec.family, spec.method)) or RUNNERS.get((None, spec.method))
+    general = spec.family not in ("expert",)      # expert sites have only their own runners
+    runner = RUNNERS.get((spec.family, spec.method)) or (
+        RUNNERS.get((None, spec.method)) if general else None)
+    if runner is None:
+        served = sorted(m for f, m in RUNNERS if f == spec.family or general and f is None)
+        raise InputError(f"method={spec.method!r} does not apply to site {spec.site!r}; its "
+                         f"methods: {', '.join(served)}")
     return runner(spec, start)
 
 
@@ -321,6 +331,7 @@ RUNNERS = {
     ("head", "activation"): _heads,
     ("head", "attribution"): _head_attribution,
     ("head", "noise"): _head_noise,
+    ("expert", "activation"): experts.from_spec,  # site="expert_out"/"expert_out_pos" (MoE)
     **{("module", m): _grid for m in ("activation", "attribution", "noise")},
 }
 

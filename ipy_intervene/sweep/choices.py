@@ -14,6 +14,7 @@ from ipy_intervene.errors import InputError, SiteError
 from ipy_intervene.model.loading import wrap
 from ipy_intervene.sweep import atp_star
 from ipy_intervene.sweep import latents as latent_sites
+from ipy_intervene.sweep.experts import EXPERT_SITES
 from ipy_intervene.sweep.heads import HEAD_SITES
 
 
@@ -32,12 +33,12 @@ def site_names(site: Any, model: Any = None) -> list[str]:
     if not names:
         raise InputError(f"site={site!r} names no site. {_SITES_HINT}")
     for name in names:
-        if name not in MODULE_SITES and name not in HEAD_SITES and (
+        if name not in MODULE_SITES and name not in HEAD_SITES and name not in EXPERT_SITES and (
                 model is None or latent_sites.find_splice(model, name) is None):
             spliced = latent_sites.site_names(model) if model is not None else []
             latent = f"; latent sites (ii.attach): {', '.join(spliced)}" if spliced else ""
             raise SiteError(f"unknown site {name!r}; sweep sites: "
-                            f"{', '.join([*MODULE_SITES, *HEAD_SITES])}{latent}")
+                            f"{', '.join([*MODULE_SITES, *HEAD_SITES, *EXPERT_SITES])}{latent}")
     return names
 
 
