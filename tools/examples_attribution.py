@@ -1,17 +1,9 @@
-"""The cells of examples/attribution_graph.ipynb: `python tools/examples_attribution.py
-[--execute]` writes it (and runs it in place, as tools/make_examples.py does its notebooks)."""
+"""The cells of examples/attribution_graph.ipynb (``python tools/make_examples.py --execute
+--only attribution_graph`` writes it)."""
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
-import nbformat as nbf
-
-md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
-CHECK = {"tags": ["nbval-check-output"]}
-PATH = Path(__file__).resolve().parent.parent / "examples" / "attribution_graph.ipynb"
+from examples_common import CHECK, code, md
 
 
 def attribution_graph() -> list:
@@ -80,20 +72,3 @@ def attribution_graph() -> list:
              '--transcoders tcs --max-edges 150 --out fact'),
         code('print(fact)\nprint(fact.nodes.logits, fact.incoming(fact.ids[-1], 5))'),
     ]
-
-
-def main() -> None:
-    os.environ["IPY_INTERVENE_PLOTLYJS"] = "none"
-    nb = nbf.v4.new_notebook(cells=attribution_graph())
-    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python",
-                                 "name": "python3"}
-    nbf.write(nb, PATH)
-    if "--execute" in sys.argv:
-        from ipy_intervene.report import execute
-
-        nbf.write(execute(PATH), PATH)
-    print("wrote", PATH)
-
-
-if __name__ == "__main__":
-    main()

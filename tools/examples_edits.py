@@ -1,21 +1,10 @@
-"""The cells of examples/edits.ipynb (``python tools/examples_edits.py [--execute]`` writes
-it; tools/make_examples.py can list :func:`edits` with the other notebooks)."""
+"""The cells of examples/edits.ipynb (``python tools/make_examples.py --execute --only edits``
+writes it)."""
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
+from examples_common import CHECK, IOI, SETUP, code, md
 
-import nbformat as nbf
-
-md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
-CHECK = {"tags": ["nbval-check-output"]}
-SETUP = ('%load_ext ipy_intervene\nimport torch\nimport ipy_intervene as ii\n\n'
-         'model = ii.load_model("demo")\n')
-IOI = ('clean = "When Mary and John went to the store , John gave a drink to"\n'
-       'corrupt = "When Mary and John went to the store , Mary gave a drink to"\n'
-       'mary, john = model.token_id("Mary"), model.token_id("John")')
 ACCURACY = '''from ipy_intervene.demo.evaluate import held_out_ioi
 
 cases = held_out_ioi()                       # (prompt, indirect object, subject), held-out names
@@ -85,21 +74,3 @@ def edits() -> list:
         code('ii.clear_edits(steered)\nii.clear_edits(ablated)\n'
              'print(ioi_accuracy(ablated) == ioi_accuracy(model))', metadata=CHECK),
     ]
-
-
-def main() -> None:
-    os.environ["IPY_INTERVENE_PLOTLYJS"] = "none"
-    nb = nbf.v4.new_notebook(cells=edits())
-    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python",
-                                 "name": "python3"}
-    path = Path(__file__).resolve().parent.parent / "examples" / "edits.ipynb"
-    nbf.write(nb, path)
-    if "--execute" in sys.argv:
-        from ipy_intervene.report import execute
-
-        nbf.write(execute(path), path)
-    print("wrote", path)
-
-
-if __name__ == "__main__":
-    main()

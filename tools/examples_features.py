@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import nbformat as nbf
+from examples_common import CHECK, IOI, SETUP, code, md
 
-md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
-CHECK = {"tags": ["nbval-check-output"]}
-SETUP = ('%load_ext ipy_intervene\nimport torch\nimport ipy_intervene as ii\n\n'
-         'model = ii.load_model("demo")\n')
-IOI = ('clean = "When Mary and John went to the store , John gave a drink to"\n'
-       'corrupt = "When Mary and John went to the store , Mary gave a drink to"\n'
-       'mary, john = model.token_id("Mary"), model.token_id("John")')
 METRIC = 'ii.logit_diff("Mary", "John")'
 
 

@@ -14,18 +14,11 @@ from pathlib import Path
 
 import nbformat as nbf
 from examples_attribution import attribution_graph
+from examples_common import CHECK, IOI, SETUP, code, md
 from examples_edits import edits
 from examples_features import feature_circuits
 
-md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-CHECK = {"tags": ["nbval-check-output"]}
-
-SETUP = ('%load_ext ipy_intervene\nimport torch\nimport ipy_intervene as ii\n\n'
-         'model = ii.load_model("demo")\n')
-IOI = ('clean = "When Mary and John went to the store , John gave a drink to"\n'
-       'corrupt = "When Mary and John went to the store , Mary gave a drink to"\n'
-       'mary, john = model.token_id("Mary"), model.token_id("John")')
 FACT = 'fact = "The Thuzor Quenosk Fountain is in the city of"\nsubject = "Thuzor Quenosk Fountain"'
 
 
