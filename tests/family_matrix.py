@@ -110,7 +110,12 @@ def model_of(family: str) -> ii.Model | str:
     except (KeyError, ValueError) as error:
         return f"this transformers has no {model_type!r} ({type(error).__name__})"
     torch.manual_seed(0)
-    return ii.wrap(AutoModelForCausalLM.from_config(cfg).eval(), tokenizer())
+    module = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for layer, block in enumerate(getattr(getattr(module, "model", None), "layers", ())):
+            if hasattr(block, "layer_scalar"):    # Gemma 4: ones at init, not in checkpoints
+                block.layer_scalar.fill_(0.75 + 0.5 * layer)
+    return ii.wrap(module, tokenizer())
 
 
 def blocks_of(module: nn.Module) -> str:

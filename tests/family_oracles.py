@@ -176,11 +176,37 @@ def attention(seen, patch=None):
     return attend
 
 
+def neo_attention(attn, seen, patch=None):
+    """GPT-Neo's own ``_attn`` (its class's method: q k^T unscaled, its mask, softmax,
+    pattern @ v; q, k, v, z as [batch, head, pos, d]), with the same edits as :func:`attention`."""
+    def attend(q, k, v, mask=None):
+        layer = attn.layer_id
+        edit = (lambda name, x: patch(layer, name, x)) if patch else (lambda name, x: x)
+        q, k, v = edit("q", q), edit("k", k), edit("v", v)
+        z, pattern = type(attn)._attn(attn, q, k, v, mask)
+        seen[layer] = dict(q=q, k=k, v=v, pattern=pattern)
+        changed = edit("pattern", pattern)
+        if changed is not pattern:
+            z = changed @ v
+        return z, pattern
+    return attend
+
+
 @contextmanager
 def by_hand(module, seen, patch=None):
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+    own = [m for m in module.modules() if type(m).__name__ == "GPTNeoSelfAttention"]
+    if own:                               # its attention is not transformers' interface
+        for attn in own:
+            attn._attn = neo_attention(attn, seen, patch)
+        try:
+            yield
+        finally:
+            for attn in own:
+                del attn._attn
+        return
     AttentionInterface.register(KEY, attention(seen, patch))
     AttentionMaskInterface.register(KEY, eager_mask)
     before = module.config._attn_implementation

@@ -81,6 +81,12 @@ class Adapter:
     - ``logit_scale`` / ``logit_softcap``: the logits are ``unembed(final_norm(h)) *
       logit_scale`` (Cohere's logit_scale; Granite: 1 / logits_scaling), then, with a cap
       ``c``, ``tanh(x / c) * c`` (Gemma 2/3's final soft-cap); :meth:`logits` applies both;
+    - ``late_writer``: a module (path inside a block) whose output the block adds after the
+      MLP's add, reading the stream the MLP left (Gemma 4's per-layer-input branch,
+      ``post_per_layer_input_norm``); ``block_scale``: a tensor (path inside a block) the
+      block multiplies its whole output by, residual included (Gemma 4's ``layer_scalar``).
+      With either, ``resid_post != resid_mid + mlp_out``: the sites stay exact, the methods
+      that sum the writers are refused (:meth:`unsummed`);
     - ``refused``: ``(site, reason)`` pairs for sites that do not exist on the model.
 
     Edge attribution and circuits (:mod:`ipy_intervene.circuit`) also need how attention
@@ -126,6 +132,8 @@ class Adapter:
     residual_multiplier: float = 1.0
     logit_scale: float = 1.0
     logit_softcap: float | None = None
+    late_writer: str | None = None
+    block_scale: str | None = None
     refused: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
@@ -201,6 +209,27 @@ class Adapter:
                     "head_out here is each head's z (the out-projection's input): patch it, "
                     "or read attn_out (the norm's output) for the whole layer")
         return None
+
+    def unsummed(self, method: str) -> str | None:
+        """Why ``method`` (one that reads the residual stream as the sum of the embeddings
+        and each block's ``attn_out`` and ``mlp_out``: decomposition, DLA, edge attribution,
+        attribution graphs) has no meaning on this map; None where it has one.
+
+        >>> Adapter("g", "b", "n", "u", "e", "a", "m", "n2", "a.o", 2,
+        ...         block_scale="s").unsummed("decompose")[:40]
+        'decompose reads the residual stream as t'
+        """
+        extra = [what for what, path in (
+            (f"the output of {self.late_writer} (added after the MLP)", self.late_writer),
+            (f"a scale {self.block_scale} that multiplies the whole stream", self.block_scale))
+            if path is not None]
+        if not extra:
+            return None
+        return (f"{method} reads the residual stream as the sum of the embeddings and each "
+                f"block's attn_out and mlp_out, but a {self.name} block also has "
+                f"{' and '.join(extra)}, so those parts do not add up to it. The sites "
+                "(resid_pre, resid_mid, resid_post, attn_out, mlp_out, heads) are exact: "
+                "patch or cache them")
 
     def logits(self, root: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """The model's logits from a residual stream ``hidden`` (the last block's output):

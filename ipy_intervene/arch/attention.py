@@ -1,6 +1,9 @@
 """Sites inside attention: each head's ``q``, ``k``, ``v``, ``pattern``, ``z`` and ``result``, on every
 model whose attention goes through transformers' attention interface (GPT-2, GPT-NeoX/Pythia,
-Llama, Mistral, Qwen2, ...), whatever implementation it was loaded with.
+Llama, Mistral, Qwen2, ...), whatever implementation it was loaded with, and on the families
+whose attention computes its scores in a method of its own (:data:`OWN_ATTENTION`: GPT-Neo's
+``_attn``, which does not scale by 1/sqrt(d)): the hook points wrap that method, so every
+site is the model's own computation.
 
 ``model.transformer.h[3].attn.pattern`` is a site like any module: ``.output`` reads it,
 assigning or editing it in place changes the forward. Shapes (transformers' own layout)::
@@ -62,17 +65,45 @@ class HookPoint(nn.Module):
         return self.name
 
 
+# Attention classes that compute q/k/v -> (z, pattern) in a method of their own, not through
+# transformers' interface: class name -> the method, called as method(query, key, value,
+# attention_mask) with q/k/v [batch, head, pos, d_head], returning (z [batch, head, query,
+# d_head], pattern). GPT-Neo (GPTNeoSelfAttention._attn: q k^T unscaled, its causal or
+# local-window mask, the attention mask, softmax, pattern @ v).
+OWN_ATTENTION = {"GPTNeoSelfAttention": "_attn"}
+# Modules that only hold such an attention and call it (GPT-Neo's GPTNeoAttention): the sites
+# of the attention they hold, so the family's `attn` path reaches them.
+HOLDERS = {"GPTNeoAttention": "attention"}
+
+
 def is_attention(module: nn.Module) -> bool:
-    """An attention module that calls transformers' attention interface with itself."""
+    """An attention module that calls transformers' attention interface with itself, or one
+    of :data:`OWN_ATTENTION` (or a holder of one)."""
+    module = _held(module)
+    if _own_method(module) is not None:
+        return True
     module_of = sys.modules.get(type(module).__module__)
     return (type(module).__name__.endswith("Attention") and hasattr(module, "config")
             and hasattr(module_of, "eager_attention_forward"))
+
+
+def _held(module: nn.Module) -> nn.Module:
+    """The attention a holder (:data:`HOLDERS`) holds; else ``module``."""
+    inner = getattr(module, HOLDERS.get(type(module).__name__, ""), None) \
+        if type(module).__name__ in HOLDERS else None
+    return inner if isinstance(inner, nn.Module) and _own_method(inner) else module
+
+
+def _own_method(module: nn.Module) -> str | None:
+    name = OWN_ATTENTION.get(type(module).__name__)
+    return name if name is not None and callable(getattr(type(module), name, None)) else None
 
 
 def point(module: nn.Module, name: str) -> HookPoint | None:
     """The hook point ``name`` of an attention module (None for other modules or names)."""
     if name not in ATTENTION_SITES or not is_attention(module):
         return None
+    module = _held(module)
     table = _points.get(module)
     if table is None:
         table = _points[module] = {n: HookPoint(n) for n in ATTENTION_SITES}
@@ -103,9 +134,36 @@ def use_sites(session: Any, model: nn.Module) -> None:
     for config in configs(model):
         session.set_attr(config, "_attn_implementation", KEY)
     for module in model.modules():
+        if module is not _held(module):
+            continue                                  # a holder: its attention is listed too
         proj = out_projection(module) if is_attention(module) else None
         if proj is not None:
             session.post(proj, _add_result_change)
+        method = _own_method(module)
+        if method is not None:
+            session.set_attr(module, method, _own_with_sites(module, getattr(module, method)))
+
+
+def _own_with_sites(module: nn.Module, own: Callable) -> Callable:
+    """``own`` (an :data:`OWN_ATTENTION` method, bound) with a hook point at each site: the
+    same order as :func:`attention_with_sites`, z as ``[batch, query, head, d_head]``."""
+    def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        table = _points.get(module)
+        if table is None:
+            return own(query, key, value, attention_mask)
+        query, key, value = table["q"](query), table["k"](key), table["v"](value)
+        z, pattern = own(query, key, value, attention_mask)
+        version = pattern._version
+        changed = table["pattern"](pattern)
+        z = z.transpose(1, 2)
+        if changed is not pattern or pattern._version != version:
+            z = mix(changed, value)
+        z = table["z"](z)
+        if _used(table["result"]):
+            _head_results(module, table["result"], z)
+        return z.transpose(1, 2), changed
+    return attend
 
 
 def attention_with_sites(module: nn.Module, query: torch.Tensor, key: torch.Tensor,

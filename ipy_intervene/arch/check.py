@@ -9,7 +9,9 @@ On a forward of two rows of four tokens (no padding), to float tolerance:
   ``mlp``): ``resid_pre + r * (attn_out + mlp_out) == resid_post``, and with a ``mid_norm``,
   ``resid_pre + r * attn_out == resid_mid`` (the input of ``mid_norm``) and
   ``resid_mid + r * mlp_out == resid_post``: they are what the block adds to the residual
-  stream (an unnamed multiplier or a norm after a sublayer breaks this);
+  stream (an unnamed multiplier or a norm after a sublayer breaks this); a map with a
+  ``late_writer`` or a ``block_scale`` (Gemma 4) checks ``s * (resid_mid + mlp_out + late)
+  == resid_post``, the model's order of operations;
 - ``head_proj``'s output is attention's output (the heads' writes, summed, before any
   post-norm) and its input splits into ``n_heads`` equal heads;
 - what the model adds to ``embed_scale`` times the token embeddings (``embed``) before block
@@ -106,7 +108,10 @@ def _problem(module: nn.Module, adapter: Adapter) -> str | None:
                                     ("attn_w", adapter.writer("attn")),
                                     ("mlp_w", adapter.writer("mlp")),
                                     ("mid_norm", adapter.mid_norm),
+                                    ("late_w", adapter.late_writer),
                                     ("head_proj", adapter.head_proj)) if path is not None}
+        scales = [_get(blocks[l], adapter.block_scale) for l in range(n)] \
+            if adapter.block_scale is not None else None
         embed = _get(module, adapter.embed)
         final_norm = _get(module, adapter.final_norm)
         unembed = _get(module, adapter.unembed)
@@ -114,7 +119,11 @@ def _problem(module: nn.Module, adapter: Adapter) -> str | None:
         return f"a path of the map does not exist ({type(error).__name__}: {error})"
     if n == 0:
         return f"{adapter.blocks} holds no blocks"
+    if scales is not None and not all(isinstance(t, torch.Tensor) and t.numel() in (
+            1, t.shape[-1] if t.dim() else 1) for t in scales):
+        return f"block_scale={adapter.block_scale!r} is not a scalar tensor in every block"
     seen = _forward(module, adapter, blocks, parts, embed)
+    seen["scale"] = scales
     return (_identities(adapter, seen, n) or _in_place(adapter, seen)
             or _readout(adapter, seen, final_norm, unembed)
             or (_parallel(module, adapter, blocks, parts, seen) if adapter.mid_norm is None
@@ -126,7 +135,8 @@ def _forward(module: nn.Module, adapter: Adapter, blocks: Any, parts: dict[str, 
              embed: nn.Module) -> dict[str, Any]:
     """One forward of ``ROWS`` x ``LENGTH`` tokens: the values of every site, per layer."""
     seen: dict[str, Any] = {"pre": {}, "post": {}, "attn": {}, "mlp": {}, "mid": {},
-                            "attn_w": {}, "mlp_w": {}, "heads_in": {}, "heads_out": {},
+                            "late_w": {}, "attn_w": {}, "mlp_w": {}, "heads_in": {},
+                            "heads_out": {},
                             "embed": {}, "same": []}
 
     def keep(name: str, layer: int) -> Any:
@@ -147,6 +157,8 @@ def _forward(module: nn.Module, adapter: Adapter, blocks: Any, parts: dict[str, 
                   (parts["head_proj"][l], "module_out", keep("heads_out", l))]
         if "mid_norm" in parts:
             hooks.append((parts["mid_norm"][l], "module_in", keep("mid", l)))
+        if "late_w" in parts:
+            hooks.append((parts["late_w"][l], "module_out", keep("late_w", l)))
     out = _run(module, hooks, _tokens(module, embed))
     logits = getattr(out, "logits", None)
     seen["logits"] = first_tensor(out) if logits is None else logits
@@ -260,6 +272,8 @@ def _identities(adapter: Adapter, seen: dict, n: int) -> str | None:
                  "heads_out": f"head_proj ({where(adapter.head_proj, l)})"}
         if adapter.mid_norm is not None:
             names["mid"] = f"resid_mid (the input of {where(adapter.mid_norm, l)})"
+        if adapter.late_writer is not None:
+            names["late_w"] = f"late_writer's output ({where(adapter.late_writer, l)})"
         values = {}
         for key, what in names.items():
             value = _one(seen, key, l, what)
@@ -268,16 +282,19 @@ def _identities(adapter: Adapter, seen: dict, n: int) -> str | None:
             values[key] = value
         pre, post = values["pre"], values["post"]
         attn, mlp = _scaled(values["attn_w"], r), _scaled(values["mlp_w"], r)
+        late, scale = _late(adapter, values, seen["scale"], l)
         if "mid" in values:
             mid = values["mid"]
             checks = [(pre + attn, mid, (pre, attn), f"resid_pre + {times}attn_out == resid_mid",
                        "`attn`, `post_attn_norm` or `mid_norm`"),
-                      (mid + mlp, post, (mid, mlp), f"resid_mid + {times}mlp_out == resid_post",
-                       "`mlp` or `post_mlp_norm`")]
+                      (scale(late(mid + mlp)), post, scale.each(mid, mlp, *late.terms),
+                       f"{scale.text}resid_mid + {times}mlp_out{late.text}{scale.end} "
+                       "== resid_post", "`mlp`, `post_mlp_norm`, `late_writer` or `block_scale`")]
         else:
-            checks = [(pre + attn + mlp, post, (pre, attn, mlp),
-                       f"resid_pre + {times}(attn_out + mlp_out) == resid_post (the parallel "
-                       "form: mid_norm=None)", "`attn` or `mlp`")]
+            checks = [(scale(late(pre + attn + mlp)), post, scale.each(pre, attn, mlp, *late.terms),
+                       f"{scale.text}resid_pre + {times}(attn_out + mlp_out){late.text}"
+                       f"{scale.end} == resid_post (the parallel form: mid_norm=None)",
+                       "`attn`, `mlp`, `late_writer` or `block_scale`")]
         checks.append((values["heads_out"], values["attn"], (),
                        "head_proj's output == attention's output", "`head_proj`"))
         for got, want, terms, identity, fix in checks:
@@ -294,6 +311,35 @@ def _identities(adapter: Adapter, seen: dict, n: int) -> str | None:
     return None
 
 
+class _Step:
+    """One more step of the block's sum (Gemma 4's late writer, its block scale) as the
+    model computes it, with its text in the identity; the identity where the map has none."""
+
+    def __init__(self, fn: Any = None, text: str = "", end: str = "",
+                 terms: tuple = ()) -> None:
+        self.fn, self.text, self.end, self.terms = fn, text, end, terms
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.fn is None else self.fn(x)
+
+    def each(self, *terms: torch.Tensor) -> tuple:
+        """The terms of a sum through this step (their sizes set the check's tolerance)."""
+        return tuple(self(t) for t in terms)
+
+
+def _late(adapter: Adapter, values: dict, scales: list | None, l: int) -> tuple[_Step, _Step]:
+    """The late writer's add and the block scale of layer ``l`` (steps that do nothing where
+    the map names neither)."""
+    late, scale = _Step(), _Step()
+    if "late_w" in values:
+        out = values["late_w"]
+        late = _Step(lambda x: x + out, " + late_writer", terms=(out,))
+    if scales is not None:
+        s = scales[l]
+        scale = _Step(lambda x: x * s.to(x.device), f"{adapter.block_scale} * (", ")")
+    return late, scale
+
+
 def _scaled(x: torch.Tensor, r: float) -> torch.Tensor:
     """``x * r`` as the model computes it (a Python float times the tensor); ``x`` for 1."""
     return x if r == 1 else x * r
@@ -303,7 +349,8 @@ def _in_place(adapter: Adapter, seen: dict) -> str | None:
     """A site whose tensor changed after its module returned it (and the map does not refuse)."""
     refused = {name for name, _ in adapter.refused}
     sites = {"attn_w": "attn_out", "mlp_w": "mlp_out", "pre": "resid_pre", "post": "resid_post",
-             "mid": "resid_mid", "heads_in": "head_out", "embed": "embed"}
+             "mid": "resid_mid", "heads_in": "head_out", "embed": "embed",
+             "late_w": "late_writer"}
     for key, layer, live, copy in seen["same"]:
         site = sites.get(key)
         if site is None or site in refused or torch.equal(live, copy):

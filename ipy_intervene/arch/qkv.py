@@ -113,7 +113,13 @@ def attention_layout(root: nn.Module, adapter: Adapter) -> AttentionLayout:
 def _linear(adapter: Adapter) -> None:
     """Edge attribution sums each sender's write (its z through its out-projection slice) into
     each receiver's input: a post-norm or an unnamed factor on the way makes that wrong."""
-    reason = adapter.nonlinear_heads("edge attribution")
+    reason = adapter.nonlinear_heads("edge attribution") or adapter.unsummed(
+        "edge attribution")
+    in_place = dict(adapter.refused).get("mlp_out")
+    if reason is None and in_place is not None:
+        reason = (f"edge attribution reads each MLP's write into the residual stream (mlp_out), "
+                  f"which a {adapter.name} model does not have as a value of its own: "
+                  f"{in_place}")
     if reason is None and (adapter.residual_multiplier != 1 or adapter.embed_scale != 1):
         reason = (f"edge attribution reads each sender's write into the residual stream as its "
                   f"module's output, but {adapter.name} scales what it adds "
