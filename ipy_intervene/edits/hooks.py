@@ -7,6 +7,7 @@ and goes on with it at each later generation step; its forward hook (always call
 that every site the edit's code asked for was reached, and ends a run whose code has
 finished. A hook of the edit that fires outside such a forward (a module called on its own,
 as a sweep's block-by-block runs do, or ad hoc from a cell) runs the edit on that call.
+Under autograd the edit is served copies of the values it reads or changes (see :func:`_own`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import greenlet
+import torch
 from torch import nn
 
 from ipy_intervene.edits.run import EditRun, batch_of, cache_length, call_batch, tokens_of
@@ -177,6 +179,8 @@ class EditHooks:
             sched = run.sched
             sched.fired[(PRE, key)] = sched.step
             holder = Inputs(args, kwargs)
+            if sched.wanted(PRE, key) and torch.is_grad_enabled() and (args or kwargs):
+                holder.set_first(*_owned(holder.first()))
             sched.retained[(PRE, key)] = holder
             holder.link(sched, mod)
             if sched.wanted(PRE, key):
@@ -198,6 +202,8 @@ class EditHooks:
             sched = run.sched
             sched.fired[(OUT, key)] = sched.step
             holder = Output(output, mod is self.root)
+            if sched.wanted(OUT, key) and torch.is_grad_enabled() and mod is not self.root:
+                holder.set(_own(output))
             sched.retained[(OUT, key)] = holder
             holder.link(sched, mod)
             if sched.wanted(OUT, key):
@@ -244,3 +250,18 @@ class EditHooks:
             except AttributeError:
                 pass
         return exc
+
+
+def _owned(item: tuple[Any, Any]) -> tuple[Any, Any]:
+    return item[0], _own(item[1])
+
+
+def _own(value: Any) -> Any:
+    """``value`` with its tensors that autograd tracks copied: under autograd, the edit
+    changes a copy (the module's own output may be saved for the backward, which an
+    in-place change would break, as for attention's output)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.requires_grad else value
+    if isinstance(value, (tuple, list)) and type(value) in (tuple, list):
+        return type(value)(_own(v) for v in value)
+    return value

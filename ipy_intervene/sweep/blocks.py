@@ -72,12 +72,12 @@ class BlockCaller:
 
     def __call__(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         copies = hidden.shape[0] // self.rows
-        arguments = {name: _repeat(value, copies) if name in self.batched else value
+        arguments = {name: repeat_rows(value, copies) if name in self.batched else value
                      for name, value in self.templates[layer].items()}
         arguments[self.hidden_arg] = hidden
         if self.cache_arg is not None:
-            self.kv.keys = _repeat(self.base.keys[layer][:, :, : self.prefix], copies)
-            self.kv.values = _repeat(self.base.values[layer][:, :, : self.prefix], copies)
+            self.kv.keys = repeat_rows(self.base.keys[layer][:, :, : self.prefix], copies)
+            self.kv.values = repeat_rows(self.base.values[layer][:, :, : self.prefix], copies)
             arguments[self.cache_arg] = self.kv
         out = self.blocks[layer](**arguments)
         self.kv.keys = self.kv.values = None
@@ -91,11 +91,11 @@ class BlockCaller:
         from transformers import DynamicCache
 
         p = self.prefix
-        call = {k: _repeat(v[:, p:] if k in ("input_ids", "position_ids") else v, copies)
+        call = {k: repeat_rows(v[:, p:] if k in ("input_ids", "position_ids") else v, copies)
                 for k, v in kwargs.items()}
         if p:
             call[cache_kwarg(model.module.base_model)] = DynamicCache(ddp_cache_data=[
-                (_repeat(k[:, :, :p], copies), _repeat(v[:, :, :p], copies))
+                (repeat_rows(k[:, :, :p], copies), repeat_rows(v[:, :, :p], copies))
                 for k, v in zip(self.base.keys, self.base.values)])
         call["use_cache"] = bool(p)
 
@@ -122,13 +122,18 @@ class BlockCaller:
         raise RuntimeError("the model's forward did not call each of its blocks once")
 
 
-def _repeat(value: Any, copies: int) -> Any:
+def repeat_rows(value: Any, copies: int) -> Any:
+    """``value`` (a tensor, or a tuple of them) with its batch rows repeated ``copies`` times.
+
+    >>> repeat_rows(torch.tensor([[1, 2]]), 2).tolist()
+    [[1, 2], [1, 2]]
+    """
     if copies == 1:
         return value
     if isinstance(value, torch.Tensor):
         return value.repeat(copies, *([1] * (value.dim() - 1)))
     if isinstance(value, tuple):
-        return tuple(_repeat(v, copies) for v in value)
+        return tuple(repeat_rows(v, copies) for v in value)
     return value
 
 

@@ -26,6 +26,7 @@ class Recording:
     stream: list[torch.Tensor] = field(default_factory=list)       # L + 1 points [rows, P, d]
     keys: list[torch.Tensor] = field(default_factory=list)         # layer -> [rows, h, P, dh]
     values: list[torch.Tensor] = field(default_factory=list)
+    noise: torch.Tensor | None = None       # what was added to the token embeddings
 
 
 def record(model: Any, adapter: Adapter, kwargs: dict[str, Any], *, kind: SiteKind,
@@ -38,7 +39,7 @@ def record(model: Any, adapter: Adapter, kwargs: dict[str, Any], *, kind: SiteKi
     added to the token embeddings (causal tracing).
     """
     module = model.module
-    rec = Recording(logits=torch.empty(0))
+    rec = Recording(logits=torch.empty(0), noise=noise)
     hooks = [(adapter.module(module, kind.name, layer), kind.where, _keep(rec.sites, layer))
              for layer in layers]
     if stream:
@@ -63,6 +64,18 @@ def record(model: Any, adapter: Adapter, kwargs: dict[str, Any], *, kind: SiteKi
         rec.keys = [layer.keys for layer in cache.layers]
         rec.values = [layer.values for layer in cache.layers]
     return rec
+
+
+def forward_logits(model: Any, kwargs: dict[str, Any], positions: list[int]) -> torch.Tensor:
+    """One forward of the whole model (no cache): its logits at ``positions`` ``[rows,
+    len(positions), vocab]``, the unembedding run from the first of them on where it can.
+
+    >>> forward_logits(model, batch.kwargs, [14]).shape        # doctest: +SKIP
+    torch.Size([1, 1, 50257])
+    """
+    length = kwargs["input_ids"].shape[1]
+    out = model.module(**kwargs, use_cache=False, **_logits_kwargs(model, positions, length))
+    return _select(out.logits, positions, length)
 
 
 def cache_kwarg(module: Any) -> str:

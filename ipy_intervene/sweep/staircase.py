@@ -5,6 +5,11 @@ For one prefix length ``p`` (the first position any of the cells patches), the e
 blocks on positions ``p..P-1`` only, with the prefix's keys and values from the recorded
 corrupted run; a cell patching layer ``l`` joins with the corrupted stream at ``l`` and is
 computed from there on. The unembedding runs only at the positions the metric reads.
+
+A model with edits (``ii.edit``) runs each chunk as whole forwards instead, every cell's rows
+a copy of the base batch with the cell's writes made by hooks at its layers: an edit may read
+or change any module at positions counted from each prompt's start, which a block called on
+its own (on the positions from the patched one on) cannot give it.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ipy_intervene.arch.sites import Adapter, SiteKind, get_path, split_heads
+from ipy_intervene.edits.api import edits
 from ipy_intervene.infra.hooks import site_hooks
 from ipy_intervene.infra.progress import progress_disabled
-from ipy_intervene.sweep.blocks import BlockCaller
-from ipy_intervene.sweep.record import Recording
+from ipy_intervene.sweep.blocks import BlockCaller, repeat_rows
+from ipy_intervene.sweep.record import Recording, forward_logits
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,13 @@ class Engine:
     # -- planning ------------------------------------------------------------------------
 
     def prefix(self, cell: GridCell) -> int:
-        return 0 if cell.pos is None else cell.pos
+        return 0 if cell.pos is None or self.whole_forwards() else cell.pos
+
+    def whole_forwards(self) -> bool:
+        """Whether cells run as whole forwards: the model has edits (``ii.edit``), and this
+        engine says how to patch a whole forward (an engine that adds a kind of cell without
+        defining ``_patch_hooks`` keeps the staircase)."""
+        return "_patch_hooks" in vars(type(self)) and bool(edits(self.model))
 
     def joins_at(self, cell: GridCell) -> int:
         """The stream point where the cell's rows leave the corrupted run."""
@@ -163,7 +175,10 @@ class Engine:
         if max(self.positions) < prefix or not moving:  # nothing the metric reads can change
             return self.base.logits.repeat(len(cells), 1, 1)
         order = sorted(moving, key=lambda i: self.joins_at(cells[i]))
-        logits = self._staircase(prefix, [cells[i] for i in order])
+        if self.whole_forwards():
+            logits = self._whole([cells[i] for i in order])
+        else:
+            logits = self._staircase(prefix, [cells[i] for i in order])
         if order == list(range(len(cells))):
             return logits
         out = self.base.logits.repeat(len(cells), 1, 1)
@@ -221,13 +236,43 @@ class Engine:
                 hidden = caller(point, hidden)
         return self._logits(hidden, prefix, len(cells))
 
+    def _whole(self, cells: list[GridCell]) -> torch.Tensor:
+        """Logits of each cell's block of rows from one forward of the whole model on copies
+        of the base batch: its edits run in every row (each prompt at its own positions),
+        then the cells' writes."""
+        module, copies = self.model.module, len(cells)
+        kwargs = {k: repeat_rows(v, copies) for k, v in self.base_kwargs.items()}
+        hooks = self._patch_hooks(cells)
+        if self.base.noise is not None:     # causal tracing: the base run's noise again
+            noise = repeat_rows(self.base.noise, copies)
+            hooks.insert(0, (get_path(module, self.adapter.embed), "module_out",
+                             lambda x: x + noise.to(x.device, x.dtype)))
+        with site_hooks(hooks):
+            return forward_logits(self.model, kwargs, self.positions)
+
+    def _patch_hooks(self, cells: list[GridCell]) -> list[tuple[Any, str, Any]]:
+        """One site hook per patched layer, writing every cell's values into a copy of the
+        site's value (an edit may hold the tensor it read there)."""
+        hooks = []
+        for layer in sorted({layer for cell in cells for layer in cell.layers}):
+            edit = self._writes(cells, 0, lambda at, layer=layer: at == layer)
+            hooks.append((self.adapter.module(self.model.module, self.kind.name, layer),
+                          self.kind.where, _copied(edit)))
+        return hooks
+
     def _edit(self, cells: list[GridCell], prefix: int, point: int) -> Edit | None:
         """The writes of all cells at one stream point (or inside one block)."""
+        return self._writes(cells, prefix, lambda layer: self._point(layer) == point)
+
+    def _writes(self, cells: list[GridCell], prefix: int,
+                at: Callable[[int], bool]) -> Edit | None:
+        """The writes of all cells at the layers ``at`` accepts; cell ``i`` owns the ``i``-th
+        block of rows."""
         rows, pos, heads, values = [], [], [], []
         prompts = torch.arange(self.rows) % self.n_prompts
         for slot, cell in enumerate(cells):  # sorted by join point: slot = block of rows
             for layer in cell.layers:
-                if self._point(layer) != point:
+                if not at(layer):
                     continue
                 positions = range(self.length) if cell.pos is None else [cell.pos]
                 for p in positions:
@@ -256,6 +301,17 @@ class Engine:
             return fresh
         early = self.base.logits[:, [i for i, p in enumerate(self.positions) if p < prefix]]
         return torch.cat([early.repeat(n_cells, 1, 1), fresh], 1)
+
+
+def _copied(edit: Edit | None) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    """A site hook making ``edit``'s writes in a copy of the value it is given."""
+    def write(x: torch.Tensor) -> torch.Tensor | None:
+        if edit is None:
+            return None
+        x = x.clone()
+        edit(x)
+        return x
+    return write
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
