@@ -271,3 +271,18 @@ def test_an_unedited_sweep_keeps_the_staircase(demo, monkeypatch):
         raise AssertionError("an unedited model ran whole forwards")
     monkeypatch.setattr(Engine, "_whole", refuse)
     sweep(demo, "resid_pre")
+
+
+def test_a_cluster_sweep_of_an_edited_model_is_refused(demo, monkeypatch):
+    """A cluster's workers rebuild the model from its weights, without its edits."""
+    from ipy_intervene.errors import InputError
+    from ipy_intervene.sweep import cluster
+
+    monkeypatch.setattr(cluster, "_ray", lambda: None)   # refused before any worker starts
+    edited = ii.edit(demo, "model.transformer.h[2].mlp.output[:] = 0", name="no_mlp")
+    try:
+        with pytest.raises(InputError, match="without its edits .no_mlp"):
+            ii.patch_sweep(edited, PROMPT, CORRUPT, ii.logit_diff("Mary", "John"),
+                           cluster=ii.RayCluster(workers=2))
+    finally:
+        ii.clear_edits(edited)

@@ -162,10 +162,15 @@ def _widths(mask: Any, rows: int, length: int, name: str) -> list[int]:
                                                                          ).unsqueeze(1)
     if not torch.equal(ones, expected):
         row = int((ones != expected).any(1).nonzero()[0])
+        shown = mask[row].tolist() if length <= 32 else f"{int(widths[row])} ones in {length}"
         raise InputError(
-            f"the edit `{name}` reads each prompt's own positions, so it needs left padding; "
-            f"row {row} of this forward's attention mask is {mask[row].tolist()}. Pad on the "
-            "left (tokenizer.padding_side = 'left'), or give the prompts one at a time")
+            f"the edit `{name}` sees each prompt at its own positions ([:, -1] its last "
+            f"token), counted from where its tokens start; a batch must be padded on the "
+            f"left for that, and row {row} of this forward's attention mask is {shown}, "
+            "not left padding. Pad on the left: tokenizer.padding_side = 'left' before "
+            "tokenizer(prompts, padding=True, return_tensors='pt'), or model.prepare(prompts)"
+            ".kwargs (ipy_intervene pads on the left; read each prompt's last logits at "
+            "[:, -1]); or give the prompts one at a time")
     return [int(w) for w in widths]
 
 

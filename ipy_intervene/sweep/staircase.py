@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ipy_intervene.arch.sites import Adapter, SiteKind, get_path, split_heads
 from ipy_intervene.edits.api import edits
+from ipy_intervene.errors import InputError
 from ipy_intervene.infra.hooks import site_hooks
 from ipy_intervene.infra.progress import progress_disabled
 from ipy_intervene.sweep.blocks import BlockCaller, repeat_rows
@@ -90,7 +91,7 @@ class Engine:
         """The metric of every row under each cell's patch: ``[len(cells), rows]``."""
         out = torch.empty(len(cells), self.rows, dtype=torch.float32,
                           device=self.base.logits.device)
-        chunks = list(self._chunks(cells))
+        chunks = list(self._plan(cells))
         self.chunking = self._describe(chunks)
         bar = tqdm(total=len(cells), desc=desc, delay=1.0, leave=False,
                    disable=progress_disabled())
@@ -121,6 +122,18 @@ class Engine:
         return layer + 1 if self.kind.where == "block_out" else layer
 
     def _chunks(self, cells: list[GridCell]) -> Iterator[tuple[int, list[int]]]:
+        """The chunks a cluster's workers run (``sweep/cluster.py``) on replicas of the
+        model built from its weights: without its edits, so an edited model's are refused."""
+        names = [e.name for e in edits(self.model)]
+        if names:
+            raise InputError(
+                f"cluster= rebuilds the model on each worker from its class, config and "
+                f"weights, without its edits ({', '.join(names)}, made by ii.edit): the "
+                "workers would sweep the unedited model. Sweep the edited model without "
+                "cluster=")
+        return self._plan(cells)
+
+    def _plan(self, cells: list[GridCell]) -> Iterator[tuple[int, list[int]]]:
         by_prefix: dict[int, list[int]] = {}
         for i, cell in enumerate(cells):
             by_prefix.setdefault(self.prefix(cell), []).append(i)
