@@ -131,6 +131,7 @@ def decompose(model: Any, prompt: Any, readout: Any, *, position: int = -1,
     model = wrap(model)
     warn_if_training(model)
     adapter = adapter_for(model)
+    adapter.require_summed("decompose")
     with torch.no_grad():
         if isinstance(prompt, ActivationCache):
             ids = prompt.input_ids[row] if -len(prompt) <= row < len(prompt) else None
@@ -340,13 +341,11 @@ def _attribute(model: Model, adapter: Adapter, seen: dict[str, Any],
     scale = norm.scale(stream)
     shares = norm.linear(vectors, scale) @ spec.direction
     components = dict(zip(names, shares.tolist()))
-    constant = 0.0
     if norm.bias is not None:
         components["final norm bias"] = float(norm.bias @ spec.direction)
-        constant += components["final norm bias"]
     if spec.bias is not None:
         components["unembed bias"] = spec.bias
-        constant += spec.bias
+    constant = components.get("final norm bias", 0.0) + components.get("unembed bias", 0.0)
     return dict(components=components, **_per_layer(adapter, names, shares, groups),
                 **_accumulated(vectors, shares, groups, norm, spec, constant),
                 total=float(sum(components.values())), actual=_actual(seen, spec))

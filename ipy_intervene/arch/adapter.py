@@ -231,6 +231,13 @@ class Adapter:
                 "(resid_pre, resid_mid, resid_post, attn_out, mlp_out, heads) are exact: "
                 "patch or cache them")
 
+    def require_summed(self, method: str) -> None:
+        """A SiteError saying why, where ``method`` has no meaning on this map
+        (:meth:`unsummed`)."""
+        reason = self.unsummed(method)
+        if reason is not None:
+            raise SiteError(reason)
+
     def logits(self, root: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """The model's logits from a residual stream ``hidden`` (the last block's output):
         the final norm, the unembedding and the family's logit transform.

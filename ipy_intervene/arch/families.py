@@ -87,10 +87,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "deepseek_v3": {**_LLAMA_LIKE, "qkv": None, "qkv_layout": None},
 }
 # Gemma 4 (text): Gemma 2's block plus a late writer and a block scale (see _gemma4). Its
-# sites pass the check and every site method is exact on it, but ii.decompose does not yet
-# refuse a map whose parts do not sum to the stream (Adapter.unsummed): until it does, the
-# family stays out of the table (a hand-made map: ii.Adapter(**GEMMA4, ...)).
+# sites pass the check; methods that read the stream as the sum of its parts (decompose,
+# edge attribution, attribution graphs) refuse it (Adapter.unsummed).
 GEMMA4: dict[str, Any] = {**_GEMMA2, "block_scale": "layer_scalar"}
+FAMILIES["gemma4_text"] = GEMMA4
 _PARALLEL = {"gpt_neox": "use_parallel_residual", "stablelm": "use_parallel_residual"}
 # With the parallel residual, the norm the MLP reads (StableLM: the attention's own; NeoX
 # keeps post_attention_layernorm, applied to the block's input).

@@ -62,6 +62,7 @@ def attribution_graph(model: Any, prompt: Any, transcoders: Any, *, target: Any 
     """
     model = wrap(model) if not hasattr(model, "module") else model
     adapter = adapter_for(model, adapter)
+    adapter.require_summed("an attribution graph")
     module = model.module
     ids = _prompt_ids(model, prompt)
     d_model = int(get_path(module, adapter.unembed).weight.shape[1])
