@@ -83,3 +83,4 @@ def test_gpt_neo_s_sites_leave_its_attention_as_it_was(demo):
     assert result.names["q"].shape[1] == 4
     o.close(model.module(input_ids=o.ids([o.CLEAN[0]])[0][None]).logits, before, "after")
     assert getattr(attn, "_attn").__func__ is type(attn)._attn
+    assert "_attn" not in vars(attn)              # no instance attribute left behind

@@ -56,6 +56,18 @@ def replace_input(args: tuple, kwargs: dict, key: int | str, value: Any) -> tupl
     return args, {**kwargs, key: value}
 
 
+_CLASS = object()  # set_attr's marker: the attribute came from the object's class
+
+
+def _own(obj: Any, name: str) -> bool:
+    """Whether ``obj.name`` is ``obj``'s own (its ``__dict__``, a module's tables, or a
+    property of its class, whose setter keeps it), not a method or value of its class that
+    setting would shadow."""
+    own = getattr(obj, "__dict__", {})
+    return (name in own or hasattr(getattr(type(obj), name, None), "__set__")
+            or any(name in own.get(t, ()) for t in ("_modules", "_parameters", "_buffers")))
+
+
 class HookSession:
     """Hooks that live for one ``with`` block and act only in its scope."""
 
@@ -67,7 +79,7 @@ class HookSession:
         self._grads: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self._grad_mode: bool | None = None
         self._set_aside: list[tuple[nn.Module, dict[str, Any]]] = []
-        self._attrs: list[tuple[Any, str, Any]] = []
+        self._attrs: list[tuple[Any, str, Any]] = []   # (obj, name, previous or _CLASS)
         self._holding = holding()
         self._scope: Any = None
 
@@ -108,7 +120,10 @@ class HookSession:
             module.__dict__.update(tables)
         while self._attrs:
             obj, name, previous = self._attrs.pop()
-            setattr(obj, name, previous)
+            if previous is _CLASS:
+                delattr(obj, name)      # the class's attribute shows through again
+            else:
+                setattr(obj, name, previous)
         self._scope.__exit__(None, None, None)
         self._scope = None  # the scope's chain holds this session: no cycle left behind
 
@@ -148,8 +163,9 @@ class HookSession:
 
     @uninterruptible
     def set_attr(self, obj: Any, name: str, value: Any) -> None:
-        """``obj.name = value`` for the session; the previous value comes back at its end."""
-        self._attrs.append((obj, name, getattr(obj, name)))
+        """``obj.name = value`` for the session; the previous value comes back at its end (an
+        attribute ``obj`` had from its class only is deleted again: nothing is left on it)."""
+        self._attrs.append((obj, name, getattr(obj, name) if _own(obj, name) else _CLASS))
         setattr(obj, name, value)
 
     @uninterruptible
