@@ -145,3 +145,21 @@ def tiny_family(model_type: str, vocab: int, **config) -> torch.nn.Module:
         pytest.skip(f"this transformers has no {model_type!r} ({error})")
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+class TinySAE(torch.nn.Module):
+    """A random, seeded SAE: encode = ReLU(x W_enc + b_enc), decode = l W_dec + b_dec."""
+
+    def __init__(self, d: int, m: int = 16, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.W_enc = torch.nn.Parameter(torch.randn(d, m, generator=gen) / d ** 0.5)
+        self.b_enc = torch.nn.Parameter(torch.randn(m, generator=gen) * 0.3 - 0.2)
+        self.W_dec = torch.nn.Parameter(torch.randn(m, d, generator=gen) / m ** 0.5)
+        self.b_dec = torch.nn.Parameter(torch.randn(d, generator=gen) * 0.1)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ self.W_enc + self.b_enc)
+
+    def decode(self, lat: torch.Tensor) -> torch.Tensor:
+        return lat @ self.W_dec + self.b_dec

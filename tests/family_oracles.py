@@ -22,11 +22,12 @@ from torch import nn
 
 from ipy_intervene.arch.sites import get_path
 
+from conftest import TinySAE  # noqa: F401  (family_matrix builds its SAEs as o.TinySAE)
+
 CLEAN = [[5, 9, 12, 20, 7, 30, 14], [8, 3, 40, 11], [21, 6, 17, 9, 25]]
 CORRUPT = [[5, 9, 13, 20, 7, 31, 14], [8, 4, 40, 11], [21, 6, 18, 9, 25]]
 GOOD, BAD = 12, 13
 WIDTH = max(len(p) for p in CLEAN)
-LATENTS = 16
 
 
 def ids(prompts):
@@ -318,24 +319,6 @@ def decompose_alone(module, adapter, prompt):
                 attn=torch.stack([share(attn[l][0, -1]) for l in range(adapter.n_layers)]),
                 mlp=torch.stack([share(mlp[l][0, -1]) for l in range(adapter.n_layers)]),
                 actual=float(logits[GOOD] - logits[BAD]), capped=not linear_logits)
-
-
-class TinySAE(nn.Module):
-    """encode = ReLU(x W_enc + b_enc), decode = l W_dec + b_dec; random, seeded."""
-
-    def __init__(self, d: int, m: int = LATENTS, seed: int = 0) -> None:
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self.W_enc = nn.Parameter(torch.randn(d, m, generator=gen) / d ** 0.5)
-        self.b_enc = nn.Parameter(torch.randn(m, generator=gen) * 0.3 - 0.2)
-        self.W_dec = nn.Parameter(torch.randn(m, d, generator=gen) / m ** 0.5)
-        self.b_dec = nn.Parameter(torch.randn(d, generator=gen) * 0.1)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x @ self.W_enc + self.b_enc)
-
-    def decode(self, lat: torch.Tensor) -> torch.Tensor:
-        return lat @ self.W_dec + self.b_dec
 
 
 @torch.no_grad()

@@ -8,34 +8,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import ipy_intervene as ii
-from conftest import CORRUPT, LAYERS, PROMPT, checksum, hook_count, layers
+from conftest import CORRUPT, LAYERS, PROMPT, TinySAE, checksum, hook_count, layers
 from ipy_intervene.errors import InputError, SiteError
 from ipy_intervene.features import attach, detach
 
 CLEAN = [PROMPT, "Then , Mary and John had a drink"]          # 15 and 9 tokens
 CORRUPTED = [CORRUPT, "Then , Mary and Tom had a drink"]
 WIDTH = 16
-
-
-class TinySAE(nn.Module):
-    """encode = ReLU(x W_enc + b_enc), decode = l W_dec + b_dec; random, seeded."""
-
-    def __init__(self, d: int, m: int = WIDTH, seed: int = 0) -> None:
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self.W_enc = nn.Parameter(torch.randn(d, m, generator=gen) / d ** 0.5)
-        self.b_enc = nn.Parameter(torch.randn(m, generator=gen) * 0.3 - 0.2)
-        self.W_dec = nn.Parameter(torch.randn(m, d, generator=gen) / m ** 0.5)
-        self.b_dec = nn.Parameter(torch.randn(d, generator=gen) * 0.1)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x @ self.W_enc + self.b_enc)
-
-    def decode(self, lat: torch.Tensor) -> torch.Tensor:
-        return lat @ self.W_dec + self.b_dec
 
 
 def first(out):
