@@ -77,18 +77,17 @@ class Edit:
         return {**self.captured, self.model_name: self.model}
 
     def check_alone(self, module: nn.Module) -> None:
-        """A module of the edit called outside a forward of the whole model (ad hoc, or by a
-        latent sweep's block-by-block runs; other sweeps of an edited model run whole
-        forwards): the edit can run on that call alone only if it reads and changes that
-        module alone, at positions counted from the end (a call does not say where each
-        prompt starts)."""
+        """A module of the edit called outside a forward of the whole model (ad hoc, from a
+        cell; every sweep of an edited model runs whole forwards): the edit can run on that
+        call alone only if it reads and changes that module alone, at positions counted from
+        the end (a call does not say where each prompt starts)."""
         ids = {id(m) for m in (*self.plan.pre.values(), *self.plan.out.values())}
         path = self.model._name_of(module) or type(module).__name__
         if len(ids) > 1:
             raise SiteError(
                 f"the edit `{self.name}` ({self.where}) reads or changes {len(ids)} modules; "
                 f"model.{path} was called on its own, outside a forward of the whole model "
-                "(as a sweep of a splice's latents calls blocks), where the other modules "
+                "(called ad hoc), where the other modules "
                 "do not run with it. Make one edit per module (edits compose), or run the "
                 "whole model")
         line = fixed_position(self.source)
@@ -96,8 +95,8 @@ class Edit:
             raise SiteError(
                 f"the edit `{self.name}` ({self.where}, line {line}) indexes a position "
                 f"counted from the start; model.{path} was called on its own, outside a "
-                "forward of the whole model (as a sweep of a splice's latents calls blocks, "
-                "on the positions from the patched one on), where the start of each prompt "
+                "forward of the whole model (called ad hoc, perhaps on some positions "
+                "only), where the start of each prompt "
                 "is not known. Count positions from the end ([:, -1]) or edit all of them")
 
     def remove(self) -> None:

@@ -6,7 +6,8 @@ The root's pre-hook starts a run at each forward that begins a text (no key/valu
 and goes on with it at each later generation step; its forward hook (always called) checks
 that every site the edit's code asked for was reached, and ends a run whose code has
 finished. A hook of the edit that fires outside such a forward (a module called on its own,
-as a sweep's block-by-block runs do, or ad hoc from a cell) runs the edit on that call.
+ad hoc from a cell; every sweep of an edited model runs whole forwards) runs the edit on
+that call.
 Under autograd the edit is served copies of the values it reads or changes (see :func:`_own`).
 """
 

@@ -6,8 +6,8 @@ A forward of the whole model (``model(...)``, ``generate``, a pipeline, a sweep'
 its own positions (left padding cut, ``[:, -1]`` its last token, as in
 :mod:`ipy_intervene.runtime.values`); the steps of a generation continue that run, as in
 ``--generate`` (code outside ``for step in tracer.steps():`` applies at the prompt's
-forward, the loop's body at every step). A call of the edited module alone (a sweep's
-block-by-block run) is a run of its own over the rows and positions that call gets.
+forward, the loop's body at every step). A call of the edited module alone (ad hoc,
+from a cell) is a run of its own over the rows and positions that call gets.
 
 >>> run = EditRun(edit, batch_of((ids,), {"attention_mask": mask}))      # doctest: +SKIP
 """

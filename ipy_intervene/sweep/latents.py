@@ -11,7 +11,9 @@ recorded once (residual stream, keys/values, latents), and each chunk of cells r
 block holding the splice on, on the positions from the patched one on, many cells per
 forward, one block of rows each; the unembedding runs where the metric reads. A cell whose
 source value equals the base value bit for bit (a latent off in both runs: most of an SAE's)
-cannot change anything and takes the base run's logits.
+cannot change anything and takes the base run's logits. A model with edits (``ii.edit``)
+runs each chunk as whole forwards instead (:meth:`LatentEngine._patch_hooks`): an edit may
+touch several modules, at positions counted from each prompt's start.
 
 >>> splice = ii.attach(model, model.transformer.h[2], ii.load_sae("demo"))   # doctest: +SKIP
 >>> r = ii.patch_sweep(model, clean, corrupt, ii.logit_diff("Mary", "John"), site="sae",
@@ -155,6 +157,11 @@ class LatentEngine(Engine):
         for layer in range(self.layer + 1, self.adapter.n_layers):
             hidden = caller(layer, hidden)
         return self._logits(hidden, prefix, len(cells))
+
+    def _patch_hooks(self, cells: list[Any]) -> list[tuple[Any, str, Any]]:
+        """A whole forward's patch (a model with edits, :meth:`Engine.whole_forwards`): the
+        cells' latents set at the splice, after the edits' own hooks there."""
+        return [(self.splice.latents, "module_out", self._edit_latents(cells, 0))]
 
     def _edit_latents(self, cells: list[Any], prefix: int):
         source = self._rows(self.source_latents)
