@@ -9,14 +9,17 @@ Run ``python -m ipy_intervene.demo.evaluate`` to print the figures of the shippe
 
 from __future__ import annotations
 
+import inspect
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ipy_intervene.demo import data
+from ipy_intervene.model.batch import positions_from_mask
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -45,12 +48,20 @@ def held_out_ioi(seed: int = 0) -> list[tuple[str, str, str]]:
 
 
 @torch.no_grad()
-def last_logits(model, tokenizer, prompts: list[str]) -> torch.Tensor:
-    """Next-token logits after each prompt, ``[len(prompts), vocab]`` (right padding)."""
-    enc = tokenizer(prompts, padding=True, padding_side="right", return_tensors="pt")
-    logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
-    last = enc.attention_mask.sum(1) - 1
-    return logits[torch.arange(len(prompts)), last]
+def last_logits(model: Any, tokenizer: Any, prompts: list[str]) -> torch.Tensor:
+    """Next-token logits after each prompt, ``[len(prompts), vocab]``: the batch padded on
+    the left, each prompt at the positions it has alone (position ids from the mask), its
+    last logits at ``[:, -1]``, as an edited model (``ii.edit``) needs them.
+
+    >>> last_logits(model.module, model.tokenizer, ["When Mary and John", "Then"]).shape
+    ...                                                                   # doctest: +SKIP
+    torch.Size([2, 1024])
+    """
+    enc = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
+    kwargs = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        kwargs["position_ids"] = positions_from_mask(enc.attention_mask)
+    return model(**kwargs).logits[:, -1]
 
 
 def token_id(tokenizer, word: str) -> int:
