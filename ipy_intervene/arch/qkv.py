@@ -9,6 +9,15 @@ files for the table's families), the head size is the out-projection's input wid
 ``n_heads``, the kv heads follow from the projections' widths, and a projection whose width
 does not fit the layout is a :class:`SiteError` naming the family and the width.
 
+What each sublayer writes into the stream is the module the block adds (``Adapter.writer``):
+attention's out-projection, whose input splits into one linear write per head
+(``head_senders``), or, under a post-norm (Gemma 2/3, OLMo 2/3), that norm's output, which
+is not a sum over heads, so attention's whole write is one sender. A map with no pre-norms
+(OLMo 2/3: attention and the MLP read the stream itself) has ``attn_norm`` equal to ``attn``
+and ``mlp_norm`` equal to ``mlp``: the "norm" there is the identity (``attn_normed`` /
+``mlp_normed`` are False), and the circuit runs prove on the model's forward that the
+projections read attention's own input.
+
 >>> import ipy_intervene as ii
 >>> from ipy_intervene.arch.sites import adapter_for
 >>> model = ii.load_model("demo")
@@ -56,6 +65,21 @@ class AttentionLayout:
     n_kv: int
     head_dim: int
     columns: tuple[HeadColumns, ...]
+    attn: str = "attn"          # the attention module (attn_norm == attn: no pre-norm)
+    mlp: str = "mlp"            # the MLP (mlp_norm == mlp: no pre-norm)
+    attn_writer: str = "attn"   # what the block adds for attention: a post-norm or attn
+    mlp_writer: str = "mlp"
+    head_senders: bool = True   # attention's write is a sum of one linear write per head
+
+    @property
+    def attn_normed(self) -> bool:
+        """Attention reads the stream through a norm (False: OLMo 2/3 read it as it is)."""
+        return self.attn_norm != self.attn
+
+    @property
+    def mlp_normed(self) -> bool:
+        """The MLP reads the stream through a norm (False: OLMo 2/3 read it as it is)."""
+        return self.mlp_norm != self.mlp
 
     @property
     def shared_norm(self) -> bool:
@@ -68,8 +92,12 @@ def attention_layout(root: nn.Module, adapter: Adapter) -> AttentionLayout:
     :class:`SiteError` naming what is missing or does not fit, or why edge attribution has no
     meaning on the map (a post-norm; a residual or embedding multiplier)."""
     _linear(adapter)
-    missing = [name for name in ("attn_norm", "qkv") if getattr(adapter, name) is None]
     mlp_norm = adapter.mlp_norm or adapter.mid_norm
+    attn_norm = adapter.attn_norm
+    if attn_norm is None and mlp_norm == adapter.mlp and adapter.post_attn_norm is not None:
+        attn_norm = adapter.attn    # no pre-norms (OLMo 2/3): attention reads the stream
+    missing = [name for name, v in (("attn_norm", attn_norm), ("qkv", adapter.qkv))
+               if v is None]
     if mlp_norm is None:
         missing.append("mlp_norm")
     if missing:
@@ -89,7 +117,8 @@ def attention_layout(root: nn.Module, adapter: Adapter) -> AttentionLayout:
             "qkv_layout='separate', or one with qkv_layout='blocks' ([q heads | k kv heads | "
             "v kv heads]) or 'per_head' (each head's [q | k | v])")
     block = get_path(root, adapter.blocks)[0]
-    paths = {"attn_norm": adapter.attn_norm, "mlp_norm": mlp_norm, "head_proj": adapter.head_proj,
+    paths = {"attn_norm": attn_norm, "mlp_norm": mlp_norm, "head_proj": adapter.head_proj,
+             "post_attn_norm": adapter.writer("attn"), "post_mlp_norm": adapter.writer("mlp"),
              **{f"qkv[{i}]": p for i, p in enumerate(adapter.qkv)}}
     for name, path in paths.items():
         try:
@@ -105,16 +134,18 @@ def attention_layout(root: nn.Module, adapter: Adapter) -> AttentionLayout:
     d = d_in // n_heads
     widths = [_width(get_path(block, p), adapter, p) for p in adapter.qkv]
     n_kv = _kv_heads(adapter, layout, widths, n_heads, d)
-    return AttentionLayout(adapter.attn_norm, mlp_norm, adapter.head_proj,
+    return AttentionLayout(attn_norm, mlp_norm, adapter.head_proj,
                            adapter.mid_norm is None, n_heads, n_kv, d,
-                           _columns(adapter.qkv, layout, n_heads, n_kv, d))
+                           _columns(adapter.qkv, layout, n_heads, n_kv, d), adapter.attn,
+                           adapter.mlp, adapter.writer("attn"), adapter.writer("mlp"),
+                           adapter.post_attn_norm is None)
 
 
 def _linear(adapter: Adapter) -> None:
-    """Edge attribution sums each sender's write (its z through its out-projection slice) into
-    each receiver's input: a post-norm or an unnamed factor on the way makes that wrong."""
-    reason = adapter.nonlinear_heads("edge attribution") or adapter.unsummed(
-        "edge attribution")
+    """Edge attribution sums each sender's write (a head's z through its out-projection slice,
+    or a whole sublayer's write under a post-norm) into each receiver's input: a write the
+    block adds outside the sublayers, or an unnamed factor on the way, makes that wrong."""
+    reason = adapter.unsummed("edge attribution")
     in_place = dict(adapter.refused).get("mlp_out")
     if reason is None and in_place is not None:
         reason = (f"edge attribution reads each MLP's write into the residual stream (mlp_out), "

@@ -2,8 +2,14 @@
 
 Senders write into the residual stream: ``embed`` (the residual entering block 0: token
 embeddings plus, in GPT-2, position embeddings), each head ``L{l}H{h}`` (its ``result``: its
-``z`` through its slice of the out-projection, bias not included) and each ``MLP{l}`` (its
-output). Receivers read a residual stream: each head's query input ``L{l}H{h}.q``, its key and
+``z`` through its slice of the out-projection, bias not included) and each ``MLP{l}`` (what
+the block adds for it: the MLP's output, or its post-norm's output where it has one).
+
+Under a norm after attention (Gemma 2/3, OLMo 2/3: ``post_attention_layernorm``) what
+attention adds is ``norm(o_proj(z of all heads))``, not a sum of one write per head, so the
+sender is the whole layer: ``ATTN{l}``, that norm's output (out-projection bias included).
+Receivers stay per head there (a head's q/k/v input is the stream before the pre-norm,
+linear in every write). Receivers read a residual stream: each head's query input ``L{l}H{h}.q``, its key and
 value inputs ``L{l}H{h}.k`` / ``.v`` (under GQA one per kv head: ``L{l}KV{g}.k`` / ``.v``,
 read by query heads ``g * group .. (g + 1) * group - 1``), each ``MLP{l}`` input and the
 ``logits`` (the final norm's input). A receiver's input is the sum of the writes of the
@@ -43,7 +49,7 @@ from ipy_intervene.errors import InputError
 class Node:
     """A sender or a receiver. ``layer`` is -1 for ``embed`` and ``n_layers`` for ``logits``;
     ``index`` is the head (or kv head) for attention, else -1; ``role`` is ``embed``,
-    ``head``, ``mlp`` (senders) or ``q``, ``k``, ``v``, ``mlp``, ``logits`` (receivers)."""
+    ``head``, ``attn`` (a layer's whole attention write, under a post-norm), ``mlp`` (senders) or ``q``, ``k``, ``v``, ``mlp``, ``logits`` (receivers)."""
 
     name: str
     layer: int
@@ -85,6 +91,16 @@ class Graph:
     layout: AttentionLayout | None = None
 
     @property
+    def head_senders(self) -> bool:
+        """Attention sends one write per head (False under a post-norm: one ``ATTN{l}``)."""
+        return self.layout is None or self.layout.head_senders
+
+    @property
+    def attn_senders(self) -> int:
+        """Attention senders per layer: ``n_heads``, or 1 (``ATTN{l}``) under a post-norm."""
+        return self.n_heads if self.head_senders else 1
+
+    @property
     def per_layer(self) -> int:
         """Attention receivers per layer: ``n_heads`` queries, ``n_kv`` keys, ``n_kv`` values."""
         return self.n_heads + 2 * self.n_kv
@@ -94,10 +110,12 @@ class Graph:
         return int(self.upstream.sum())
 
     def head_sender(self, layer: int, head: int) -> int:
-        return 1 + layer * (self.n_heads + 1) + head
+        """Sender index of head ``head`` of ``layer`` (of ``ATTN{layer}`` under a post-norm,
+        whatever ``head``)."""
+        return 1 + layer * (self.attn_senders + 1) + (head if self.head_senders else 0)
 
     def mlp_sender(self, layer: int) -> int:
-        return 1 + layer * (self.n_heads + 1) + self.n_heads
+        return 1 + layer * (self.attn_senders + 1) + self.attn_senders
 
     def attn_receivers(self, layer: int) -> range:
         start = layer * (self.per_layer + 1)
@@ -125,12 +143,14 @@ class Graph:
         return get_path(root, self.adapter.blocks)[layer]
 
     def part(self, root: nn.Module, layer: int, name: str) -> nn.Module:
-        """A module of block ``layer``: ``attn_norm``, ``mlp_norm``, ``out_proj``, ``attn``
-        or ``mlp`` (``part(root, 2, "attn_norm")``), as the adapter and its layout name it."""
+        """A module of block ``layer``: ``attn_norm``, ``mlp_norm``, ``out_proj``, ``attn``,
+        ``mlp``, ``attn_writer`` or ``mlp_writer`` (what the block adds: a post-norm or the
+        sublayer) (``part(root, 2, "attn_norm")``), as the adapter and its layout name it."""
         assert self.layout is not None
         path = {"attn_norm": self.layout.attn_norm, "mlp_norm": self.layout.mlp_norm,
                 "out_proj": self.layout.out_proj, "attn": self.adapter.attn,
-                "mlp": self.adapter.mlp}[name]
+                "mlp": self.adapter.mlp, "attn_writer": self.layout.attn_writer,
+                "mlp_writer": self.layout.mlp_writer}[name]
         return get_path(self.block(root, layer), path)
 
     def final_norm(self, root: nn.Module) -> nn.Module:
@@ -171,7 +191,7 @@ def build_graph(model: Any, adapter: Adapter | None = None) -> Graph:
     layout = attention_layout(root, adapter)
     check_values(root, adapter, layout)
     n_heads, n_kv = layout.n_heads, layout.n_kv
-    senders, receivers = _nodes(adapter.n_layers, n_heads, n_kv)
+    senders, receivers = _nodes(adapter.n_layers, n_heads, n_kv, layout.head_senders)
     graph = Graph(adapter.name, adapter, adapter.n_layers, n_heads, n_kv, layout.head_dim,
                   layout.parallel, senders, receivers, torch.zeros(0, dtype=torch.bool),
                   _slots(layout), layout)
@@ -179,11 +199,13 @@ def build_graph(model: Any, adapter: Adapter | None = None) -> Graph:
     return graph
 
 
-def _nodes(n_layers: int, n_heads: int, n_kv: int) -> tuple[list[Node], list[Node]]:
+def _nodes(n_layers: int, n_heads: int, n_kv: int,
+           heads: bool = True) -> tuple[list[Node], list[Node]]:
     senders, receivers = [Node("embed", -1, -1, "embed")], []
     kv = (lambda l, g: f"L{l}H{g}") if n_kv == n_heads else (lambda l, g: f"L{l}KV{g}")
     for l in range(n_layers):
-        senders += [Node(f"L{l}H{h}", l, h, "head") for h in range(n_heads)]
+        senders += ([Node(f"L{l}H{h}", l, h, "head") for h in range(n_heads)] if heads
+                    else [Node(f"ATTN{l}", l, -1, "attn")])
         senders.append(Node(f"MLP{l}", l, -1, "mlp"))
         receivers += [Node(f"L{l}H{h}.q", l, h, "q") for h in range(n_heads)]
         receivers += [Node(f"{kv(l, g)}.{t}", l, g, t) for t in "kv" for g in range(n_kv)]
@@ -197,7 +219,7 @@ def _upstream(graph: Graph) -> torch.Tensor:
     (``embed`` has layer -1 and ``logits`` layer ``n_layers``, so both follow the rule)."""
     send = torch.tensor([n.layer for n in graph.senders])[:, None]
     recv = torch.tensor([n.layer for n in graph.receivers])[None, :]
-    heads = torch.tensor([n.role == "head" for n in graph.senders])[:, None]
+    heads = torch.tensor([n.role in ("head", "attn") for n in graph.senders])[:, None]
     mlps = torch.tensor([n.role == "mlp" for n in graph.receivers])[None, :]
     same_layer_mlp = heads & mlps & (send == recv) & (not graph.parallel)
     return (send < recv) | same_layer_mlp

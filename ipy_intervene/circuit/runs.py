@@ -3,7 +3,9 @@
 A :class:`GraphRun` installs hooks (in a :class:`~ipy_intervene.infra.hooks.HookSession`) that
 
 - record each sender's write in this run (``current``): the residual entering block 0, each
-  head's ``result`` (computed from ``z`` at the out-projection's input), each MLP's output;
+  head's ``result`` (computed from ``z`` at the out-projection's input), or under a
+  post-norm each ``ATTN{l}`` (that norm's output), each MLP's write (its post-norm's output
+  where it has one);
 - give each receiver the input ``resid + delta``: ``resid`` is the residual stream the
   model itself computed (the sum of the current writes of the senders upstream, plus the
   out-projection biases), ``delta`` is, for the patched edges ``u -> v``, the sum of
@@ -63,12 +65,15 @@ class GraphRun:
         tap(session, g.block(root, 0), True, self._embed)
         for layer in range(g.n_layers):
             receivers = list(g.attn_receivers(layer))
-            tap(session, g.part(root, layer, "attn_norm"), True,
+            tap(session, g.part(root, layer, "attn_norm"), True,   # attn itself: no pre-norm
                 lambda x, layer=layer, r=receivers: self._attn_inputs(layer, r, x))
             if self.grad or self._touched(receivers):
                 self._replace_projections(session, layer)
             tap(session, g.part(root, layer, "out_proj"), True,
                 lambda z, layer=layer: self._heads(layer, z))
+            if not g.head_senders:      # a post-norm: attention's write is that norm's output
+                tap(session, g.part(root, layer, "attn_writer"), False,
+                    lambda out, s=g.head_sender(layer, 0): self._keep(s, out))
             mlp = g.mlp_receiver(layer)
             if g.shared_norm:       # the MLP reads attention's norm: its own input, normed
                 tap(session, g.part(root, layer, "mlp"), True,
@@ -76,7 +81,7 @@ class GraphRun:
             else:
                 tap(session, g.part(root, layer, "mlp_norm"), True,
                     lambda x, r=mlp: self._single_input(r, x))
-            tap(session, g.part(root, layer, "mlp"), False,
+            tap(session, g.part(root, layer, "mlp_writer"), False,
                 lambda out, s=g.mlp_sender(layer): self._keep(s, out))
         tap(session, g.final_norm(root), True, self._final)
         if self.check:
@@ -84,19 +89,40 @@ class GraphRun:
 
     def _check_reads(self, session: HookSession) -> None:
         """The map's norms are what the projections and the MLP read: each q/k/v projection's
-        input is ``attn_norm``'s output, the MLP's is ``mlp_norm``'s (else a receiver's input
-        would not be what the graph says; a SiteError naming the map and the module)."""
+        input is ``attn_norm``'s output, the MLP's is ``mlp_norm``'s; where the map has no
+        pre-norm (OLMo 2/3), the residual stream itself: the block's input for attention, that
+        plus attention's write for the MLP (else a receiver's input would not be what the
+        graph says; a SiteError naming the map and the module)."""
         g, root, normed = self.graph, self.root, {}
+        assert g.layout is not None
         paths = sorted({slot.projection for slot in g.slots})
         for layer in range(g.n_layers):
-            for name in ("attn_norm", "mlp_norm"):
-                tap(session, g.part(root, layer, name), False,
-                    lambda out, key=(layer, name): normed.__setitem__(key, out))
+            self._expected_reads(session, layer, normed)
             reads = [(get_path(g.block(root, layer), p), "attn_norm", p) for p in paths]
             reads.append((g.part(root, layer, "mlp"), "mlp_norm", g.adapter.mlp))
             for module, name, path in reads:
                 tap(session, module, True,
                     lambda x, key=(layer, name), path=path: _same(normed, key, x, g, path))
+
+    def _expected_reads(self, session: HookSession, layer: int, normed: dict) -> None:
+        """Hooks that put in ``normed`` what attention's projections and the MLP must read."""
+        g, root, layout = self.graph, self.root, self.graph.layout
+        assert layout is not None
+        put = normed.__setitem__
+        tap(session, g.block(root, layer), True, lambda x: put((layer, "in"), x))
+        if not layout.attn_normed:      # the stream itself: the block's input
+            tap(session, g.block(root, layer), True, lambda x: put((layer, "attn_norm"), x))
+        else:
+            tap(session, g.part(root, layer, "attn_norm"), False,
+                lambda out: put((layer, "attn_norm"), out))
+        if layout.mlp_normed:
+            tap(session, g.part(root, layer, "mlp_norm"), False,
+                lambda out: put((layer, "mlp_norm"), out))
+        elif g.parallel:                # the stream itself: the block's input, or resid_mid
+            tap(session, g.block(root, layer), True, lambda x: put((layer, "mlp_norm"), x))
+        else:
+            tap(session, g.part(root, layer, "attn_writer"), False,
+                lambda out: put((layer, "mlp_norm"), normed[(layer, "in")] + out))
 
     def _touched(self, receivers: list[int]) -> bool:
         return self.patched is not None and bool(self.patched[:, receivers].any())
@@ -142,6 +168,9 @@ class GraphRun:
         inputs = resid[:, :, None, :].expand(shape)   # read by the receivers alone
         inputs = inputs + delta if delta is not None else inputs
         self._differentiate(receivers[0], inputs)
+        if self.graph.layout is not None and not self.graph.layout.attn_normed:
+            self._normed[layer] = inputs            # no pre-norm: the projections read it
+            return None
         norm = self.graph.part(self.root, layer, "attn_norm")
         self._normed[layer] = norm.forward(inputs)  # .forward: not the hooks of the norm
         return None
@@ -170,6 +199,8 @@ class GraphRun:
 
     def _heads(self, layer: int, z: torch.Tensor) -> None:
         self._normed.pop(layer, None)
+        if not self.graph.head_senders:     # ATTN{layer}: the post-norm's output, kept there
+            return None
         proj = self.graph.part(self.root, layer, "out_proj")
         heads = head_results(proj, split_heads(z, self.graph.n_heads)).detach()
         for h, write in enumerate(heads.unbind(2)):
@@ -234,9 +265,12 @@ def _same(normed: dict, key: tuple, x: torch.Tensor, graph: Graph, path: str) ->
     seen = normed.get(key)
     if seen is None or not (seen is x or (seen.shape == x.shape and torch.equal(seen, x))):
         layer, name = key
+        normed = graph.layout.attn_normed if name == "attn_norm" else graph.layout.mlp_normed
+        what = ("that norm's output" if normed else "the residual stream itself (the map "
+                "states no norm there)")
         raise SiteError(f"the {graph.model_type!r} map says {path} reads {name}="
                         f"{getattr(graph.layout, name)!r}, but in layer {layer} its input is "
-                        "not that norm's output: edge attribution would read the wrong stream; "
+                        f"not {what}: edge attribution would read the wrong stream; "
                         f"pass adapter=ii.Adapter(..., {name}=...) with the right norm")
     return None
 
@@ -284,10 +318,11 @@ def _project(module: nn.Module, normed: torch.Tensor, plan: tuple) -> torch.Tens
 
 
 def check_sum(graph: Graph, root: nn.Module, current: list, resid: torch.Tensor) -> None:
-    """The senders' writes plus the out-projection biases must add up to the residual
-    entering the final norm; otherwise the architecture writes something the graph lacks."""
+    """The senders' writes plus the out-projection biases (not under a post-norm: there
+    ``ATTN{l}`` includes it) must add up to the residual entering the final norm; otherwise
+    the architecture writes something the graph lacks."""
     total = sum(w.double() for w in current if w is not None)
-    for layer in range(graph.n_layers):
+    for layer in range(graph.n_layers if graph.head_senders else 0):
         bias = getattr(graph.part(root, layer, "out_proj"), "bias", None)
         if bias is not None:
             total = total + bias.detach().double()

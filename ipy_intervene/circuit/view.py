@@ -98,13 +98,16 @@ class CircuitView:
 
 
 def _rank(name: str) -> int:
-    """embed 0; layer l's heads (and kv heads) 2l + 1, its MLP 2l + 2; logits last."""
+    """embed 0; layer l's heads (and kv heads, or its ``ATTN{l}``) 2l + 1, its MLP 2l + 2;
+    logits last."""
     if name == "embed":
         return 0
     if name == "logits":
         return 10 ** 6
     if name.startswith("MLP"):
         return 2 * int(name[3:]) + 2
+    if name.startswith("ATTN"):
+        return 2 * int(name[4:]) + 1
     return 2 * int(name[1:].split("H")[0].split("K")[0]) + 1
 
 
