@@ -110,8 +110,10 @@ def test_decompose_of_the_edited_model_equals_plain_hooks_per_prompt(demo, edite
     output) is an error, not shares that leave it out."""
     kind, model, hand = edited
     if kind in ("modules", "from_start"):
-        with pytest.raises(InputError, match="do not add up"):
+        with pytest.raises(InputError, match="do not add up") as info:
             ii.decompose(model, CLEAN[0], ii.logit_diff("Mary", "John"))
+        assert f"the edits ['{kind}'] (ii.edit)" in str(info.value)   # names the edit,
+        assert "architecture" not in str(info.value)                    # not the family
         return
     module = demo.module
     u = (module.lm_head.weight.detach()[demo.token_id("Mary")]

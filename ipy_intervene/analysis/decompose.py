@@ -285,9 +285,8 @@ def _capture(model: Model, adapter: Adapter, kwargs: dict, pos: int) -> dict[str
 # -- the algebra ----------------------------------------------------------------------------
 
 
-def _parts(model: Model, adapter: Adapter, seen: dict[str, Any]) -> tuple[list[str],
-                                                                           torch.Tensor,
-                                                                           list[int]]:
+def _parts(model: Model, adapter: Adapter,
+           seen: dict[str, Any]) -> tuple[list[str], torch.Tensor, list[int]]:
     """Names, residual vectors ``[n, d_model]`` (float64) and each vector's group: 0 for
     the embeddings, ``l + 1`` for layer ``l``."""
     embed = seen["embed"].double().cpu() * adapter.embed_scale
@@ -312,9 +311,7 @@ def _parts(model: Model, adapter: Adapter, seen: dict[str, Any]) -> tuple[list[s
         vectors.append(seen["mlp"][layer].double().cpu() * r)
         groups += [layer + 1] * (len(names) - len(groups))
     stack = torch.stack(vectors)
-    _check_close(stack.sum(0), seen["norm_in"], "the components do not add up to the "
-                 "residual stream entering the final norm; this architecture adds something "
-                 "else to the stream (a norm after attention or the MLP?)")
+    _check_close(stack.sum(0), seen["norm_in"], model)
     return names, stack, groups
 
 
@@ -353,8 +350,7 @@ def _attribute(model: Model, adapter: Adapter, seen: dict[str, Any],
 
 def _per_layer(adapter: Adapter, names: list[str], shares: torch.Tensor,
                groups: list[int]) -> dict[str, Any]:
-    n, h = adapter.n_layers, adapter.n_heads
-    f32 = torch.float32
+    n, h, f32 = adapter.n_layers, adapter.n_heads, torch.float32
     heads, attn, mlp = torch.zeros(n, h, dtype=f32), torch.zeros(n, dtype=f32), torch.zeros(n, dtype=f32)
     if adapter.post_attn_norm is not None:
         heads.fill_(float("nan"))                   # not linear in the heads (see _note)
@@ -378,22 +374,26 @@ def _accumulated(vectors: torch.Tensor, shares: torch.Tensor, groups: list[int],
     streams = summed.cumsum(0)                                  # after embed, L0, L1, ...
     frozen = torch.zeros(n, dtype=shares.dtype).index_add_(0, index, shares).cumsum(0)
     bias = norm.bias if norm.bias is not None else 0.0
-    lens = (norm.linear(streams, norm.scale(streams)) + bias) @ spec.direction
-    lens = lens + (spec.bias or 0.0)
+    lens = (norm.linear(streams, norm.scale(streams)) + bias) @ spec.direction + (spec.bias or 0.0)
     return dict(accumulated=(frozen + constant).float(), logit_lens=lens.float(),
                 labels=["embed"] + [f"L{l}" for l in range(n - 1)])
 
 
 def _actual(seen: dict[str, Any], spec: _Readout) -> float:
-    if spec.tokens:
-        return float(sum(c * seen["logits"][t] for t, c in spec.tokens))
-    return float(seen["norm_out"].double().cpu() @ spec.direction)
+    return float(sum(c * seen["logits"][t] for t, c in spec.tokens)) if spec.tokens else \
+        float(seen["norm_out"].double().cpu() @ spec.direction)
 
 
-def _check_close(mine: torch.Tensor, real: torch.Tensor, message: str) -> None:
+def _check_close(mine: torch.Tensor, real: torch.Tensor, model: Model) -> None:
     tol = 1e-3 if real.dtype in (torch.float32, torch.float64) else 5e-2
     real = real.double().cpu()
     gap, size = float((mine - real).norm()), float(real.norm())
-    if gap > tol * size + 1e-5:
-        raise InputError(f"{message} (relative difference {gap / max(size, 1e-12):.2g}, "
-                         f"allowed {tol:g})")
+    if gap <= tol * size + 1e-5:
+        return
+    edits = [f._ii_edit.name for f in model.module._forward_pre_hooks.values()   # ii.edit's
+             if hasattr(getattr(f, "_ii_edit", None), "name")]                  # root hooks
+    why = (f"the edits {edits} (ii.edit) write to it what no component wrote: decompose the "
+           "model they were made from" if edits else "this architecture adds something else "
+           "to the stream (a norm after attention or the MLP?)")
+    raise InputError(f"the components do not add up to the residual stream at the final norm: "
+                     f"{why} (relative difference {gap / max(size, 1e-12):.2g}, allowed {tol:g})")
