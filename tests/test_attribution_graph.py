@@ -113,10 +113,21 @@ class Oracle:
         self.acts, self.errors = {}, {}
         self.mlp_in = [pre * 0 for pre in self.mlp_in]
         frozen_in = self.run(outputs=self.mlp_out)[2]
-        for i, tc in tcs.items():
+        for i in range(len(self.mlps)):
             self.mlp_in[i] = frozen_in[i]
-            self.acts[i] = torch.relu(frozen_in[i] @ tc.W_enc + tc.b_enc).detach()
-            self.errors[i] = self.mlp_out[i] - (self.acts[i] @ tc.W_dec + tc.b_dec).detach()
+            self.acts[i] = torch.relu(self.pre(i, frozen_in[i])).detach()
+        for i in range(len(self.mlps)):
+            self.errors[i] = self.mlp_out[i] - self.decode(i, self.acts).detach()
+
+    def pre(self, layer, x):
+        """Layer ``layer``'s pre-activations of ``x`` (per-layer transcoders, by hand)."""
+        tc = self.tcs[layer]
+        return x @ tc.W_enc + tc.b_enc
+
+    def decode(self, layer, acts):
+        """MLP ``layer``'s replacement output from the activations by layer, by hand."""
+        tc = self.tcs[layer]
+        return acts[layer] @ tc.W_dec + tc.b_dec
 
     @torch.no_grad()
     def run(self, acts=None, linear: bool = False, drop=(), frozen: bool = True,
@@ -128,6 +139,7 @@ class Oracle:
         acts = self.acts if acts is None else acts
         pre: dict = {}
         inputs: dict = {}
+        current: dict = {}      # this run's activations, layer by layer
         handles = []
         if frozen:
             for norm, kind in self.norms:
@@ -137,7 +149,7 @@ class Oracle:
             handles.append(inner.register_forward_hook(lambda m, a, o, box=box: box.append(a[0])))
             handles.append(outer.register_forward_hook(self._mlp_hook(i, acts, linear, drop,
                                                                       pre, inputs, outputs,
-                                                                      box)))
+                                                                      box, current)))
         seen_logits: list = []
         handles.append(self.head.register_forward_hook(lambda m, a, o: seen_logits.append(o)))
         handles.append(self.blocks[0].register_forward_pre_hook(self._emb_hook(drop),
@@ -174,15 +186,13 @@ class Oracle:
             return y.to(output.dtype)
         return hook
 
-    def _mlp_hook(self, layer, acts, linear, drop, pre, inputs, outputs, box):
-        tc = self.tcs[layer]
-
+    def _mlp_hook(self, layer, acts, linear, drop, pre, inputs, outputs, box, current):
         def hook(mlp, args, output):
             x = box.pop()[0]
             inputs[layer] = x.detach().clone()
             if outputs is not None:
                 return outputs[layer][None]
-            p = x @ tc.W_enc + tc.b_enc
+            p = self.pre(layer, x)
             pre[layer] = p
             a = p * (self.acts[layer] != 0) if linear else acts[layer].clone()
             err = self.errors[layer].clone()
@@ -191,7 +201,8 @@ class Oracle:
                     a[d[2], d[3]] = 0
                 if d[0] == "e" and d[1] == layer:
                     err[d[2]] = 0
-            return (a @ tc.W_dec + tc.b_dec + err)[None]
+            current[layer] = a
+            return (self.decode(layer, current) + err)[None]
         return hook
 
     def _emb_hook(self, drop):
@@ -385,16 +396,18 @@ def _unfrozen_oracle(oracle: Oracle, key) -> tuple[torch.Tensor, torch.Tensor]:
     error, one latent zeroed; attention and norms live: its last-position logits and the
     unembedding's output there times the logit scale (before any soft-cap)."""
     head: list = []
+    current: dict = {}
     handles = [oracle.head.register_forward_hook(lambda m, a, o: head.append(o[0, -1]))]
     for i, (inner, outer) in enumerate(oracle.mlps):
-        tc, box = oracle.tcs[i], []
+        box: list = []
         handles.append(inner.register_forward_hook(lambda m, a, o, box=box: box.append(a[0])))
 
-        def hook(m, args, output, i=i, tc=tc, box=box):
-            a = torch.relu(box.pop()[0] @ tc.W_enc + tc.b_enc)
+        def hook(m, args, output, i=i, box=box):
+            a = torch.relu(oracle.pre(i, box.pop()[0]))
             if key[1] == i:
                 a[key[2], key[3]] = 0
-            return (a @ tc.W_dec + tc.b_dec + oracle.errors[i])[None]
+            current[i] = a
+            return (oracle.decode(i, current) + oracle.errors[i])[None]
         handles.append(outer.register_forward_hook(hook))
     try:
         return oracle.hf(input_ids=oracle.ids).logits[0, -1], head[0] * oracle.scale

@@ -36,7 +36,8 @@ from ipy_intervene.circuit.graph_result import AttributionGraph, Nodes
 from ipy_intervene.circuit.replacement import (Recording, frozen, record, unembedded,
                                                wide_dtype)
 from ipy_intervene.errors import InputError
-from ipy_intervene.features.transcoders import check_transcoders
+from ipy_intervene.features.clt import Replacement
+from ipy_intervene.features.transcoders import check_replacement
 from ipy_intervene.infra.hooks import entry_point
 from ipy_intervene.infra.progress import progress_disabled
 from ipy_intervene.model.encode import encode
@@ -49,7 +50,10 @@ def attribution_graph(model: Any, prompt: Any, transcoders: Any, *, target: Any 
                       max_feature_nodes: int | None = None, batch_size: int = 32,
                       adapter: Adapter | None = None) -> AttributionGraph:
     """The attribution graph of ``prompt`` (a string or 1-D token ids) with one transcoder
-    per MLP (``transcoders``: a dict or list by layer, a folder, or ``"demo"``).
+    per MLP (``transcoders``: a dict or list by layer, a folder, or ``"demo"``) or a
+    cross-layer transcoder (an ``ii.CrossLayerTranscoder`` or a folder in circuit-tracer's
+    layout: :func:`~ipy_intervene.features.clt.load_clt`), whose features then have edges
+    through each of their decoders.
 
     ``target``: None (the logits covering ``logit_share`` of the next-token probability, at
     most ``max_logits``), a token or list of tokens (str or id), or ``ii.logit_diff(a, b)``
@@ -66,13 +70,13 @@ def attribution_graph(model: Any, prompt: Any, transcoders: Any, *, target: Any 
     module = model.module
     ids = _prompt_ids(model, prompt)
     d_model = int(get_path(module, adapter.unembed).weight.shape[1])
-    tcs = check_transcoders(transcoders, adapter.n_layers, d_model,
+    tcs = check_replacement(transcoders, adapter.n_layers, d_model,
                             f"this {adapter.name} model")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size={batch_size!r}: expected a positive int")
     rec = record(module, adapter, ids.to(model.device))
     nodes, acts = _nodes(model, rec, tcs, target, logit_share, max_logits)
-    builder = _Builder(module, adapter, rec, tcs, nodes, batch_size)
+    builder = _Builder(module, adapter, rec, tcs, acts, nodes, batch_size)
     expanded = builder.expand(max_feature_nodes)
     graph = builder.graph(expanded)
     graph._context = dict(model=model, adapter=adapter, rec=rec, transcoders=tcs, acts=acts)
@@ -93,10 +97,10 @@ def _prompt_ids(model: Any, prompt: Any) -> torch.Tensor:
     return ids
 
 
-def _nodes(model: Any, rec: Recording, tcs: dict, target: Any, share: float,
+def _nodes(model: Any, rec: Recording, tcs: Replacement, target: Any, share: float,
            max_logits: int) -> tuple[Nodes, dict[int, torch.Tensor]]:
-    acts = {layer: tc.encode(rec.mlp_in[layer].to(tc.W_enc.dtype)).detach()
-            for layer, tc in tcs.items()}
+    acts = {layer: tcs.encode(layer, rec.mlp_in[layer]).detach()
+            for layer in range(tcs.n_layers)}
     feats = []
     for layer in sorted(acts):
         pos, latent = acts[layer].nonzero(as_tuple=True)
@@ -105,7 +109,7 @@ def _nodes(model: Any, rec: Recording, tcs: dict, target: Any, share: float,
     tokens = [model.tokenizer.decode([t]) if model.tokenizer is not None else str(t)
               for t in rec.input_ids[0].tolist()]
     logits, probs, vectors = _logit_nodes(model, rec, target, share, max_logits)
-    return Nodes(feats, len(tcs), len(tokens), tokens, logits, probs, vectors), acts
+    return Nodes(feats, tcs.n_layers, len(tokens), tokens, logits, probs, vectors), acts
 
 
 def _logit_nodes(model: Any, rec: Recording, target: Any, share: float, max_logits: int
@@ -143,13 +147,13 @@ def _tok(model: Any, i: int) -> str:
 class _Builder:
     """Rows of the adjacency, ``batch_size`` per backward of one retained frozen forward."""
 
-    def __init__(self, module: Any, adapter: Adapter, rec: Recording, tcs: dict,
-                 nodes: Nodes, batch_size: int) -> None:
+    def __init__(self, module: Any, adapter: Adapter, rec: Recording, tcs: Replacement,
+                 acts: dict[int, torch.Tensor], nodes: Nodes, batch_size: int) -> None:
         self.module, self.adapter, self.rec, self.tcs = module, adapter, rec, tcs
-        self.nodes, self.batch = nodes, batch_size
+        self.acts, self.nodes, self.batch = acts, nodes, batch_size
         self.rows: dict[tuple, torch.Tensor] = {}     # target key -> row over all sources
-        self.errors = {layer: (rec.mlp_out[layer] - tc.decode(tc.encode(rec.mlp_in[layer])))
-                       .detach() for layer, tc in tcs.items()}
+        self.errors = {layer: (rec.mlp_out[layer] - tcs.decode(layer, acts)).detach()
+                       for layer in range(tcs.n_layers)}
 
     def expand(self, max_features: int | None) -> list[int]:
         """Compute the logit rows, then feature rows (all, or the most influential up to
@@ -224,9 +228,7 @@ class _Builder:
 
         rec, tcs = self.rec, self.tcs
         full = frozen_values(self.module, self.adapter, rec, tcs, self.nodes, targets)
-        zero_acts = {layer: torch.zeros_like(a) for layer, a in
-                     ((layer, tcs[layer].encode(rec.mlp_in[layer]))
-                      for layer in tcs)}
+        zero_acts = {layer: torch.zeros_like(a) for layer, a in self.acts.items()}
         bias = frozen_values(self.module, self.adapter, rec, tcs, self.nodes, targets,
                              acts=zero_acts, error_scale=0.0, embed_scale=0.0)
         return full, bias
@@ -283,7 +285,7 @@ class _RowsOf:
         for i, (kind, index) in enumerate(keys):
             if kind == "feature":
                 layer, pos, latent, _ = nodes.features[index]
-                w = b.tcs[layer].W_enc[:, latent]
+                w = b.tcs.encoder(layer)[:, latent]
                 total = total + self.inputs[layer][i, pos].to(w.dtype) @ w
             else:
                 total = total + _logit_value(b, self.seen["final"][i, -1], index)
@@ -299,11 +301,11 @@ def _logit_value(builder: _Builder, final: torch.Tensor, index: int) -> torch.Te
     return logits[good] - (logits.mean() if bad is None else logits[bad])
 
 
-def columns(nodes: Nodes, tcs: dict, emb: torch.Tensor, errors: dict[int, torch.Tensor],
-            grads: dict[Any, torch.Tensor]) -> torch.Tensor:
+def columns(nodes: Nodes, tcs: Replacement, emb: torch.Tensor,
+            errors: dict[int, torch.Tensor], grads: dict[Any, torch.Tensor]) -> torch.Tensor:
     """Direct effects ``[batch, n_sources]`` from the gradients at each MLP output and at
-    block 0's input: features ``act * (grad . W_dec row)``, errors ``grad . error``, tokens
-    ``grad . embedding``."""
+    block 0's input: features ``act * sum over their decoders of (grad at the decoder's
+    layer . decoder row)``, errors ``grad . error``, tokens ``grad . embedding``."""
     batch = grads["emb"].shape[0]
     out = torch.zeros(batch, nodes.n_sources, dtype=wide_dtype(grads["emb"]))
     for layer, (start, stop) in nodes.layer_spans().items():
@@ -311,11 +313,14 @@ def columns(nodes: Nodes, tcs: dict, emb: torch.Tensor, errors: dict[int, torch.
             continue
         pos = torch.tensor([nodes.features[i][1] for i in range(start, stop)])
         lat = torch.tensor([nodes.features[i][2] for i in range(start, stop)])
-        w = tcs[layer].W_dec[lat].detach()                           # [n, d]
-        act = torch.tensor([nodes.features[i][3] for i in range(start, stop)], dtype=w.dtype)
-        g = grads[layer].to(w.dtype)
-        proj = torch.einsum("btd,nd->btn", g, w)
-        out[:, start:stop] = (proj[:, pos, torch.arange(stop - start)] * act).to(out.dtype)
+        proj = 0
+        for target in tcs.targets(layer):
+            w = tcs.decoder(layer, target)[lat].detach()                 # [n, d]
+            full = torch.einsum("btd,nd->btn", grads[target].to(w.dtype), w)
+            proj = proj + full[:, pos, torch.arange(stop - start)]
+        act = torch.tensor([nodes.features[i][3] for i in range(start, stop)],
+                           dtype=proj.dtype)
+        out[:, start:stop] = (proj * act).to(out.dtype)
     err0, tok0 = nodes.error_start, nodes.token_start
     for layer, err in errors.items():
         dot = (grads[layer] * err.to(grads[layer].dtype)).sum(-1)

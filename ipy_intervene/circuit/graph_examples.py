@@ -39,8 +39,7 @@ def top_activations(graph: Any, prompts: Sequence[str], k: int = 5,
         inputs = _mlp_inputs(model, adapter, ids)
         tokens = [model.tokenizer.decode([t]) for t in ids[0].tolist()]
         for layer, members in by_layer.items():
-            tc = tcs[layer]
-            acts = tc.encode(inputs[layer].to(tc.W_enc.dtype))
+            acts = tcs.encode(layer, inputs[layer])
             for i in members:
                 latent = graph.nodes.features[i][2]
                 column = acts[:, latent]

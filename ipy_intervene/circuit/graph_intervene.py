@@ -28,6 +28,7 @@ from ipy_intervene.arch.sites import Adapter, get_path
 from ipy_intervene.circuit.replacement import (Recording, frozen, mlp_module, mlp_out_module,
                                                replace_mlp, unembedded)
 from ipy_intervene.errors import InputError
+from ipy_intervene.features.clt import Replacement
 from ipy_intervene.infra.hooks import HookSession, input_key, replace_input
 
 Edits = dict[tuple, tuple[str, float]]   # ("f", layer, pos, latent) / ("e", layer, pos) / ("t", pos)
@@ -56,7 +57,7 @@ def parse_edits(nodes: Any, edits: Mapping[str, Any]) -> Edits:
     return out
 
 
-def frozen_values(module: Any, adapter: Adapter, rec: Recording, tcs: dict, nodes: Any,
+def frozen_values(module: Any, adapter: Adapter, rec: Recording, tcs: Replacement, nodes: Any,
                   targets: list[tuple], *, acts: dict | None = None, linear: bool = False,
                   edits: Edits | None = None, error_scale: float = 1.0,
                   embed_scale: float = 1.0) -> torch.Tensor:
@@ -66,21 +67,21 @@ def frozen_values(module: Any, adapter: Adapter, rec: Recording, tcs: dict, node
     edits = edits or {}
     inputs: dict[int, torch.Tensor] = {}
     seen: dict[str, Any] = {}
-    base = {layer: tc.encode(rec.mlp_in[layer].to(tc.W_enc.dtype)).detach()
-            for layer, tc in tcs.items()}
+    base = {layer: tcs.encode(layer, rec.mlp_in[layer]).detach()
+            for layer in range(tcs.n_layers)}
     chosen = base if acts is None else acts
+    current: dict[int, torch.Tensor] = {}     # this forward's activations, layer by layer
 
     def mlp(layer: int, x: torch.Tensor) -> torch.Tensor:
         inputs[layer] = x
-        tc = tcs[layer]
         if linear:
-            a = tc.pre_activation(x[0].to(tc.W_enc.dtype)) * (base[layer] != 0)
+            a = tcs.pre_activation(layer, x[0]) * (base[layer] != 0)
         else:
             a = chosen[layer].clone()
-        a = _edit_features(a, base[layer], layer, edits)
-        err = (rec.mlp_out[layer] - tc.decode(base[layer])) * error_scale
+        current[layer] = _edit_features(a, base[layer], layer, edits)
+        err = (rec.mlp_out[layer] - tcs.decode(layer, base)) * error_scale
         err = _edit_errors(err, layer, edits)
-        return (tc.decode(a) + err).to(x.dtype)[None]
+        return (tcs.decode(layer, current) + err).to(x.dtype)[None]
 
     def embed(x: torch.Tensor) -> torch.Tensor:
         scale = torch.full((x.shape[1], 1), embed_scale, dtype=x.dtype)
@@ -95,15 +96,16 @@ def frozen_values(module: Any, adapter: Adapter, rec: Recording, tcs: dict, node
 
 
 @torch.no_grad()
-def _read(module: Any, adapter: Adapter, tcs: dict, nodes: Any, targets: list[tuple],
-          inputs: dict[int, torch.Tensor], final: torch.Tensor) -> torch.Tensor:
+def _read(module: Any, adapter: Adapter, tcs: Replacement, nodes: Any,
+          targets: list[tuple], inputs: dict[int, torch.Tensor], final: torch.Tensor
+          ) -> torch.Tensor:
     out = []
     for kind, index in targets:
         if kind == "feature":
             layer, pos, latent, _ = nodes.features[index]
-            tc = tcs[layer]
-            out.append(float(inputs[layer][0, pos].to(tc.W_enc.dtype) @ tc.W_enc[:, latent]
-                             + tc.b_enc[latent]))
+            w = tcs.encoder(layer)[:, latent]
+            out.append(float(inputs[layer][0, pos].to(w.dtype) @ w
+                             + tcs.enc_bias(layer)[latent]))
         else:
             out.append(float(_logit(unembedded(module, adapter, final[0, -1]), nodes, index)))
     return torch.tensor(out, dtype=torch.float64)
@@ -168,11 +170,12 @@ def unfrozen_logits(graph: Any, edits: Edits, errors: str = "frozen"
         ctx["transcoders"]
     at = lambda pos: (torch.tensor([0]), torch.tensor([pos]))  # noqa: E731 - one prompt
     seen: dict[str, Any] = {}
+    state: dict[str, dict] = {}
     with torch.no_grad(), HookSession() as session:
-        for layer, tc in tcs.items():
-            err = rec.mlp_out[layer] - tc.decode(ctx["acts"][layer])
-            _unfrozen_mlp(session, module, adapter, layer, MlpEdit(tc, layer, err, edits, at,
-                                                                   errors))
+        for layer in range(tcs.n_layers):
+            err = rec.mlp_out[layer] - tcs.decode(layer, ctx["acts"])
+            _unfrozen_mlp(session, module, adapter, layer,
+                          MlpEdit(tcs, layer, err, edits, at, errors, state))
         if any(key[0] == "t" for key in edits):
             session.pre(adapter.block(module, 0), _scale_tokens(edits, at))
         session.pre(get_path(module, adapter.unembed), _keep_final(seen))
@@ -194,32 +197,48 @@ class MlpEdit:
     ``decode(edited latents) + edited recorded error`` (the rows are the graph's prompt);
     ``"live"``: the MLP's own output ``out`` plus ``decode(edited) - decode(latents)`` plus
     ``(c - 1) * (out - decode(latents))`` where an error node is scaled by ``c``. ``at(pos)``
-    gives the ``(rows, positions)`` of the graph's position ``pos`` in the batch."""
+    gives the ``(rows, positions)`` of the graph's position ``pos`` in the batch. ``state``
+    (one per forward, shared by the layers' edits) keeps each layer's latents, read by the
+    later layers a cross-layer transcoder's decoders write to."""
 
-    def __init__(self, tc: Any, layer: int, err: torch.Tensor, edits: Edits,
-                 at: Callable[[int], tuple[torch.Tensor, torch.Tensor]], errors: str) -> None:
-        self.tc, self.layer, self.err, self.at, self.errors = tc, layer, err, at, errors
+    def __init__(self, tcs: Replacement, layer: int, err: torch.Tensor, edits: Edits,
+                 at: Callable[[int], tuple[torch.Tensor, torch.Tensor]], errors: str,
+                 state: dict[str, dict]) -> None:
+        self.tcs, self.layer, self.err, self.at, self.errors = tcs, layer, err, at, errors
         self.edits = {k: v for k, v in edits.items() if k[0] in "fe" and k[1] == layer}
+        # live: a layer runs when a feature edit's decoders reach it, or an error edit at a
+        # later layer needs its latents (the error is the MLP output minus every decoder's)
+        self.reached = any(k[0] == "f" and layer in tcs.targets(k[1]) for k in edits) or \
+            any(k[0] == "e" and layer in tcs.sources(k[1]) for k in edits)
+        self.state = state
 
     @property
     def needed(self) -> bool:
-        """Whether the MLP's output changes (always under frozen errors)."""
-        return self.errors == "frozen" or bool(self.edits)
+        """Whether the MLP's output changes or its latents are read later (always under
+        frozen errors)."""
+        return self.errors == "frozen" or bool(self.edits) or self.reached
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        tc = self.tc
-        a = tc.encode(x.to(tc.W_enc.dtype))
+        tcs, layer = self.tcs, self.layer
+        a = tcs.encode(layer, x)
         a2 = a.clone()
         for key, (how, value) in self.edits.items():
             if key[0] == "f":
                 rows, pos = self.at(key[2])
                 a2[rows, pos, key[3]] = value if how == "set" else a[rows, pos, key[3]] * value
+        before, after = self.state.setdefault("a", {}), self.state.setdefault("a2", {})
+        before[layer], after[layer] = a, a2
         if self.errors == "frozen":
-            return (tc.decode(a2) + _edit_errors(self.err, self.layer, self.edits)).to(x.dtype)
-        decoded = tc.decode(a)
-        change = tc.decode(a2) - decoded
+            return (tcs.decode(layer, after) + _edit_errors(self.err, layer, self.edits)
+                    ).to(x.dtype)
+        change = torch.zeros_like(out, dtype=a.dtype)
+        for source in tcs.sources(layer):   # the layers that ran hold latents (edited ones)
+            if source in after:
+                change = change + (after[source] - before[source]) @ \
+                    tcs.decoder(source, layer)
         for key, (_, c) in self.edits.items():
-            if key[0] == "e":
+            if key[0] == "e":       # every source layer ran (``reached``): its error is known
+                decoded = tcs.decode(layer, before)
                 rows, pos = self.at(key[2])
                 change[rows, pos] += (c - 1) * (out[rows, pos].to(change.dtype)
                                                 - decoded[rows, pos])
@@ -283,6 +302,7 @@ def apply_in_trace(graph: Any, model: Any, edits: Edits, errors: str, align: str
                          "p of each prompt) or 'end' (counted from each prompt's last token)")
     ctx = graph._context
     adapter, rec, tcs = ctx["adapter"], ctx["rec"], ctx["transcoders"]
+    state: dict[str, dict] = {}
     args, kwargs = model.inputs
     ids = kwargs.get("input_ids", args[0] if args else None)
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
@@ -295,9 +315,9 @@ def apply_in_trace(graph: Any, model: Any, edits: Edits, errors: str, align: str
     if any(key[0] == "t" for key in edits):
         block0 = adapter.block(model, 0)
         block0.input = scale_tokens(block0.input, edits, at)
-    for layer, tc in tcs.items():
-        err = rec.mlp_out[layer] - tc.decode(ctx["acts"][layer])
-        edit = MlpEdit(tc, layer, err, edits, at, errors)
+    for layer in range(tcs.n_layers):
+        err = rec.mlp_out[layer] - tcs.decode(layer, ctx["acts"])
+        edit = MlpEdit(tcs, layer, err, edits, at, errors, state)
         if not edit.needed:
             continue
         block = adapter.block(model, layer)

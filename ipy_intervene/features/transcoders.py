@@ -1,7 +1,8 @@
 """Sets of per-layer transcoders (one per MLP: reads the MLP's input, writes its output), from
 local folders: SAELens transcoder folders (``cfg.json`` with ``architecture`` ``transcoder``
 or ``jumprelu_transcoder``), the Gemma Scope layout (``params.npz`` with ``W_enc``, ``W_dec``,
-``b_enc``, ``b_dec``, ``threshold``), or the ones shipped with the demo model.
+``b_enc``, ``b_dec``, ``threshold``), or the ones shipped with the demo model; and cross-layer transcoders in circuit-tracer's
+folder layout (:func:`load_clt`).
 
 >>> tcs = ii.load_transcoders("demo")                 # {0: SAE(...), 1: ..., 2: ..., 3: ...}
 >>> tcs = ii.load_transcoders("/data/gemma-scope-transcoders")      # doctest: +SKIP
@@ -21,6 +22,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ipy_intervene.errors import InputError
+from ipy_intervene.features.clt import (CrossLayerTranscoder, Replacement, TranscoderSet,
+                                       load_clt)
 from ipy_intervene.features.sae import SAE
 from ipy_intervene.features.saelens import CFG, WEIGHTS, load_sae
 
@@ -147,3 +150,25 @@ def check_transcoders(transcoders: Any, n_layers: int, d_model: int, what: str
                              "the MLP's input as it is")
         out[layer] = tc
     return out
+
+
+def check_replacement(transcoders: Any, n_layers: int, d_model: int, what: str
+                      ) -> Replacement:
+    """What replaces the MLPs of ``what``: a :class:`CrossLayerTranscoder` (or a folder in
+    circuit-tracer's CLT layout, :func:`load_clt`) checked against the model's layers and
+    width, or per-layer transcoders (:func:`check_transcoders`) as a :class:`TranscoderSet`."""
+    if isinstance(transcoders, (str, Path)) and str(transcoders) != "demo" and \
+            (Path(transcoders).expanduser() / "W_enc_0.safetensors").is_file():
+        transcoders = load_clt(transcoders)
+    if isinstance(transcoders, TranscoderSet):
+        transcoders = transcoders.transcoders
+    if not isinstance(transcoders, CrossLayerTranscoder):
+        return TranscoderSet(check_transcoders(transcoders, n_layers, d_model, what))
+    clt, where = transcoders, getattr(transcoders, "source", "the cross-layer transcoder")
+    if clt.n_layers != n_layers:
+        raise InputError(f"{where} has {clt.n_layers} layers (W_enc_0 to W_enc_"
+                         f"{clt.n_layers - 1}); {what} has {n_layers}: one encoder per layer")
+    if clt.d_model != d_model:
+        raise InputError(f"{where}: W_enc_0 reads width {clt.d_model}; {what}'s MLPs read "
+                         f"and write width {d_model}")
+    return clt
