@@ -51,9 +51,9 @@ def attribution_graph(model: Any, prompt: Any, transcoders: Any, *, target: Any 
                       adapter: Adapter | None = None) -> AttributionGraph:
     """The attribution graph of ``prompt`` (a string or 1-D token ids) with one transcoder
     per MLP (``transcoders``: a dict or list by layer, a folder, or ``"demo"``) or a
-    cross-layer transcoder (an ``ii.CrossLayerTranscoder`` or a folder in circuit-tracer's
-    layout: :func:`~ipy_intervene.features.clt.load_clt`), whose features then have edges
-    through each of their decoders.
+    cross-layer transcoder (a ``CrossLayerTranscoder`` or a folder in circuit-tracer's
+    layout, :mod:`ipy_intervene.features.clt`), whose features then have edges through
+    each of their decoders.
 
     ``target``: None (the logits covering ``logit_share`` of the next-token probability, at
     most ``max_logits``), a token or list of tokens (str or id), or ``ii.logit_diff(a, b)``
