@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ipy_intervene.arch.adapter import Adapter, finite
+from ipy_intervene.arch.adapter import Adapter, finite, get_path
 
 _LLAMA_LIKE = dict(blocks="model.layers", final_norm="model.norm", unembed="lm_head",
                    embed="model.embed_tokens", attn="self_attn", mlp="mlp",
@@ -167,6 +167,17 @@ def family_adapter(module: nn.Module) -> Adapter | None:
     if model_type in _FROM_CONFIG:
         fields = _FROM_CONFIG[model_type](config, fields)
     return Adapter(model_type, n_heads=n_heads(config), **fields).with_layers(module)
+
+
+def changed_in_place(module: nn.Module) -> list[nn.Module]:
+    """The modules whose output tensor ``module``'s forward changes in place after their
+    hooks ran (parallel Falcon: each block's MLP, into whose output attention's is added),
+    so that a read of one must be a copy; [] for every other family."""
+    adapter = family_adapter(module)
+    if adapter is None or dict(adapter.refused).get("mlp_out") is not _FALCON_INPLACE:
+        return []
+    return [get_path(adapter.block(module, layer), adapter.mlp)
+            for layer in range(adapter.n_layers)]
 
 
 def n_heads(config: Any) -> int:

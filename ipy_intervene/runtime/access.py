@@ -56,6 +56,7 @@ class Scheduler(Protocol):
     invokes: list[Any]
     skips: dict[int, list]
     ledger: "ReadLedger"
+    copied: set[int]           # modules whose reads are served as copies
 
     def rows_to_split(self) -> Any: ...
     def record(self, req: Any, value: Any) -> None: ...
@@ -222,7 +223,11 @@ class Output:
         else:
             view = view_of(sched, inv, layout.of_output(req.envoy.module), req.label)
             value = serve_value(sched, req, self.value, view, self.set)
-        return guard_pattern(value, req.envoy.module, req.label) if req.access == "read" else value
+        if req.access != "read":
+            return value
+        if id(req.envoy.module) in sched.copied:   # the model changes this tensor later
+            value = _copy(value)
+        return guard_pattern(value, req.envoy.module, req.label)
 
 
 class Parts:

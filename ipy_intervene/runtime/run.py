@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 from torch import nn
 
 from ipy_intervene.arch import attention, moe
+from ipy_intervene.arch.families import changed_in_place
 from ipy_intervene.compiler.compile import CompiledCell, InvokeCode
 from ipy_intervene.compiler.graph import InterventionGraph, Visit
 from ipy_intervene.compiler.validate import HookPlan, check_called
@@ -269,6 +270,7 @@ def run_cell(model: Model, cell: CompiledCell, graph: InterventionGraph, plan: H
         if plan.uses_moe_sites():
             moe.use_sites(session, model.module)
         run = TraceRun(model, cell, graph, ns, generate, session, ignore_eos, options)
+        run.sched.copied |= {id(m) for m in changed_in_place(model.module)}
         try:
             with active.tracing(run):
                 output, batch = _interleave(run, cell, ns, line_input, plan, fake)
@@ -316,7 +318,7 @@ def _interleave(run: TraceRun, cell: CompiledCell, ns: dict, line_input: Any, pl
     run.order_appends()
     for names in own:  # each invoke's own names, in invoke order: the last one's stay
         ns.update(names)
-    run.sched.check_published(ns)
+    run.sched.check_changed()
     if cell.after is not None:
         exec(cell.after, ns)
     return run.sched.final_output, batch

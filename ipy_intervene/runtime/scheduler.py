@@ -10,6 +10,7 @@ request that moment answers, reads before writes, until none can go on. After th
 from __future__ import annotations
 
 import contextvars
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -25,6 +26,9 @@ from ipy_intervene.runtime.access import Output, ReadLedger, serve_model_output
 
 PRE, OUT = "pre", "out"
 DONE = object()    # what an invoke's greenlet returns when its code has finished
+#: Modules whose output the model was seen to change in place after a read: later reads of
+#: them are served as copies (``Scheduler.check_served``).
+CHANGED_IN_PLACE: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
 @dataclass
@@ -91,7 +95,8 @@ class Scheduler:
         self.stop_line: int | None = None
         self.enter: Callable[[Invoke], None] | None = None  # called before an invoke resumes
         self.served: list[list[Any]] = []  # [tensor, its version after the cell's turn, req]
-        self.changed: list[tuple[torch.Tensor, Any]] = []  # served, then changed by the model
+        self.changed: list[Any] = []       # reads whose tensor the model changed afterwards
+        self.copied: set[int] = {id(m) for m in CHANGED_IN_PLACE}  # reads served as copies
 
     # -- invokes ---------------------------------------------------------------------------
 
@@ -263,28 +268,26 @@ class Scheduler:
             entry[1] = entry[0]._version
 
     def check_served(self) -> None:
-        """Note each value the cell read that the model has since changed in place (Falcon's
-        parallel block adds attention's output into the MLP's output tensor)."""
+        """Note each value the cell read that the model has since changed in place (a
+        module's output a later line of the model adds into, like parallel Falcon's MLP
+        output before the table knew it): from now on its reads get a copy."""
         if any(tensor._version != version for tensor, version, _ in self.served):
-            self.changed += [(t, req) for t, version, req in self.served if t._version != version]
+            changed = [req for t, version, req in self.served if t._version != version]
+            self.changed += changed
+            CHANGED_IN_PLACE.update(req.envoy.module for req in changed)
             self.served = [entry for entry in self.served if entry[0]._version == entry[1]]
 
-    def check_published(self, ns: dict[str, Any]) -> None:
-        """A name that holds a value the model changed in place after the cell read it
-        would be published wrong: an error at the line that read it (``.clone()`` there
-        keeps the value)."""
-        if not self.changed:
-            return
-        storages = {t.untyped_storage().data_ptr(): req for t, req in self.changed
-                    if t.untyped_storage().nbytes()}
-        for name, value in ns.items():
-            for tensor in _tensors(value):
-                req = storages.get(tensor.untyped_storage().data_ptr())
-                if req is not None:
-                    raise SiteError(
-                        f"`{name}` holds `{req.label}` as this line read it, but the model "
-                        "changed that tensor in place afterwards, so it no longer holds the "
-                        f"site's value. Read `{req.label}.clone()` to keep it", line=req.line)
+    def check_changed(self) -> None:
+        """The cell fails when the model changed in place a value it had read: the name
+        holding it, or anything computed from it after that moment, would be wrong. A
+        second run gets copies of that site (``CHANGED_IN_PLACE``)."""
+        if self.changed:
+            req = self.changed[0]
+            raise SiteError(f"the model changed `{req.label}` in place after this line read "
+                            "it, so what the cell holds (and anything computed from it "
+                            "afterwards) is no longer the site's value; nothing is published. "
+                            "Reads of this site now get a copy: run the cell again",
+                            line=req.line)
 
     # -- after the forward -------------------------------------------------------------------
 
@@ -349,13 +352,3 @@ def _runner(body: Callable[[], Any]) -> Callable[..., Any]:
 
     return run
 
-
-def _tensors(value: Any, depth: int = 2) -> list[torch.Tensor]:
-    """The tensors ``value`` is or holds (in lists, tuples and dicts, ``depth`` levels)."""
-    if isinstance(value, torch.Tensor):
-        return [] if value.is_inference() or value.layout != torch.strided else [value]
-    if depth and isinstance(value, (list, tuple)):
-        return [t for item in value[:10_000] for t in _tensors(item, depth - 1)]
-    if depth and isinstance(value, dict):
-        return [t for item in list(value.values())[:10_000] for t in _tensors(item, depth - 1)]
-    return []
