@@ -193,6 +193,7 @@ class Scheduler:
         self.step += 1
         self.retained.clear()
         self.ledger.clear()
+        self.served.clear()      # checked at this hook already; a new step makes new values
 
     def record(self, req: Request, value: Any) -> None:
         if req.site is not None:
