@@ -65,9 +65,14 @@ def test_what_sums_the_writers_says_why_it_has_no_meaning_on_gemma4(gemma4):
     assert reason.startswith("decompose reads the residual stream as the sum of the embeddings")
     assert "gemma4_text block also has the output of post_per_layer_input_norm" in reason
     assert "a scale layer_scalar that multiplies the whole stream" in reason
-    with pytest.raises(SiteError, match="gemma4_text puts a norm after attention"):
-        ii.edge_attribution(gemma4, o.ids(o.CLEAN), o.ids(o.CORRUPT),
-                            ii.logit_diff(o.GOOD, o.BAD))
+    metric = ii.logit_diff(o.GOOD, o.BAD)
+    for method, call in (
+            ("edge attribution", lambda: ii.edge_attribution(gemma4, o.ids(o.CLEAN),
+                                                             o.ids(o.CORRUPT), metric)),
+            ("decompose", lambda: ii.decompose(gemma4, o.ids(o.CLEAN)[0], metric))):
+        with pytest.raises(SiteError, match=f"{method} reads the residual stream as the sum .*"
+                                            "gemma4_text block also has"):
+            call()
 
 
 def test_gpt_neo_s_sites_leave_its_attention_as_it_was(demo):
