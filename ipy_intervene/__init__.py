@@ -39,6 +39,7 @@ from ipy_intervene.features import (
     feature_activations,
     load_sae,
 )
+from ipy_intervene.features.clt import CrossLayerTranscoder, load_clt
 from ipy_intervene.features.transcoders import load_transcoders
 from ipy_intervene.model.envoys import Envoy, Model
 from ipy_intervene.model.loading import load_model, wrap
@@ -60,7 +61,8 @@ __all__ += ["Circuit", "EdgeResult", "VerifyResult", "edge_attribution", "verify
 __all__ += ["ActivationCache", "PatternBatch", "Positions", "cache", "positions"]
 __all__ += ["DecomposeResult", "PatternResult", "RayCluster", "ScreenResult",
             "attention_patterns", "decompose", "debug", "path_patch", "screen_and_verify"]
-__all__ += ["AttributionGraph", "attribution_graph", "load_transcoders"]
+__all__ += ["AttributionGraph", "attribution_graph", "load_transcoders", "CrossLayerTranscoder",
+            "load_clt"]
 __all__ += ["Custom", "Direction", "Neurons", "SAE", "Splice", "Subspace", "attach", "attached",
             "detach", "feature_activations", "load_sae", "traced"]
 __all__ += ["Edit", "clear_edits", "edit", "edits"]

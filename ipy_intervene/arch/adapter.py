@@ -199,8 +199,8 @@ class Adapter:
 
     def nonlinear_heads(self, method: str) -> str | None:
         """Why ``method`` (a method that needs each head's write into the residual stream to
-        be linear in its ``z``: per-head decomposition, per-head DLA, EAP) has no meaning on
-        this map; None where it has one."""
+        be linear in its ``z``: per-head decomposition and DLA; edge attribution sends from
+        the whole attention write instead) has no meaning on this map; None where it has one."""
         if self.post_attn_norm is not None:
             return (f"{method} needs each head's write into the residual stream to be linear "
                     f"in its output z, but {self.name} puts a norm after attention "
