@@ -349,3 +349,31 @@ def test_the_magic_makes_an_edit_and_a_failing_one_binds_nothing(shell, vec):
     assert shell.user_ns["no_mlp"] is model and len(ii.edits(model)) == 1
     ii.clear_edits(model)
     assert hook_count(model.module) == hooked
+
+
+def test_a_forward_interrupted_by_ctrl_c_leaves_the_next_forward_edited(demo, vec):
+    """torch does not call the end hook of a forward a KeyboardInterrupt leaves: the next
+    forward must still start its own run (it used to be served the interrupted one's,
+    finished, and ran unedited)."""
+    cell, hand = kinds(demo, vec)["block"]
+    steered = ii.edit(demo, cell, name="steer", namespace={"vec": vec})
+
+    def interrupt(m, args, out):
+        raise KeyboardInterrupt
+
+    handle = steered.module.transformer.ln_f.register_forward_hook(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt), torch.no_grad():
+            steered.module(ids(demo, PROMPT))
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        out = steered.module(ids(demo, PROMPT)).logits[0]
+        generated = steered.module.generate(ids(demo, SHORT), max_new_tokens=3,
+                                            do_sample=False, pad_token_id=demo.pad_id)
+    torch.testing.assert_close(out, alone(demo, hand, PROMPT), atol=TOL, rtol=TOL)
+    fresh = ii.edit(demo, cell, name="steer", namespace={"vec": vec})   # never interrupted
+    with torch.no_grad():
+        want = fresh.module.generate(ids(demo, SHORT), max_new_tokens=3, do_sample=False,
+                                     pad_token_id=demo.pad_id)
+    assert generated.tolist() == want.tolist()

@@ -13,6 +13,7 @@ Under autograd the edit is served copies of the values it reads or changes (see 
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import greenlet
@@ -88,8 +89,12 @@ class EditHooks:
     def _begin(self, args: tuple, kwargs: dict) -> None:
         """A forward of the whole model: a new text (a new run), or the next step of the
         text being generated (its run goes on)."""
-        if self.serving or self.forwarding:
+        if self.serving or self.forwarding and _calls_of(self.root) > 1:
             return   # the model called from the edit's own code, or from inside a forward
+        if self.forwarding:   # the last forward ended without its end hook (a KeyboardInterrupt)
+            self.forwarding = False
+            self._drop()
+            self.text = None
         seen = cache_length(kwargs)
         tokens = tokens_of(args, kwargs)
         rows = int(tokens.shape[0]) if tokens is not None else None
@@ -266,3 +271,14 @@ def _own(value: Any) -> Any:
     if isinstance(value, (tuple, list)) and type(value) in (tuple, list):
         return type(value)(_own(v) for v in value)
     return value
+
+
+def _calls_of(root: nn.Module) -> int:
+    """How many calls of ``root`` are running on this thread's stack (its ``_call_impl``
+    frames): 1 in a forward's own hooks, more when a forward calls the model again."""
+    count, frame = 0, sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_name == "_call_impl" and frame.f_locals.get("self") is root:
+            count += 1
+        frame = frame.f_back
+    return count
