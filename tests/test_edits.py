@@ -377,3 +377,17 @@ def test_a_forward_interrupted_by_ctrl_c_leaves_the_next_forward_edited(demo, ve
         want = fresh.module.generate(ids(demo, SHORT), max_new_tokens=3, do_sample=False,
                                      pad_token_id=demo.pad_id)
     assert generated.tolist() == want.tolist()
+
+
+def test_clearing_a_pattern_edit_leaves_nothing_on_gpt_neo_s_attention(demo):
+    """GPT-Neo's pattern site wraps its attention's own ``_attn`` method for as long as the
+    edit lasts; clearing the edit leaves no instance attribute behind."""
+    from test_families_maps import family
+
+    model = family("gpt_neo", demo)
+    attn = model.module.transformer.h[0].attn.attention
+    edited = ii.edit(model, "model.transformer.h[0].attn.attention.pattern.output[:, 1] = 0",
+                     name="no_head1", inplace=True)
+    assert "_attn" in vars(attn)
+    ii.clear_edits(edited)
+    assert "_attn" not in vars(attn) and hook_count(model.module) == 0

@@ -40,7 +40,7 @@ from ipy_intervene.edits.clone import shallow_clone
 from ipy_intervene.edits.hooks import EditHooks
 from ipy_intervene.errors import CellSyntaxError, InterventionError, SiteError
 from ipy_intervene.infra import active
-from ipy_intervene.infra.hooks import entry_point
+from ipy_intervene.infra.hooks import entry_point, undoer
 from ipy_intervene.model.envoys import Envoy, Model
 from ipy_intervene.model.loading import wrap
 
@@ -243,9 +243,8 @@ class _Lasting:
         self.undo = undo
 
     def set_attr(self, obj: Any, name: str, value: Any) -> None:
-        previous = getattr(obj, name)
+        self.undo.append(undoer(obj, name))
         setattr(obj, name, value)
-        self.undo.append(lambda: setattr(obj, name, previous))
 
     def post(self, module: nn.Module, fn: Any) -> None:
         def hook(mod: nn.Module, args: tuple, output: Any) -> Any:

@@ -56,16 +56,22 @@ def replace_input(args: tuple, kwargs: dict, key: int | str, value: Any) -> tupl
     return args, {**kwargs, key: value}
 
 
-_CLASS = object()  # set_attr's marker: the attribute came from the object's class
+def undoer(obj: Any, name: str) -> Callable[[], None]:
+    """What puts ``obj.name`` back as it is now, once it has been set: the value set back,
+    or, for an attribute ``obj`` has from its class only (a method), the instance attribute
+    deleted so that nothing is left on ``obj``.
 
-
-def _own(obj: Any, name: str) -> bool:
-    """Whether ``obj.name`` is ``obj``'s own (its ``__dict__``, a module's tables, or a
-    property of its class, whose setter keeps it), not a method or value of its class that
-    setting would shadow."""
+    >>> class C:
+    ...     def f(self): return 1
+    >>> c = C(); undo = undoer(c, "f"); c.f = lambda: 2; undo(); "f" in vars(c)
+    False
+    """
     own = getattr(obj, "__dict__", {})
-    return (name in own or hasattr(getattr(type(obj), name, None), "__set__")
-            or any(name in own.get(t, ()) for t in ("_modules", "_parameters", "_buffers")))
+    if (name in own or hasattr(getattr(type(obj), name, None), "__set__")
+            or any(name in own.get(t, ()) for t in ("_modules", "_parameters", "_buffers"))):
+        previous = getattr(obj, name)
+        return lambda: setattr(obj, name, previous)
+    return lambda: delattr(obj, name)
 
 
 class HookSession:
@@ -79,7 +85,7 @@ class HookSession:
         self._grads: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self._grad_mode: bool | None = None
         self._set_aside: list[tuple[nn.Module, dict[str, Any]]] = []
-        self._attrs: list[tuple[Any, str, Any]] = []   # (obj, name, previous or _CLASS)
+        self._attrs: list[Callable[[], None]] = []     # what puts each set attribute back
         self._holding = holding()
         self._scope: Any = None
 
@@ -119,11 +125,7 @@ class HookSession:
             module, tables = self._set_aside.pop()
             module.__dict__.update(tables)
         while self._attrs:
-            obj, name, previous = self._attrs.pop()
-            if previous is _CLASS:
-                delattr(obj, name)      # the class's attribute shows through again
-            else:
-                setattr(obj, name, previous)
+            self._attrs.pop()()
         self._scope.__exit__(None, None, None)
         self._scope = None  # the scope's chain holds this session: no cycle left behind
 
@@ -165,7 +167,7 @@ class HookSession:
     def set_attr(self, obj: Any, name: str, value: Any) -> None:
         """``obj.name = value`` for the session; the previous value comes back at its end (an
         attribute ``obj`` had from its class only is deleted again: nothing is left on it)."""
-        self._attrs.append((obj, name, getattr(obj, name) if _own(obj, name) else _CLASS))
+        self._attrs.append(undoer(obj, name))
         setattr(obj, name, value)
 
     @uninterruptible
