@@ -13,7 +13,7 @@ import torch
 
 import ipy_intervene as ii
 from ipy_intervene.errors import InputError
-from test_edits_sweeps import CLEAN, KINDS, WIDTH, Hand, clone_out, ids, kind_of
+from test_edits_sweeps import CLEAN, CORRUPTED, KINDS, WIDTH, Hand, clone_out, ids, kind_of
 
 TOL = 1e-5
 SITES = ["resid_post", "attn_out", "mlp_out", "head_out", "pattern"]
@@ -164,3 +164,18 @@ def test_a_right_padded_batch_is_refused_with_how_to_pad_on_the_left(demo):
             want = demo.module(ids(demo, text)).logits[0, -1]
         torch.testing.assert_close(got[i], want, atol=TOL, rtol=TOL)
     ii.clear_edits(edited)
+
+
+def test_methods_that_read_the_model_s_own_parts_name_the_edit_they_cannot_see(demo):
+    """Edge attribution checks that the components' writes add up to the stream, and an
+    attribution graph freezes the model's own parts: an edit that writes what no component
+    wrote (a steering vector) is named in the refusal, never folded in silently."""
+    vec = torch.ones(demo.module.config.n_embd)
+    steered = ii.edit(demo, "model.transformer.h[1].output[:, -1] += vec", name="steer",
+                      namespace={"vec": vec})
+    metric = ii.logit_diff("Mary", "John")
+    with pytest.raises(InputError, match=r"the edits \['steer'\] \(ii.edit\) write to it what "
+                                         r"no component wrote"):
+        ii.edge_attribution(steered, CLEAN[0], CORRUPTED[0], metric)
+    with pytest.raises(InputError, match=r"does not run the edits \['steer'\]"):
+        ii.attribution_graph(steered, CLEAN[0], "demo", target=metric)

@@ -40,7 +40,7 @@ from ipy_intervene.arch.attention import head_results
 from ipy_intervene.arch.norms import NormForm, norm_form
 from ipy_intervene.arch.sites import Adapter, adapter_for, get_path, split_heads
 from ipy_intervene.errors import InputError, SiteError
-from ipy_intervene.infra.hooks import entry_point, site_hooks
+from ipy_intervene.infra.hooks import edit_names, entry_point, site_hooks
 from ipy_intervene.model.envoys import Model
 from ipy_intervene.model.loading import warn_if_training, wrap
 
@@ -390,8 +390,7 @@ def _check_close(mine: torch.Tensor, real: torch.Tensor, model: Model) -> None:
     gap, size = float((mine - real).norm()), float(real.norm())
     if gap <= tol * size + 1e-5:
         return
-    edits = [f._ii_edit.name for f in model.module._forward_pre_hooks.values()   # ii.edit's
-             if hasattr(getattr(f, "_ii_edit", None), "name")]                  # root hooks
+    edits = edit_names(model.module)
     why = (f"the edits {edits} (ii.edit) write to it what no component wrote: decompose the "
            "model they were made from" if edits else "this architecture adds something else "
            "to the stream (a norm after attention or the MLP?)")

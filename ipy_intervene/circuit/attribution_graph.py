@@ -38,7 +38,7 @@ from ipy_intervene.circuit.replacement import (Recording, frozen, record, unembe
 from ipy_intervene.errors import InputError
 from ipy_intervene.features.clt import Replacement
 from ipy_intervene.features.transcoders import check_replacement
-from ipy_intervene.infra.hooks import entry_point
+from ipy_intervene.infra.hooks import edit_names, entry_point
 from ipy_intervene.infra.progress import progress_disabled
 from ipy_intervene.model.encode import encode
 from ipy_intervene.model.loading import wrap
@@ -67,6 +67,10 @@ def attribution_graph(model: Any, prompt: Any, transcoders: Any, *, target: Any 
     model = wrap(model) if not hasattr(model, "module") else model
     adapter = adapter_for(model, adapter)
     adapter.require_summed("an attribution graph")
+    if edit_names(model.module):
+        raise InputError(f"an attribution graph freezes the model's own parts from one forward "
+                         f"and does not run the edits {edit_names(model.module)} (ii.edit) "
+                         "on them: build it on the model they were made from")
     module = model.module
     ids = _prompt_ids(model, prompt)
     d_model = int(get_path(module, adapter.unembed).weight.shape[1])

@@ -33,7 +33,7 @@ from ipy_intervene.arch.attention import head_results
 from ipy_intervene.arch.sites import get_path, split_heads
 from ipy_intervene.circuit.graph import Graph, Slot
 from ipy_intervene.errors import InputError, SiteError
-from ipy_intervene.infra.hooks import HookSession, tap
+from ipy_intervene.infra.hooks import HookSession, edit_names, tap
 
 Writes = list[torch.Tensor]
 
@@ -330,7 +330,10 @@ def check_sum(graph: Graph, root: nn.Module, current: list, resid: torch.Tensor)
     size = float(resid.detach().double().norm())
     tol = 1e-4 if resid.dtype in (torch.float32, torch.float64) else 2e-2
     if any(w is None for w in current) or gap > tol * size + 1e-6:
+        edits = edit_names(root)
+        why = (f"the edits {edits} (ii.edit) write to it what no component wrote: analyse "
+               "the model they were made from" if edits else f"this {graph.model_type} model "
+               "writes into the stream somewhere the graph does not know (a norm after "
+               "attention or the MLP?)")
         raise InputError(f"the components' writes do not add up to the residual stream "
-                         f"(relative gap {gap / max(size, 1e-12):.2g}): this "
-                         f"{graph.model_type} model writes into the stream somewhere the "
-                         "graph does not know (a norm after attention or the MLP?)")
+                         f"(relative gap {gap / max(size, 1e-12):.2g}): {why}")

@@ -56,6 +56,13 @@ def replace_input(args: tuple, kwargs: dict, key: int | str, value: Any) -> tupl
     return args, {**kwargs, key: value}
 
 
+def edit_names(root: nn.Module) -> list[str]:
+    """The names of the lasting edits (``ii.edit``) on the model ``root``, read off the
+    root hooks each edit marks (``_ii_edit``), in the order they apply."""
+    return [f._ii_edit.name for f in root._forward_pre_hooks.values()
+            if hasattr(getattr(f, "_ii_edit", None), "name")]
+
+
 def undoer(obj: Any, name: str) -> Callable[[], None]:
     """What puts ``obj.name`` back as it is now, once it has been set: the value set back,
     or, for an attribute ``obj`` has from its class only (a method), the instance attribute
