@@ -13,23 +13,11 @@ import torch
 
 import ipy_intervene as ii
 from ipy_intervene.errors import InputError
+from test_edits_sweeps import splice, vec  # noqa: F401  (fixtures)
 from test_edits_sweeps import CLEAN, CORRUPTED, KINDS, WIDTH, Hand, clone_out, ids, kind_of
 
 TOL = 1e-5
 SITES = ["resid_post", "attn_out", "mlp_out", "head_out", "pattern"]
-
-
-@pytest.fixture(scope="module")
-def vec():
-    torch.manual_seed(3)
-    return torch.randn(128)
-
-
-@pytest.fixture(scope="module")
-def splice(demo):
-    made = ii.attach(demo, demo.transformer.h[2], ii.load_sae("demo"))
-    yield made
-    ii.detach(demo)
 
 
 @pytest.fixture(params=KINDS)

@@ -15,22 +15,10 @@ import torch
 
 import ipy_intervene as ii
 from attention_oracle import logits_by_hand
+from test_edits_sweeps import splice, vec  # noqa: F401  (fixtures)
 from test_edits_sweeps import CLEAN, CORRUPTED, KINDS, PAIRS, TOL, Hand, kind_of
 
 METRIC = ii.logit_diff("Mary", "John")
-
-
-@pytest.fixture(scope="module")
-def vec():
-    torch.manual_seed(3)
-    return torch.randn(128)
-
-
-@pytest.fixture(scope="module")
-def splice(demo):
-    made = ii.attach(demo, demo.transformer.h[2], ii.load_sae("demo"))
-    yield made
-    ii.detach(demo)
 
 
 @pytest.fixture(params=KINDS)

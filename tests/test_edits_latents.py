@@ -11,22 +11,9 @@ import torch
 
 import ipy_intervene as ii
 from conftest import PROMPT
+from test_edits_sweeps import splice, vec  # noqa: F401  (fixtures)
 from test_edits_sweeps import (CLEAN, CORRUPTED, KINDS, PAIRS, TOL, Hand, clone_out, ids,
                                kind_of, mary_john)
-
-
-@pytest.fixture(scope="module")
-def vec():
-    torch.manual_seed(3)
-    return torch.randn(128)
-
-
-@pytest.fixture(scope="module")
-def splice(demo):
-    """The demo SAE spliced at block 2, detached at the end."""
-    made = ii.attach(demo, demo.transformer.h[2], ii.load_sae("demo"))
-    yield made
-    ii.detach(demo)
 
 
 def latents_of(model, splice, hand, text):

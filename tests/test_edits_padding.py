@@ -9,22 +9,10 @@ import torch
 
 import ipy_intervene as ii
 from ipy_intervene.demo import evaluate as ev
+from test_edits_sweeps import splice, vec  # noqa: F401  (fixtures)
 from test_edits_sweeps import CLEAN, KINDS, TOL, Hand, ids, kind_of
 
 PROMPTS = [*CLEAN, "Then , Mary and John had"]     # four lengths
-
-
-@pytest.fixture(scope="module")
-def vec():
-    torch.manual_seed(3)
-    return torch.randn(128)
-
-
-@pytest.fixture(scope="module")
-def splice(demo):
-    made = ii.attach(demo, demo.transformer.h[2], ii.load_sae("demo"))
-    yield made
-    ii.detach(demo)
 
 
 def last_by_hand(model, hand, prompts):
