@@ -125,7 +125,8 @@ def counting(model):
     ([["resid_pre", "mlp_out"]], InputError, r"\['resid_pre', 'mlp_out'\] is not a site name"),
     ({"resid_pre"}, InputError, "site must be a site name or a list of names; got set"),
     (["resid_pre", "mlp_uot"], SiteError, "unknown site 'mlp_uot'; sweep sites: resid_pre, "
-                                          ".*head_out_pos, head_q, .*head_pattern_pos, expert_out, expert_out_pos$"),
+                                          ".*head_out_pos, head_q, .*head_pattern_pos, "
+                                          "expert_out, expert_out_pos$"),
 ])
 def test_a_bad_site_list_is_an_error_before_any_sweep_runs(demo, site, error, message):
     metric, calls = counting(demo)
