@@ -56,36 +56,44 @@ def test_falcon_s_mlp_output_reads_equal_plain_hooks(falcon, cell):
 
 
 class AddsIntoItsChild(nn.Module):
-    """A model the architecture layer does not know: it adds into its child's output."""
+    """A model the architecture layer does not know: after its child ``inner`` has run, it
+    adds into that child's output and scales that child's input, both in place."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.inner, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.pre, self.inner, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.inner(x)
+        h = self.pre(x)
+        y = self.inner(h)
         y += 1.0
-        return self.head(y)
+        h.mul_(2.0)
+        return self.head(y + h)
 
 
-@pytest.mark.parametrize("cell", ["h = model.inner.output\n",
-                                  "x = model.inner.output\nout = model.head.output\n"
-                                  "h = x * 1\n"])
-def test_an_unknown_model_s_in_place_change_fails_the_cell_once_then_reads_are_copies(cell):
+@pytest.mark.parametrize("cell, label, want", [
+    ("h = model.inner.output\n", "inner.output", lambda m, x: m.inner(m.pre(x))),
+    ("x = model.inner.output\nout = model.head.output\nh = x * 1\n", "inner.output",
+     lambda m, x: m.inner(m.pre(x))),
+    ("h = model.inner.input\n", "inner.input", lambda m, x: m.pre(x)),
+])
+def test_an_unknown_model_s_in_place_change_fails_the_cell_once_then_reads_are_copies(cell,
+                                                                                     label,
+                                                                                     want):
     model = ii.wrap(AddsIntoItsChild())
     x = torch.randn(2, 4)
     before = checksum(model.module)
     ns = {"model": model}
-    with pytest.raises(SiteError, match=r"line 1: the model changed `inner.output` in place "
-                                        r"after this line read it.*nothing is published. "
-                                        r"Reads of this site now get a copy: run the cell again"):
+    with pytest.raises(SiteError, match=rf"line 1: the model changed `{label}` in place after "
+                                        r"this line read it.*nothing is published. Reads of "
+                                        r"this site now get a copy: run the cell again"):
         trace(model, cell, x, namespace=ns)
     assert "h" not in ns and "x" not in ns
     assert hook_count(model.module) == 0 and checksum(model.module) == before
     trace(model, cell, x, namespace=ns)
     with torch.no_grad():
-        torch.testing.assert_close(ns["h"], model.module.inner(x), atol=0, rtol=0)
+        torch.testing.assert_close(ns["h"], want(model.module, x), atol=0, rtol=0)
 
 
 def test_the_cells_own_write_to_what_it_read_is_not_the_models_change(demo):

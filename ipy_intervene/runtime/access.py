@@ -56,7 +56,6 @@ class Scheduler(Protocol):
     invokes: list[Any]
     skips: dict[int, list]
     ledger: "ReadLedger"
-    copied: set[int]           # modules whose reads are served as copies
 
     def rows_to_split(self) -> Any: ...
     def record(self, req: Any, value: Any) -> None: ...
@@ -223,11 +222,7 @@ class Output:
         else:
             view = view_of(sched, inv, layout.of_output(req.envoy.module), req.label)
             value = serve_value(sched, req, self.value, view, self.set)
-        if req.access != "read":
-            return value
-        if id(req.envoy.module) in sched.copied:   # the model changes this tensor later
-            value = _copy(value)
-        return guard_pattern(value, req.envoy.module, req.label)
+        return guard_pattern(value, req.envoy.module, req.label) if req.access == "read" else value
 
 
 class Parts:
@@ -280,7 +275,7 @@ def serve_value(sched: "Scheduler", req: "Request", current: Any, view: View,
     if req.access == "read":
         value = values.take(current, view)
         if sched.ledger.was_read(value):  # read again: what the first read gave must stay
-            current = _copy(current)
+            current = copy_value(current)
             setter(current)
             value = values.take(current, view)
         sched.record(req, value)
@@ -291,7 +286,7 @@ def serve_value(sched: "Scheduler", req: "Request", current: Any, view: View,
         sched.record(req, req.payload)
         return None
     if sched.ledger.was_read(values.take(current, view)):
-        current = _copy(current)
+        current = copy_value(current)
         setter(current)
     mine = values.take(current, view)
     if req.access == "augment":
@@ -307,12 +302,12 @@ def serve_value(sched: "Scheduler", req: "Request", current: Any, view: View,
     return None
 
 
-def _copy(value: Any) -> Any:
+def copy_value(value: Any) -> Any:
     """A copy of a site's value whose tensors own their memory."""
     if isinstance(value, torch.Tensor):
         return value.clone()
     if isinstance(value, (tuple, list)):
-        return type(value)(_copy(v) for v in value)
+        return type(value)(copy_value(v) for v in value)
     return value
 
 

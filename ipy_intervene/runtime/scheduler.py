@@ -22,7 +22,7 @@ from ipy_intervene.errors import InterventionError, SiteError
 from ipy_intervene.model.batch import Batch
 from ipy_intervene.model.envoys import Envoy
 from ipy_intervene.runtime import values
-from ipy_intervene.runtime.access import Output, ReadLedger, serve_model_output
+from ipy_intervene.runtime.access import Output, ReadLedger, copy_value, serve_model_output
 
 PRE, OUT = "pre", "out"
 DONE = object()    # what an invoke's greenlet returns when its code has finished
@@ -236,9 +236,11 @@ class Scheduler:
         except InterventionError as exc:  # raised where the cell asked
             inv.pending = self._resume(inv, None, exc.at_line(req.line))
             return
-        if (req.kind == "site" and req.access == "read" and isinstance(answer, torch.Tensor)
-                and not answer.is_inference()):
-            self.served.append([answer, answer._version, req])
+        if req.kind == "site" and req.access == "read":
+            if id(req.envoy.module) in self.copied:   # the model changes this value later
+                answer = copy_value(answer)
+            elif isinstance(answer, torch.Tensor) and not answer.is_inference():
+                self.served.append([answer, answer._version, req])
         inv.last = req if req.kind == "site" else inv.last
         inv.waited = req if req.kind == "names" else None
         inv.pending = self._resume(inv, answer)
