@@ -135,3 +135,11 @@ def test_patch_sweep_serves_expert_sites_with_heads_as_experts(demo):
         with pytest.raises(InputError, match=re.escape(f"method='{method}'") + " does not apply to site "
                                              "'expert_out'; its methods: activation$"):
             ii.patch_sweep(model, CLEAN, CORRUPT, metric, site="expert_out", method=method)
+
+
+def test_an_expert_sweep_shows_a_heatmap_live_and_as_a_static_image(demo):
+    model = moe_model("mixtral", demo)
+    _, metric = projection(model)
+    bundle = ii.expert_sweep(model, CLEAN, CORRUPT, metric)._repr_mimebundle_()
+    assert bundle["image/svg+xml"].startswith("<svg") and "<script" in bundle["text/html"]
+    assert bundle["text/plain"].startswith("ExpertSweepResult(activation")

@@ -319,15 +319,21 @@ class ExpertSweepResult(SweepResult):
                 else self.positions.index(pos)
             values = values[:, index]
         limit = float(values.abs().nan_to_num(0.0).max()) or 1.0
-        return go.Figure(go.Heatmap(z=values.tolist(), x=[f"E{e}" for e in self.experts],
-                                    y=[f"L{l}" for l in self.layers], colorscale="RdBu",
-                                    zmid=0.0, zmin=-limit, zmax=limit))
+        fig = go.Figure(go.Heatmap(z=values.tolist(), x=[f"E{e}" for e in self.experts],
+                                   y=[f"L{l}" for l in self.layers], colorscale="RdBu",
+                                   zmid=0.0, zmin=-limit, zmax=limit))
+        return fig.update_layout(title=f"{self.method} sweep over experts ({self.site}): "
+                                       f"{self.metric}", xaxis_title="expert",
+                                 yaxis_title="layer")
 
     def show(self) -> Any:
-        return self.figure()
+        """The heatmap, live and as a static SVG (``widgets.static.StaticFigure``)."""
+        from ipy_intervene.widgets.static import StaticFigure
+
+        return StaticFigure(self.figure())
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        return {"text/plain": repr(self)}
+        return {**self.show()._repr_mimebundle_(include, exclude), "text/plain": repr(self)}
 
 
 def from_spec(spec: Any, start: float) -> ExpertSweepResult:
