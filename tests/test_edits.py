@@ -79,7 +79,7 @@ class Hand:
     """Plain hooks on the original model, removed on exit."""
 
     def __init__(self, hooks):
-        self.hooks, self.handles = hooks, []
+        self.hooks, self.handles = list(hooks), []
 
     def __enter__(self):
         for module, kind, fn in self.hooks:

@@ -12,6 +12,7 @@ import torch
 
 import ipy_intervene as ii
 from conftest import CORRUPT, PROMPT, hook_count
+from test_edits import Hand
 
 PAIRS = [(PROMPT, CORRUPT),
          ("Then , Mary and John had a drink . John gave it to",
@@ -75,24 +76,6 @@ def edits_by_hand(model, vec):
         "pattern": ("model.transformer.h[1].attn.pattern.output[:, 2] = 0",
                     [(h[1].attn.c_proj, "pre", zero_head(2))]),
     }
-
-
-class Hand:
-    """Plain hooks on the original model, registered in order, removed on exit."""
-
-    def __init__(self, hooks):
-        self.hooks, self.handles = list(hooks), []
-
-    def __enter__(self):
-        for module, kind, fn in self.hooks:
-            register = module.register_forward_hook if kind == "post" else \
-                module.register_forward_pre_hook
-            self.handles.append(register(fn))
-        return self
-
-    def __exit__(self, *exc):
-        while self.handles:
-            self.handles.pop().remove()
 
 
 @pytest.fixture(scope="module")
