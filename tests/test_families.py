@@ -149,6 +149,7 @@ def gpt2_map(**change) -> ii.Adapter:
                                              r"transformer.h.1.mlp, lm_head and the map's logit "
                                              r"transform .* is not the model's logits"),
     (dict(mlp="mlp.nothing"), r"a path of the map does not exist"),
+    (dict(n_heads=2), r"n_heads=2, but the model's config says 4 attention heads"),
 ])
 def test_a_wrong_map_by_hand_is_refused_with_what_failed_and_the_line_to_write(demo, change,
                                                                                message):

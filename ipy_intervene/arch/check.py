@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ipy_intervene.arch.families import n_heads
 from ipy_intervene.errors import SiteError
 from ipy_intervene.infra.hooks import entry_point, first_tensor, site_hooks
 
@@ -119,6 +120,13 @@ def _problem(module: nn.Module, adapter: Adapter) -> str | None:
         return f"a path of the map does not exist ({type(error).__name__}: {error})"
     if n == 0:
         return f"{adapter.blocks} holds no blocks"
+    try:
+        stated = n_heads(module.config)
+    except AttributeError:     # no config, or one that states no head count
+        stated = adapter.n_heads
+    if stated != adapter.n_heads:
+        return (f"n_heads={adapter.n_heads}, but the model's config says {stated} attention "
+                "heads (a head sweep would cut the heads at the wrong columns)")
     if scales is not None and not all(isinstance(t, torch.Tensor) and t.numel() in (
             1, t.shape[-1] if t.dim() else 1) for t in scales):
         return f"block_scale={adapter.block_scale!r} is not a scalar tensor in every block"
