@@ -340,13 +340,6 @@ def _where(model: Model, adapter: Adapter, site: str, layer: int | None) -> tupl
     if site == "embed":
         return get_path(root, adapter.embed), False
     if site in attention.ATTENTION_SITES:
-        attn = get_path(adapter.block(root, layer), adapter.attn)
-        point = attention.point(attn, site)
-        if point is None:
-            raise SiteError(f"the {adapter.name} family's attention ({type(attn).__name__}) "
-                            "does not go through transformers' attention interface, where the "
-                            f"q, k, v and pattern sites live; so `{site}` cannot be read here. "
-                            "Its heads' outputs can: `head_out` (the out-projection's input)")
-        return point, False
+        return attention.site_point(root, adapter, layer, site), False
     kind = MODULE_SITES[site]
     return adapter.module(root, site, layer), kind.where in ("block_in", "module_in")

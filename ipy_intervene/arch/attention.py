@@ -38,6 +38,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ipy_intervene.arch.adapter import get_path
 from ipy_intervene.errors import SiteError
 
 ATTENTION_SITES = ("q", "k", "v", "pattern", "z", "result")
@@ -97,6 +98,19 @@ def _held(module: nn.Module) -> nn.Module:
 def _own_method(module: nn.Module) -> str | None:
     name = OWN_ATTENTION.get(type(module).__name__)
     return name if name is not None and callable(getattr(type(module), name, None)) else None
+
+
+def site_point(root: nn.Module, adapter: Any, layer: int, name: str) -> HookPoint:
+    """The hook point ``name`` (q, k, v, pattern, z) of block ``layer``'s attention under the
+    map ``adapter``; a SiteError naming the family where its attention has none."""
+    attn = get_path(adapter.block(root, layer), adapter.attn)
+    found = point(attn, name)
+    if found is None:
+        raise SiteError(f"the {adapter.name} family's attention ({type(attn).__name__}) does "
+                        "not go through transformers' attention interface, where the q, k, v "
+                        f"and pattern sites live; so `{name}` cannot be read or patched here. "
+                        "Its heads' outputs can: `head_out` (the out-projection's input)")
+    return found
 
 
 def point(module: nn.Module, name: str) -> HookPoint | None:

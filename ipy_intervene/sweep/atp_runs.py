@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from ipy_intervene.arch import attention
+from ipy_intervene.arch.attention import site_point
 from ipy_intervene.arch.sites import MODULE_SITES, Adapter, SiteKind
 from ipy_intervene.infra.hooks import HookSession, tap
 from ipy_intervene.sweep.attribution import _check_differentiable, _grad_root
-from ipy_intervene.sweep.heads import attention_point
 from ipy_intervene.sweep.record import record
 
 KEY = "ii_atp"   # transformers attention implementation: ii's sites, plus the call's arguments
@@ -115,7 +115,7 @@ def _attach(session: HookSession, module: nn.Module, adapter: Adapter, wanted: W
     use_capture(session, module, run.calls)
     for layer in wanted.layers:
         for name in wanted.attention:
-            tap(session, attention_point(module, adapter, layer, name), False,
+            tap(session, site_point(module, adapter, layer, name), False,
                 lambda x, key=(layer, name): run.values.__setitem__(key, x))
 
 

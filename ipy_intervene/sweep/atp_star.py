@@ -42,6 +42,7 @@ import torch
 
 from ipy_intervene.analysis.inputs import index_list, prepare_pair, token_labels
 from ipy_intervene.analysis.metrics import as_metric
+from ipy_intervene.arch.attention import site_point
 from ipy_intervene.arch.sites import MODULE_SITES, Adapter, SiteKind, adapter_for, get_path
 from ipy_intervene.errors import InputError, SiteError
 from ipy_intervene.infra.hooks import entry_point
@@ -49,7 +50,7 @@ from ipy_intervene.model.loading import warn_if_training, wrap
 from ipy_intervene.sweep import qk_fix as fix
 from ipy_intervene.sweep.atp_runs import GradRecording, Wanted, base_run, source_run
 from ipy_intervene.sweep.attribution import _effect
-from ipy_intervene.sweep.heads import HEAD_SITES, attention_point
+from ipy_intervene.sweep.heads import HEAD_SITES
 from ipy_intervene.sweep.result import SweepResult, normalised
 
 COMPONENT_SITES = ("attn_out", "mlp_out", "head_out", "head_out_pos")
@@ -172,7 +173,7 @@ def _plan(model: Any, adapter: Adapter, site: str, qk_fix: bool, length: int,
         grid = _Grid(site, kind, None, kind.per_position, layer_list, position_list, [])
         return grid, Wanted(sorted(set(layer_list)), kind=kind)
     name, per_position = HEAD_SITES[site]
-    attention_point(model.module, adapter, 0, name)  # a clear error without attention sites
+    site_point(model.module, adapter, 0, name)  # a clear error without attention sites
     fixed = qk_fix and name in ("q", "k")
     grid = _Grid(site, None, name, per_position, layer_list,
                  position_list if per_position else [], [])

@@ -25,8 +25,9 @@ from ipy_intervene.analysis.inputs import prepare_pair, token_labels
 from ipy_intervene.analysis.metrics import as_metric
 from ipy_intervene.analysis.reads import OnLogits
 from ipy_intervene.arch import attention
-from ipy_intervene.arch.sites import Adapter, adapter_for, get_path
-from ipy_intervene.errors import InputError, SiteError
+from ipy_intervene.arch.attention import site_point
+from ipy_intervene.arch.sites import Adapter, adapter_for
+from ipy_intervene.errors import InputError
 from ipy_intervene.infra.hooks import HookSession, entry_point, tap
 from ipy_intervene.infra.progress import progress_disabled
 from ipy_intervene.model.loading import warn_if_training, wrap
@@ -109,18 +110,6 @@ def _grid(adapter: Adapter, n_heads: int, length: int, per_position: bool,
                  pick(heads, n_heads, "heads"), per_position)
 
 
-def attention_point(module: nn.Module, adapter: Adapter, layer: int, name: str) -> nn.Module:
-    """The hook point ``name`` (q, k, v, pattern, z) of layer ``layer``'s attention."""
-    attn = get_path(adapter.block(module, layer), adapter.attn)
-    point = attention.point(attn, name)
-    if point is None:
-        raise SiteError(f"the {adapter.name} family's attention ({type(attn).__name__}) does "
-                        "not go through transformers' attention interface, where the q, k, v "
-                        f"and pattern sites live; so `{name}` does not exist here. Its heads' "
-                        "outputs do: site='head_out'")
-    return point
-
-
 def _record(module: nn.Module, adapter: Adapter, name: str,
             kwargs: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Every layer's ``name`` and the logits, with the attention the patched runs use."""
@@ -128,7 +117,7 @@ def _record(module: nn.Module, adapter: Adapter, name: str,
     with HookSession() as session:
         attention.use_sites(session, module)
         for layer in range(adapter.n_layers):
-            tap(session, attention_point(module, adapter, layer, name), False,
+            tap(session, site_point(module, adapter, layer, name), False,
                 lambda x, layer=layer: kept.__setitem__(layer, x.clone()))
         logits = module(**kwargs).logits
     return kept, logits
@@ -150,7 +139,7 @@ class _Patches:
             attention.use_sites(session, self.module)
             for layer in {c[0] for c in cells}:
                 rows = [(i, h, p) for i, (l, h, p) in enumerate(cells) if l == layer]
-                tap(session, attention_point(self.module, self.adapter, layer, self.name), False,
+                tap(session, site_point(self.module, self.adapter, layer, self.name), False,
                     self._patch(layer, rows))
             return self.bound(self.module(**kwargs).logits).float()
 

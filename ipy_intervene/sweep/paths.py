@@ -29,11 +29,12 @@ from ipy_intervene.analysis.inputs import prepare_pair, token_labels
 from ipy_intervene.analysis.metrics import as_metric
 from ipy_intervene.analysis.reads import OnLogits
 from ipy_intervene.arch import attention
+from ipy_intervene.arch.attention import site_point
 from ipy_intervene.arch.sites import Adapter, adapter_for, get_path, split_heads
 from ipy_intervene.errors import InputError
 from ipy_intervene.infra.hooks import HookSession, entry_point, tap
 from ipy_intervene.model.loading import warn_if_training, wrap
-from ipy_intervene.sweep.heads import attention_point, in_chunks
+from ipy_intervene.sweep.heads import in_chunks
 from ipy_intervene.sweep.result import SweepResult, normalised
 
 Head = tuple[int, int]
@@ -129,7 +130,7 @@ class _Paths:
         attention.use_sites(session, self.module)
         kept: dict[int, torch.Tensor] = {}
         for layer in {l for l, _ in self.heads}:
-            point = attention_point(self.module, self.adapter, layer, self.input)
+            point = site_point(self.module, self.adapter, layer, self.input)
             tap(session, point, False, lambda x, layer=layer: kept.__setitem__(layer, x.clone()))
         return kept
 
@@ -146,7 +147,7 @@ class _Paths:
                     new[:, h, pos.to(x.device)] = kept[:, h, pos.to(x.device)]
                 return new
 
-            point = attention_point(self.module, self.adapter, layer, self.input)
+            point = site_point(self.module, self.adapter, layer, self.input)
             tap(session, point, False, patch)
 
 
